@@ -1,0 +1,1 @@
+"""durable: Durable Objects for Python, on NATS and PostgreSQL."""

@@ -1,0 +1,144 @@
+"""The ``durable`` command: ``dev`` (everything on embedded servers), ``worker``, ``router``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from .core.config import AppConfig, load_config
+from .core.embedded import EmbeddedNats, EmbeddedPostgres
+from .core.errors import ConfigError
+from .core.settings import Settings
+
+log = logging.getLogger("durable")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the CLI decides when everything stops."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _load(settings_overrides: dict[str, object]) -> tuple[Settings, AppConfig]:
+    try:
+        settings = Settings(**settings_overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(f"bad DURABLE_* settings:\n{exc}") from None
+    config = load_config(settings.config_file)
+    return settings, config
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _serve_router(settings: Settings, config: AppConfig, stop: asyncio.Event) -> None:
+    from .router.app import create_app  # noqa: PLC0415 - the worker process does not need it
+
+    server = _Server(uvicorn.Config(create_app(settings, config), host=settings.http_host,
+                                    port=settings.http_port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    await stop.wait()
+    server.should_exit = True
+    await task
+
+
+async def _dev(reset: bool) -> None:
+    settings, config = _load({})
+    config.load_classes()  # an unimportable class stops start-up here, with its binding named
+    data = settings.data_dir
+    if reset and data.exists():
+        shutil.rmtree(data)
+        print(f"reset: removed {data}", file=sys.stderr)
+    stop = _stop_event()
+    async with contextlib.AsyncExitStack() as stack:
+        overrides: dict[str, object] = {}
+        if not settings.nats_url:
+            nats = await stack.enter_async_context(
+                EmbeddedNats(data / "nats", port=settings.nats_port, partitions=settings.partitions))
+            overrides["nats_url"] = nats.url
+            print(f"nats-server     {nats.url}  (JetStream, data in {data / 'nats'}, pid {nats.pid})")
+        if not settings.database_url:
+            pg = await stack.enter_async_context(EmbeddedPostgres(data / "postgres", port=settings.postgres_port))
+            overrides["database_url"] = pg.url
+            print(f"postgres        {pg.url}  (data in {data / 'postgres'}, pid {pg.pid})")
+        settings = settings.model_copy(update=overrides)
+        from .objects.host import Worker  # noqa: PLC0415
+
+        worker = Worker(settings, config)
+        await worker.start()
+        stack.push_async_callback(worker.stop)
+        await worker.wait_ready(30)
+        print(f"worker          {worker.worker_id}  ({len(worker.parts)} partitions, "
+              f"classes: {', '.join(sorted(worker.classes))})")
+        print(f"router          http://{settings.http_host}:{settings.http_port}")
+        print("ready. try:  curl -X POST http://127.0.0.1:%d/counter/demo/increment   (Ctrl-C stops)"
+              % settings.http_port, flush=True)
+        await _serve_router(settings, config, stop)
+        print("stopping...", file=sys.stderr)
+    print("stopped.", file=sys.stderr)
+
+
+async def _worker() -> None:
+    settings, config = _load({})
+    if not settings.nats_url or not settings.database_url:
+        raise ConfigError("durable worker needs DURABLE_NATS_URL and DURABLE_DATABASE_URL")
+    from .objects.host import Worker  # noqa: PLC0415
+
+    stop = _stop_event()
+    worker = Worker(settings, config)
+    await worker.start()
+    print(f"worker {worker.worker_id} started", flush=True)
+    await stop.wait()
+    await worker.stop()
+
+
+async def _router() -> None:
+    settings, config = _load({})
+    if not settings.nats_url:
+        raise ConfigError("durable router needs DURABLE_NATS_URL")
+    await _serve_router(settings, config, _stop_event())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="durable", description="Durable Objects on NATS and PostgreSQL")
+    sub = parser.add_subparsers(dest="command", required=True)
+    dev = sub.add_parser("dev", help="run NATS, Postgres, a worker and the router locally")
+    dev.add_argument("--reset", action="store_true", help="wipe the local data (.durable/) first")
+    sub.add_parser("worker", help="run an object host against DURABLE_NATS_URL / DURABLE_DATABASE_URL")
+    sub.add_parser("router", help="run the HTTP router against DURABLE_NATS_URL")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "dev":
+            asyncio.run(_dev(args.reset))
+        elif args.command == "worker":
+            asyncio.run(_worker())
+        else:
+            asyncio.run(_router())
+    except ConfigError as exc:
+        print(f"durable: configuration error:\n{exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""How any process calls an object: a NATS request to the object's partition subject.
+
+A request that met no responder (the partition is between owners) is retried with jittered
+exponential backoff until the retry deadline; a request that timed out after it may have
+been delivered is reported as a retryable RequestTimeout and never repeated silently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
+
+from ..core import codec
+from ..core.config import AppConfig
+from ..core.context import current_event
+from ..core.errors import DurableError, NotOwner, ProtocolError, RequestTimeout, Unavailable
+from ..core.settings import Settings
+from ..core.subjects import partition_of, request_subject
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+NAME_HEADER = "Do-Name"
+
+
+class _Retry(Exception):
+    """A reply that proves the request was not executed (no responder, not the owner)."""
+
+    def __init__(self, cause: Exception) -> None:
+        self.cause = cause
+
+
+def decode_reply(msg: Msg) -> Any:
+    """The reply's value, or the remote error rebuilt as its DurableError class."""
+    headers = msg.headers
+    if headers and ERROR_HEADER in headers:
+        try:
+            body = codec.unpack(msg.data) if msg.data else None
+        except Exception:  # noqa: BLE001
+            body = None
+        if isinstance(body, dict) and "error" in body:
+            raise DurableError.from_wire(body["error"])
+        raise ProtocolError(f"{headers.get(ERROR_CODE_HEADER)} {headers[ERROR_HEADER]}")
+    try:
+        return codec.unpack(msg.data) if msg.data else None
+    except Exception as exc:  # noqa: BLE001
+        raise ProtocolError(f"malformed reply: {exc}") from None
+
+
+class Client:
+    """A NATS connection plus the deployment's partitioning and timeouts."""
+
+    def __init__(self, nc: NatsClient, settings: Settings, config: AppConfig | None = None) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.config = config
+        self.partitions = settings.partitions
+        self._owns_connection = False
+
+    @classmethod
+    async def connect(cls, settings: Settings, config: AppConfig | None = None, **nats_options: Any) -> Client:
+        nc = await nats.connect(settings.nats_url, name="durable-client", max_reconnect_attempts=-1,
+                                **nats_options)
+        client = cls(nc, settings, config)
+        client._owns_connection = True
+        return client
+
+    async def close(self) -> None:
+        if self._owns_connection and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _attempt(self, subject: str, payload: bytes, headers: dict[str, str] | None,
+                       timeout: float) -> Any:
+        try:
+            msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+        except NoRespondersError as exc:
+            raise _Retry(exc) from None
+        except NatsTimeout:
+            raise RequestTimeout(
+                f"no reply from {subject} in {timeout}s; the request may have been delivered, "
+                "so it was not repeated"
+            ) from None
+        try:
+            return decode_reply(msg)
+        except NotOwner as exc:
+            raise _Retry(exc) from None
+
+    async def call(self, namespace: str, object_id: str, verb: str, payload: bytes,
+                   headers: dict[str, str] | None = None, timeout: float | None = None) -> Any:
+        """Send one request to an object and return the decoded reply value."""
+        subject = request_subject(partition_of(object_id, self.partitions), namespace, object_id, verb)
+        timeout = timeout or self.settings.request_timeout
+        guard = current_event.get()
+        reopened = await guard.before_outgoing() if guard is not None else False
+        try:
+            try:
+                return await self._attempt(subject, payload, headers, timeout)
+            except _Retry:
+                pass
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(_Retry),
+                wait=wait_random_exponential(multiplier=0.01, max=0.5),
+                stop=stop_after_delay(self.settings.retry_deadline),
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        return await self._attempt(subject, payload, headers, timeout)
+            except _Retry as exc:
+                raise Unavailable(
+                    f"no worker serves {namespace}/{object_id} after retrying for "
+                    f"{self.settings.retry_deadline}s ({type(exc.cause).__name__})"
+                ) from None
+            raise AssertionError("unreachable")
+        finally:
+            if guard is not None:
+                await guard.after_outgoing(reopened)

@@ -1,0 +1,103 @@
+"""Namespaces (bindings) and stubs: ``env.COUNTERS.get_by_name("a").increment(5)``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core import codec
+from ..core.config import AppConfig, Binding
+from ..core.errors import UnknownMethod
+from ..core.http import Request, Response
+from ..core.ids import IdFactory, ObjectId, namespace_key
+from .client import NAME_HEADER, Client
+
+
+class Stub:
+    """A handle on one object. Making it costs nothing; the object is created on first use."""
+
+    __slots__ = ("_client", "_namespace", "id", "_headers")
+
+    def __init__(self, client: Client, namespace: str, object_id: ObjectId) -> None:
+        self._client = client
+        self._namespace = namespace
+        self.id = object_id
+        self._headers = {NAME_HEADER: object_id.name} if object_id.name is not None else None
+
+    @property
+    def name(self) -> str | None:
+        return self.id.name
+
+    def __getattr__(self, method: str) -> Any:
+        if method.startswith("_"):
+            raise UnknownMethod(f"method {method!r} is private: methods starting with '_' are not callable")
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            payload: dict[str, Any] = {}
+            if args:
+                payload["args"] = list(args)
+            if kwargs:
+                payload["kwargs"] = kwargs
+            return await self._client.call(
+                self._namespace, self.id.hex, f"rpc.{method}", codec.pack(payload), self._headers
+            )
+
+        call.__name__ = method
+        return call
+
+    async def fetch(self, request: Request | str, **init: Any) -> Response:
+        if isinstance(request, str):
+            request = Request(request, **init)
+        reply = await self._client.call(
+            self._namespace, self.id.hex, "fetch", codec.pack(request.to_wire()), self._headers
+        )
+        return Response.from_wire(reply)
+
+    def __repr__(self) -> str:
+        return f"<Stub {self._namespace} {self.id.hex[:12]}… name={self.id.name!r}>"
+
+
+class Namespace:
+    """One binding: makes ids and stubs for its class."""
+
+    def __init__(self, client: Client, binding: Binding) -> None:
+        self.client = client
+        self.binding = binding
+        self.name = binding.class_name
+        self.ids = IdFactory(binding.class_name, namespace_key(client.settings.id_secret, binding.identity))
+
+    def id_from_name(self, name: str) -> ObjectId:
+        return self.ids.from_name(name)
+
+    def new_unique_id(self) -> ObjectId:
+        return self.ids.unique()
+
+    def id_from_string(self, value: str) -> ObjectId:
+        return self.ids.from_string(value)
+
+    def get(self, object_id: ObjectId) -> Stub:
+        if not isinstance(object_id, ObjectId):
+            raise TypeError(f"get() takes an ObjectId, not {type(object_id).__name__}")
+        return Stub(self.client, self.name, object_id)
+
+    def get_by_name(self, name: str) -> Stub:
+        return self.get(self.id_from_name(name))
+
+
+class Env:
+    """The bindings of durable.toml as attributes: ``env.COUNTERS``."""
+
+    def __init__(self, client: Client, config: AppConfig) -> None:
+        self._namespaces = {b.name: Namespace(client, b) for b in config.bindings}
+        self._by_class = {ns.name: ns for ns in self._namespaces.values()}
+
+    def __getattr__(self, name: str) -> Namespace:
+        try:
+            return self._namespaces[name]
+        except KeyError:
+            raise AttributeError(f"no binding {name!r} in durable.toml (have: {sorted(self._namespaces)})") from None
+
+    def by_class(self, class_name: str) -> Namespace | None:
+        return self._by_class.get(class_name)
+
+    def __iter__(self) -> Any:
+        return iter(self._namespaces.values())

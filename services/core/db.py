@@ -1,0 +1,77 @@
+"""Postgres: connections, the SQL schema migrations in ``infra/migrations`` and the class
+migrations of ``durable.toml``. Both are idempotent and serialised by an advisory lock, so
+any number of processes may start at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+
+from .config import AppConfig
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "infra" / "migrations"
+_MIGRATION_LOCK = 0x0D0B_0001
+
+
+async def connect(url: str, **kwargs: object) -> asyncpg.Connection:
+    return await asyncpg.connect(url, **kwargs)  # type: ignore[arg-type]
+
+
+async def apply_schema(conn: asyncpg.Connection, partitions: int) -> list[str]:
+    """Apply the SQL migrations not yet recorded; returns the names applied now."""
+    applied_now: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS do_schema_migrations "
+            "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM do_schema_migrations")}
+        for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+            if path.name in done:
+                continue
+            await conn.execute(path.read_text())
+            await conn.execute("INSERT INTO do_schema_migrations(name) VALUES ($1)", path.name)
+            applied_now.append(path.name)
+        await conn.execute(
+            "INSERT INTO do_partitions(partition) SELECT generate_series(0, $1 - 1) ON CONFLICT DO NOTHING",
+            partitions,
+        )
+    return applied_now
+
+
+async def apply_class_migrations(conn: asyncpg.Connection, config: AppConfig) -> list[str]:
+    """Apply durable.toml migration tags once each: renames move data, deletions remove it."""
+    applied_now: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        done = {r["tag"] for r in await conn.fetch("SELECT tag FROM do_class_migrations")}
+        # namespace identity of each class at this point of the migration list
+        identity: dict[str, str] = {}
+        for m in config.migrations:
+            for name in m.new_classes:
+                identity[name] = name
+            for old, new in m.renamed_classes:
+                identity[new] = identity.pop(old)
+                if m.tag not in done:
+                    await conn.execute("UPDATE do_storage SET namespace=$2 WHERE namespace=$1", old, new)
+                    await conn.execute("UPDATE do_alarms SET namespace=$2 WHERE namespace=$1", old, new)
+                    await conn.execute("UPDATE do_sockets SET namespace=$2 WHERE namespace=$1", old, new)
+            for name in m.deleted_classes:
+                identity.pop(name, None)
+                if m.tag not in done:
+                    for table in ("do_storage", "do_alarms", "do_sockets"):
+                        await conn.execute(f"DELETE FROM {table} WHERE namespace=$1", name)
+            if m.tag not in done:
+                spec = {
+                    "new_classes": list(m.new_classes),
+                    "renamed_classes": [{"from": a, "to": b} for a, b in m.renamed_classes],
+                    "deleted_classes": list(m.deleted_classes),
+                }
+                await conn.execute(
+                    "INSERT INTO do_class_migrations(tag, spec) VALUES ($1, $2::jsonb)", m.tag, json.dumps(spec)
+                )
+                applied_now.append(m.tag)
+    return applied_now

@@ -1,0 +1,56 @@
+"""Process settings from ``DURABLE_*`` environment variables and ``.env`` (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a worker, router or client process needs to know.
+
+    ``nats_url`` / ``database_url`` left empty means: run the embedded servers (``durable dev``).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DURABLE_", env_file=".env", extra="ignore")
+
+    nats_url: str = ""
+    database_url: str = ""
+    config_file: Path = Path("durable.toml")
+    data_dir: Path = Path(".durable")
+
+    #: Fixed per deployment: changing it moves almost every object (a migration, not a setting).
+    partitions: int = Field(default=256, ge=1, le=65536)
+    #: First key of the two-int advisory lock, so several deployments can share one database.
+    deployment_key: int = Field(default=0x0D0B, ge=-(2**31), le=2**31 - 1)
+    #: Secret that keys object ids; ids from one secret are rejected under another.
+    id_secret: str = "durable-dev-secret"
+
+    #: Lease: the lock session is killed by Postgres after this much silence.
+    lease_ttl: float = Field(default=10.0, gt=0.5)
+    heartbeat_interval: float = Field(default=2.5, gt=0.05)
+    #: Idle objects are evicted after this many seconds (the constructor runs again on next use).
+    idle_timeout: float = Field(default=60.0, gt=0)
+    #: How long a caller waits for one reply.
+    request_timeout: float = Field(default=10.0, gt=0)
+    #: How long a caller keeps retrying requests that met no responder (failover window).
+    retry_deadline: float = Field(default=10.0, ge=0)
+    #: Largest request a worker accepts (the NATS default max_payload is 1 MiB).
+    max_request_bytes: int = 1024 * 1024
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8787
+    nats_port: int = 4222
+    postgres_port: int = 5433
+    worker_name: str = ""
+
+    @model_validator(mode="after")
+    def _heartbeat_fits_lease(self) -> Settings:
+        if self.heartbeat_interval > self.lease_ttl / 4:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval}s) must be at most lease_ttl/4 "
+                f"({self.lease_ttl / 4}s)"
+            )
+        return self

@@ -1,0 +1,337 @@
+"""The worker: owns partitions, receives their requests from NATS and runs the objects in them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import nats
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from ..client import Client, Env
+from ..client.client import ERROR_CODE_HEADER, ERROR_HEADER, NAME_HEADER
+from ..core import codec, db
+from ..core.config import AppConfig
+from ..core.errors import (
+    DurableError,
+    InvalidRequest,
+    NotOwner,
+    PayloadTooLarge,
+    RemoteError,
+    UnknownMethod,
+    UnknownNamespace,
+)
+from ..core.http import Request, Response
+from ..core.ids import IdFactory, ObjectId, namespace_key
+from ..core.settings import Settings
+from ..core.subjects import partition_filter, partition_queue
+from .base import DurableObject
+from .flusher import Flusher
+from .instance import Instance
+from .micro import MicroService
+from .ownership import Ownership
+
+log = logging.getLogger("durable.worker")
+
+_READ_KEYS = "SELECT key, value FROM do_storage WHERE object_id = $1 AND key = ANY($2::bytea[])"
+_READ_RANGE = (
+    "SELECT key, value FROM do_storage WHERE object_id = $1 AND key >= $2 "
+    "AND ($3::bytea IS NULL OR key < $3) ORDER BY key {order} LIMIT $4"
+)
+
+
+@dataclass
+class PartitionState:
+    partition: int
+    epoch: int
+    sub: Subscription | None = None
+    instances: dict[str, Instance] = field(default_factory=dict)
+
+
+def _parse_rpc_payload(payload: Any) -> tuple[list[Any], dict[str, Any]]:
+    if payload is None:
+        return [], {}
+    if isinstance(payload, list):
+        return payload, {}
+    if isinstance(payload, dict):
+        unknown = set(payload) - {"args", "kwargs"}
+        if unknown:
+            raise InvalidRequest(f"rpc payload has unknown fields {sorted(unknown)}; expected 'args' and/or "
+                                 "'kwargs'")
+        args, kwargs = payload.get("args", []), payload.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise InvalidRequest("rpc payload: 'args' must be a list and 'kwargs' a map of str keys")
+        return args, kwargs
+    raise InvalidRequest(f"rpc payload must be a list of args or a map with args/kwargs, not {type(payload).__name__}")
+
+
+class Worker:
+    """An object host. Use as an async context manager; ``stop()`` hands everything over cleanly."""
+
+    def __init__(self, settings: Settings, config: AppConfig, classes: dict[str, type] | None = None,
+                 audit_commits: bool = False) -> None:
+        self.settings = settings
+        self.config = config
+        self.classes = classes if classes is not None else config.load_classes()
+        for name, cls in self.classes.items():
+            if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
+                raise TypeError(f"{name}: object classes must subclass DurableObject")
+        self.worker_id = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.audit_commits = audit_commits
+        self.ids = {
+            b.class_name: IdFactory(b.class_name, namespace_key(settings.id_secret, b.identity))
+            for b in config.bindings
+        }
+        self.parts: dict[int, PartitionState] = {}
+        self.flusher = Flusher(self)
+        self.ownership = Ownership(settings, self.worker_id, self._on_acquired, self._on_lost)
+        self.micro = MicroService(self)
+        self.nc: nats.NATS
+        self.pool: asyncpg.Pool
+        self.env: Env
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.started_at = time.time()
+
+    # ----- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.nc = await nats.connect(self.settings.nats_url, name=f"durable-worker:{self.worker_id}",
+                                     max_reconnect_attempts=-1, pending_size=8 * 1024 * 1024)
+        self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=8)
+        async with self.pool.acquire() as conn:
+            await db.apply_schema(conn, self.settings.partitions)
+            await db.apply_class_migrations(conn, self.config)
+        self.env = Env(Client(self.nc, self.settings, self.config), self.config)
+        self.flusher.start()
+        await self.micro.start()
+        await self.ownership.start()
+        self._sweeper = asyncio.create_task(self._sweep(), name="sweeper")
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until the desired partitions are owned and subscribed."""
+        deadline = time.monotonic() + timeout
+        want = set(self.ownership.desired())
+        while time.monotonic() < deadline:
+            if want <= {p for p, s in self.parts.items() if s.sub is not None}:
+                await self.nc.flush()
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"worker owns {len(self.parts)} of {len(want)} partitions after {timeout}s")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking requests, finish in-flight events, flush, release the partitions."""
+        if self._sweeper:
+            self._sweeper.cancel()
+        for state in list(self.parts.values()):
+            if state.sub is not None:
+                try:
+                    await state.sub.unsubscribe()
+                except Exception:  # noqa: BLE001 - connection may be gone already
+                    pass
+                state.sub = None
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (self._tasks or self._unflushed()):
+            await asyncio.sleep(0.01)
+        await self.flusher.stop()
+        await self.ownership.stop()
+        await self.micro.stop()
+        await self.pool.close()
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    def _unflushed(self) -> bool:
+        return any(i.storage.has_unflushed and i.broken is None
+                   for s in self.parts.values() for i in s.instances.values())
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ----- ownership callbacks -----------------------------------------------------------
+
+    async def _on_acquired(self, partition: int, epoch: int) -> None:
+        state = PartitionState(partition, epoch)
+        self.parts[partition] = state
+
+        async def on_msg(msg: Msg) -> None:
+            task = asyncio.create_task(self._handle(state, msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        state.sub = await self.nc.subscribe(
+            partition_filter(partition), queue=partition_queue(partition), cb=on_msg,
+            pending_msgs_limit=200_000, pending_bytes_limit=256 * 1024 * 1024,
+        )
+
+    def _on_lost(self, partition: int, reason: str) -> None:
+        state = self.parts.pop(partition, None)
+        if state is None:
+            return
+        log.warning("stepping down from partition %d (epoch %d): %s", partition, state.epoch, reason)
+        error = NotOwner(f"this worker stepped down from partition {partition}: {reason}")
+        for inst in list(state.instances.values()):
+            inst.fail(error)
+        if state.sub is not None:
+            sub, state.sub = state.sub, None
+            task = asyncio.get_running_loop().create_task(self._unsubscribe(sub))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _unsubscribe(sub: Subscription) -> None:
+        try:
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the connection may be gone; the server drops it then
+            pass
+
+    def step_down(self, partition: int, reason: str) -> None:
+        self.ownership.step_down(partition, reason)
+
+    def drop_instance(self, inst: Instance) -> None:
+        state = self.parts.get(inst.partition)
+        if state is not None and state.instances.get(inst.object_id) is inst:
+            del state.instances[inst.object_id]
+
+    # ----- storage reads (used by Storage) ----------------------------------------------
+
+    async def read_keys(self, object_id: str, keys: list[bytes]) -> list[Any]:
+        async with self.pool.acquire() as conn:
+            return list(await conn.fetch(_READ_KEYS, object_id, keys))
+
+    async def read_range(self, object_id: str, lo: bytes, hi: bytes | None, reverse: bool,
+                         limit: int | None) -> list[Any]:
+        sql = _READ_RANGE.format(order="DESC" if reverse else "ASC")
+        async with self.pool.acquire() as conn:
+            return list(await conn.fetch(sql, object_id, lo, hi, limit))
+
+    # ----- requests ----------------------------------------------------------------------
+
+    def _instance(self, state: PartitionState, namespace: str, oid: str, name: str | None) -> Instance:
+        inst = state.instances.get(oid)
+        if inst is not None:
+            return inst
+        cls = self.classes.get(namespace)
+        ids = self.ids.get(namespace)
+        if cls is None or ids is None:
+            raise UnknownNamespace(f"no Durable Object class {namespace!r} is bound here "
+                                   f"(known: {sorted(self.classes)})")
+        object_id = ids.from_string(oid)
+        if name is not None:
+            if not ids.name_matches(oid, name):
+                raise InvalidRequest(f"{NAME_HEADER} {name!r} is not the name of object {oid}")
+            object_id = ObjectId(oid, name)
+        inst = Instance(self, state.partition, state.epoch, namespace, cls, object_id)
+        state.instances[oid] = inst
+        return inst
+
+    def _handler(self, cls: type, verb: list[str], payload: Any) -> Callable[[Any], Awaitable[Any]]:
+        if len(verb) == 2 and verb[0] == "rpc":
+            method = verb[1]
+            if method.startswith("_"):
+                raise UnknownMethod(f"method {method!r} is private: methods starting with '_' are not callable")
+            attr = getattr(cls, method, None)
+            if method in DurableObject.EVENT_HANDLERS or attr is None or not callable(attr):
+                raise UnknownMethod(f"{cls.__name__} has no RPC method {method!r}")
+            args, kwargs = _parse_rpc_payload(payload)
+
+            async def rpc(obj: Any) -> Any:
+                result = getattr(obj, method)(*args, **kwargs)
+                if asyncio.iscoroutine(result):
+                    result = await result
+                return result
+
+            return rpc
+        if verb == ["fetch"]:
+            fetch = getattr(cls, "fetch", None)
+            if fetch is None:
+                raise UnknownMethod(f"{cls.__name__} does not define fetch()")
+            try:
+                request = Request.from_wire(payload)
+            except (ValueError, TypeError) as exc:
+                raise InvalidRequest(f"malformed fetch request: {exc}") from None
+
+            async def do_fetch(obj: Any) -> Any:
+                response = await obj.fetch(request)
+                if not isinstance(response, Response):
+                    raise TypeError(f"fetch() must return a Response, not {type(response).__name__}")
+                return response.to_wire()
+
+            return do_fetch
+        raise InvalidRequest(f"unknown verb {'.'.join(verb)!r}: expected rpc.<method> or fetch")
+
+    async def _handle(self, state: PartitionState, msg: Msg) -> None:
+        started = time.perf_counter()
+        headers = msg.headers or {}
+        as_json = headers.get("Content-Type", "").startswith(codec.JSON_CONTENT_TYPE)
+        tokens = msg.subject.split(".")
+        namespace = tokens[2] if len(tokens) > 2 else "?"
+        inst: Instance | None = None
+        try:
+            if self.parts.get(state.partition) is not state or not self.ownership.owns(state.partition, state.epoch):
+                raise NotOwner(f"partition {state.partition} is not owned by this worker")
+            if len(tokens) < 5:
+                raise InvalidRequest(f"malformed subject {msg.subject!r}")
+            if len(msg.data) > self.settings.max_request_bytes:
+                raise PayloadTooLarge(f"request of {len(msg.data)} bytes is over the limit of "
+                                      f"{self.settings.max_request_bytes} bytes")
+            inst = self._instance(state, namespace, tokens[3], headers.get(NAME_HEADER))
+            handler = self._handler(inst.cls, tokens[4:], codec.loads(msg.data, as_json))
+            ok, value, seq = await inst.run_event(handler)
+            await inst.storage.wait_durable(seq)
+            if not ok:
+                raise value
+            try:
+                body = codec.dumps(value, as_json)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise RemoteError(f"the return value cannot be sent: {exc}", remote_type="TypeError") from None
+            if not self.ownership.owns(state.partition, state.epoch):
+                return  # never reply from an instance whose lease lapsed
+            if msg.reply:
+                await self.nc.publish(msg.reply, body,
+                                      headers={"Content-Type": codec.JSON_CONTENT_TYPE} if as_json else None)
+            self.micro.record(namespace, time.perf_counter() - started, None)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            error = exc if isinstance(exc, DurableError) else RemoteError(str(exc), remote_type=type(exc).__name__)
+            self.micro.record(namespace, time.perf_counter() - started, error)
+            if isinstance(error, NotOwner) or self.ownership.owns(state.partition, state.epoch):
+                await self._reply_error(msg, error, as_json)
+
+    async def _reply_error(self, msg: Msg, error: DurableError, as_json: bool) -> None:
+        if not msg.reply:
+            return
+        headers = {ERROR_HEADER: error.message.replace("\r", " ").replace("\n", " ")[:1000] or error.code,
+                   ERROR_CODE_HEADER: str(error.status)}
+        if as_json:
+            headers["Content-Type"] = codec.JSON_CONTENT_TYPE
+        try:
+            await self.nc.publish(msg.reply, codec.dumps({"error": error.to_wire()}, as_json), headers=headers)
+        except Exception as exc:  # noqa: BLE001 - a lost reply is the caller's timeout, not our crash
+            log.warning("could not send error reply: %s", exc)
+
+    # ----- eviction ----------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        period = max(0.05, min(self.settings.idle_timeout / 2, 5.0))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for state in list(self.parts.values()):
+                for inst in list(state.instances.values()):
+                    if inst.idle and now - inst.last_active >= self.settings.idle_timeout:
+                        self.drop_instance(inst)
+
+    def live_objects(self) -> int:
+        return sum(len(s.instances) for s in self.parts.values())

@@ -1,0 +1,171 @@
+"""A live object: the user's instance plus its gates, storage and lifecycle.
+
+Input gate: an event runs while holding the instance's *turn*; awaiting its own storage keeps
+the turn, so no other event starts meanwhile and a read-modify-write is atomic. A call to
+another object opens the gate for its duration (events may interleave there, as Cloudflare
+allows), unless it happens inside ``block_concurrency_while`` or a transaction.
+
+Output gate: a reply, or an outgoing call, waits until the writes made before it are durable.
+
+Reset: a failed flush, an exception out of ``block_concurrency_while`` or ``ctx.abort()`` drop
+the instance; the next event builds a new one from committed state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..core.context import current_event
+from ..core.errors import ObjectReset
+from ..core.ids import ObjectId
+from .storage import Storage
+
+if TYPE_CHECKING:
+    from .host import Worker
+
+#: Cloudflare resets an object whose block_concurrency_while runs longer than this.
+BLOCK_CONCURRENCY_TIMEOUT = 30.0
+
+
+class Context:
+    """``self.ctx`` of an object."""
+
+    def __init__(self, instance: Instance, object_id: ObjectId) -> None:
+        self._instance = instance
+        self.id = object_id
+        self.storage = instance.storage
+
+    def block_concurrency_while(self, fn: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
+        """Run ``fn`` with no other event delivered; returns its result. From ``__init__`` it
+        runs before the first event. A timeout (30 s) or an exception resets the object."""
+        inst = self._instance
+        if inst.constructing:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            inst.init_fns.append((fn, fut))
+            return fut
+        return inst.run_blocking(fn)
+
+    def abort(self, reason: str = "Application called abort() to reset Durable Object.") -> None:
+        error = ObjectReset(reason)
+        self._instance.fail(error)
+        raise error
+
+
+class EventGuard:
+    """Installed in ``current_event`` while an event runs: the hooks for outgoing calls."""
+
+    __slots__ = ("instance", "task")
+
+    def __init__(self, instance: Instance) -> None:
+        self.instance = instance
+        self.task = asyncio.current_task()
+
+    async def before_outgoing(self) -> bool:
+        inst = self.instance
+        reopen = inst.blocking == 0 and asyncio.current_task() is self.task and inst.turn.locked()
+        if reopen:
+            inst.turn.release()
+        await inst.storage.wait_durable(inst.storage.write_seq)
+        return reopen
+
+    async def after_outgoing(self, reopened: bool) -> None:
+        if reopened:
+            await self.instance.turn.acquire()
+            self.instance.check()
+
+
+class Instance:
+    """One live object in this worker."""
+
+    def __init__(self, host: Worker, partition: int, epoch: int, namespace: str, cls: type,
+                 object_id: ObjectId) -> None:
+        self.host = host
+        self.partition = partition
+        self.epoch = epoch
+        self.namespace = namespace
+        self.cls = cls
+        self.object_id = object_id.hex
+        self.turn = asyncio.Lock()
+        self.blocking = 0
+        self.storage = Storage(self)
+        self.ctx = Context(self, object_id)
+        self.obj: Any = None
+        self.constructing = False
+        self.init_fns: list[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = []
+        self.inflight = 0
+        self.last_active = time.monotonic()
+        self.broken: BaseException | None = None
+
+    def check(self) -> None:
+        if self.broken is not None:
+            raise ObjectReset(f"Durable Object was reset: {self.broken}")
+
+    async def run_blocking(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        self.blocking += 1
+        try:
+            return await asyncio.wait_for(fn(), BLOCK_CONCURRENCY_TIMEOUT)
+        except TimeoutError:
+            error = ObjectReset("Durable Object storage operation exceeded timeout which caused object "
+                                "to be reset (block_concurrency_while ran over 30 s)")
+            self.fail(error)
+            raise error from None
+        except BaseException as exc:
+            self.fail(ObjectReset(f"block_concurrency_while raised {type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            self.blocking -= 1
+
+    async def _start(self) -> None:
+        """Construct the user object, then run what its constructor deferred, before any event."""
+        self.constructing = True
+        try:
+            self.obj = self.cls(self.ctx, self.host.env)
+        except BaseException as exc:
+            self.fail(ObjectReset(f"constructor raised {type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            self.constructing = False
+        while self.init_fns:
+            fn, fut = self.init_fns.pop(0)
+            try:
+                fut.set_result(await self.run_blocking(fn))
+            except BaseException as exc:
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved: the caller sees the error through the event
+                raise
+
+    async def run_event(self, handler: Callable[[Any], Awaitable[Any]]) -> tuple[bool, Any, int]:
+        """Run one event under the input gate. Returns (ok, result or exception, write sequence
+        its reply must wait for): the reply, error or not, goes behind the output gate."""
+        self.inflight += 1
+        try:
+            async with self.turn:
+                self.check()
+                if self.obj is None:
+                    await self._start()
+                token = current_event.set(EventGuard(self))
+                try:
+                    result = await handler(self.obj)
+                    return True, result, self.storage.write_seq
+                except Exception as exc:  # noqa: BLE001 - an ordinary handler error fails only this call
+                    return False, exc, self.storage.write_seq
+                finally:
+                    current_event.reset(token)
+                    self.last_active = time.monotonic()
+        finally:
+            self.inflight -= 1
+
+    def fail(self, error: BaseException) -> None:
+        """Drop this instance: storage refuses further use, waiting replies get the error."""
+        if self.broken is None:
+            self.broken = error
+        self.storage.fail(error)
+        self.host.drop_instance(self)
+
+    @property
+    def idle(self) -> bool:
+        return self.inflight == 0 and not self.storage.has_unflushed and not self.turn.locked()

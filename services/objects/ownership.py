@@ -1,0 +1,179 @@
+"""Partition ownership: a session advisory lock per partition plus an epoch, held as a lease.
+
+All of a worker's partition locks live on one dedicated, non-pooled connection (asyncpg's pool
+would run ``pg_advisory_unlock_all()`` on release). That session sets ``idle_session_timeout``
+to the lease TTL, so Postgres itself ends the lease of a worker that goes silent (crash, pause,
+partition), plus ``statement_timeout`` and ``client_connection_check_interval``; it runs nothing
+but heartbeats and acquisitions. Each acquisition bumps the partition's epoch in
+``do_partitions``; storage transactions are fenced on it (see flusher.py).
+
+The local lease deadline is the send time of the last successful heartbeat plus 80 % of the
+TTL: Postgres cannot end the session before the TTL counted from *after* that heartbeat, so
+while the deadline holds no other worker can own our partitions. Past it, we step down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+import asyncpg
+
+from ..core.settings import Settings
+
+log = logging.getLogger("durable.ownership")
+
+_TRY_LOCK = "SELECT p FROM unnest($2::int[]) AS p WHERE pg_try_advisory_lock($1, p)"
+_BUMP = """
+UPDATE do_partitions SET epoch = epoch + 1, owner = $2, acquired_at = now()
+WHERE partition = ANY($1::int[]) RETURNING partition, epoch
+"""
+
+
+class Ownership:
+    """The lease of one worker over its partitions."""
+
+    def __init__(self, settings: Settings, worker_id: str,
+                 on_acquired: Callable[[int, int], Awaitable[None]], on_lost: Callable[[int, str], None]) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self._on_acquired = on_acquired
+        self._on_lost = on_lost
+        self.epochs: dict[int, int] = {}
+        self.lease_deadline = 0.0
+        self._conn: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        #: asyncpg connections take one operation at a time
+        self._conn_lock = asyncio.Lock()
+        #: which partitions this worker should try to hold (balancing hooks in here)
+        self.desired: Callable[[], Iterable[int]] = lambda: range(settings.partitions)
+
+    def lease_valid(self) -> bool:
+        return time.monotonic() < self.lease_deadline
+
+    def owns(self, partition: int, epoch: int) -> bool:
+        return self.epochs.get(partition) == epoch and self.lease_valid()
+
+    async def _open(self) -> asyncpg.Connection:
+        ttl_ms = int(self.settings.lease_ttl * 1000)
+        conn = await asyncpg.connect(
+            self.settings.database_url, timeout=5, statement_cache_size=0,
+            server_settings={
+                "application_name": f"durable-owner:{self.worker_id}"[:63],
+                "idle_session_timeout": str(ttl_ms),
+                "statement_timeout": "2000",
+                "client_connection_check_interval": "1000",
+            },
+        )
+        await conn.execute(
+            "INSERT INTO do_workers(worker_id, host, pid) VALUES ($1, $2, $3) "
+            "ON CONFLICT (worker_id) DO UPDATE SET last_seen = now()",
+            self.worker_id, socket.gethostname(), os.getpid(),
+        )
+        return conn
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ownership")
+
+    async def _run(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while not self._stopping:
+            try:
+                async with self._conn_lock:
+                    if self._conn is None or self._conn.is_closed():
+                        self._conn = await self._open()
+                    sent = time.monotonic()
+                    await self._conn.execute("UPDATE do_workers SET last_seen = now() WHERE worker_id = $1",
+                                             self.worker_id)
+                    self.lease_deadline = sent + self.settings.lease_ttl * 0.8
+                    await self._acquire()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+                log.warning("lock session failed (%s: %s); stepping down from all partitions",
+                            type(exc).__name__, exc)
+                await self._lose_all("lock session failed")
+            await self._sleep_watching(interval)
+
+    async def _sleep_watching(self, interval: float) -> None:
+        """Sleep until the next heartbeat, stepping down at once if the lease runs out meanwhile."""
+        end = time.monotonic() + interval
+        while not self._stopping:
+            now = time.monotonic()
+            if self.epochs and now >= self.lease_deadline:
+                log.warning("lease expired before a heartbeat returned; stepping down")
+                await self._lose_all("lease expired")
+            if now >= end:
+                return
+            await asyncio.sleep(min(end - now, max(0.01, self.lease_deadline - now), 0.25))
+
+    async def _acquire(self) -> None:
+        assert self._conn is not None
+        wanted = [p for p in self.desired() if p not in self.epochs]
+        if not wanted:
+            return
+        got = [r[0] for r in await self._conn.fetch(_TRY_LOCK, self.settings.deployment_key, wanted)]
+        if not got:
+            return
+        try:
+            rows = await self._conn.fetch(_BUMP, got, self.worker_id)
+        except BaseException:
+            await self._unlock_now(got)
+            raise
+        for partition, epoch in sorted(rows):
+            self.epochs[partition] = epoch
+            await self._on_acquired(partition, epoch)
+
+    async def _unlock(self, partitions: list[int]) -> None:
+        async with self._conn_lock:
+            await self._unlock_now(partitions)
+
+    async def _unlock_now(self, partitions: list[int]) -> None:
+        if self._conn is None or self._conn.is_closed() or not partitions:
+            return
+        try:
+            await self._conn.execute(
+                "SELECT pg_advisory_unlock($1, p) FROM unnest($2::int[]) AS p",
+                self.settings.deployment_key, partitions,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("unlock failed: %s", exc)
+
+    async def _lose_all(self, reason: str) -> None:
+        for p in sorted(self.epochs):
+            self.epochs.pop(p, None)
+            self._on_lost(p, reason)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def release(self, partition: int) -> None:
+        """Give a partition up (after the caller drained it) so another worker can take it."""
+        if self.epochs.pop(partition, None) is not None:
+            await self._unlock([partition])
+
+    def step_down(self, partition: int, reason: str) -> None:
+        """Stop owning a partition at once (fenced); the lock is released in the background."""
+        if self.epochs.pop(partition, None) is None:
+            return
+        self._on_lost(partition, reason)
+        asyncio.get_running_loop().create_task(self._unlock([partition]))
+
+    async def stop(self) -> None:
+        """Release everything (after the worker drained its partitions)."""
+        self._stopping = True
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._conn is not None and not self._conn.is_closed():
+            await self._unlock_now(sorted(self.epochs))
+            try:
+                await self._conn.execute("DELETE FROM do_workers WHERE worker_id = $1", self.worker_id)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass
+            await self._conn.close()
+        self.epochs.clear()
+        self._conn = None

@@ -1,0 +1,6 @@
+"""Ready-made objects."""
+
+from .counter import Counter
+from .rate_limiter import RateLimiter
+
+__all__ = ["Counter", "RateLimiter"]

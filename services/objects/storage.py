@@ -1,0 +1,402 @@
+"""An object's storage: Cloudflare's KV API over a write-back cache.
+
+``put``/``delete`` apply to the in-memory cache at once and join the object's *pending* batch;
+the worker's flusher commits pending batches of many objects in one Postgres transaction
+(group commit). The cache keeps values encoded, so a value read and then mutated without a
+``put`` never changes what is stored. Keys are compared as UTF-8 bytes, like Cloudflare's.
+Every check runs before anything is written: a call that breaks a limit changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..core import codec
+from ..core.errors import ObjectReset, StorageError
+
+if TYPE_CHECKING:
+    from .instance import Instance
+
+MAX_KEY_BYTES = 2048
+MAX_VALUE_BYTES = 128 * 1024
+#: Cloudflare measures values after serialisation and allows 34 bytes of framing on top.
+VALUE_FRAMING_SLACK = 34
+MAX_BATCH = 128
+
+_ABSENT = None  # cache marker: the key is known not to exist
+
+
+def _key_bytes(key: Any) -> bytes:
+    if not isinstance(key, str):
+        raise StorageError(f"Keys must be str, not {type(key).__name__}")
+    raw = key.encode()
+    if len(raw) > MAX_KEY_BYTES:
+        raise StorageError(
+            f"Keys cannot be larger than {MAX_KEY_BYTES} bytes. A key of size {len(raw)} was provided."
+        )
+    return raw
+
+
+def _encode(value: Any) -> bytes:
+    enc = codec.encode_value(value)
+    if len(enc) > MAX_VALUE_BYTES + VALUE_FRAMING_SLACK:
+        raise StorageError(
+            f"Values cannot be larger than {MAX_VALUE_BYTES} bytes. "
+            f"A value of size {len(enc)} was provided."
+        )
+    return enc
+
+
+def _check_batch(n: int) -> None:
+    if n > MAX_BATCH:
+        raise StorageError(f"Maximum number of key value pairs is {MAX_BATCH}. {n} pairs were provided.")
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with ``prefix`` (None: no bound)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+class ListRange:
+    """The validated options of one ``list()`` call, as a byte range [lo, hi)."""
+
+    __slots__ = ("lo", "hi", "reverse", "limit", "empty")
+
+    def __init__(self, start: str | None, start_after: str | None, end: str | None, prefix: str | None,
+                 reverse: bool, limit: int | None) -> None:
+        if start is not None and start_after is not None:
+            raise StorageError("list() cannot be called with both start and start_after values.")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+            raise StorageError(f"List limit must be positive (got {limit!r}).")
+        lo = b""
+        if start is not None:
+            lo = _key_bytes(start)
+        elif start_after is not None:
+            lo = _key_bytes(start_after) + b"\x00"
+        hi = _key_bytes(end) if end is not None else None
+        if prefix:
+            p = _key_bytes(prefix)
+            lo = max(lo, p)
+            pe = _prefix_end(p)
+            if pe is not None:
+                hi = pe if hi is None else min(hi, pe)
+        self.lo, self.hi = lo, hi
+        self.reverse = bool(reverse)
+        self.limit = limit
+        self.empty = hi is not None and hi <= lo
+
+    def contains(self, key: bytes) -> bool:
+        return key >= self.lo and (self.hi is None or key < self.hi)
+
+
+class Storage:
+    """``ctx.storage`` of one live instance."""
+
+    def __init__(self, instance: Instance) -> None:
+        self._instance = instance
+        self._object_id = instance.object_id
+        self._cache: dict[bytes, bytes | None] = {}
+        #: the cache holds every key (after delete_all or a full list)
+        self._complete = False
+        self._pending: dict[bytes, bytes | None] = {}
+        self._pending_delete_all = False
+        self._write_seq = 0
+        self._durable_seq = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._inflight = False
+        self._txn_depth = 0
+        self.closed: BaseException | None = None
+
+    # ----- reading -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed is not None:
+            raise ObjectReset(f"Durable Object storage is no longer usable: the object was reset ({self.closed})")
+
+    async def _load(self, keys: list[bytes]) -> None:
+        """Fill the cache for keys it does not know; the input gate stays closed meanwhile."""
+        missing = [k for k in keys if k not in self._cache]
+        if not missing or self._complete:
+            return
+        rows = await self._instance.host.read_keys(self._object_id, missing)
+        self._check_open()
+        found = {bytes(r[0]): bytes(r[1]) for r in rows}
+        for k in missing:
+            if k not in self._cache:  # a write may have landed while we waited
+                self._cache[k] = found.get(k)
+
+    async def get(self, key: str | Iterable[str]) -> Any:
+        """A value (None if missing), or for a list of keys a dict of those found, in key order."""
+        self._check_open()
+        if isinstance(key, str):
+            raw = _key_bytes(key)
+            if raw not in self._cache and not self._complete:
+                await self._load([raw])
+            enc = self._cache.get(raw)
+            return None if enc is None else codec.unpack(enc)
+        keys = list(key)
+        _check_batch(len(keys))
+        raws = [_key_bytes(k) for k in keys]
+        await self._load(raws)
+        out: dict[str, Any] = {}
+        for raw in sorted(set(raws)):
+            enc = self._cache.get(raw)
+            if enc is not None:
+                out[raw.decode()] = codec.unpack(enc)
+        return out
+
+    async def list(self, *, start: str | None = None, start_after: str | None = None, end: str | None = None,
+                   prefix: str | None = None, reverse: bool = False, limit: int | None = None) -> dict[str, Any]:
+        """Keys and values in UTF-8 byte order; ``end`` is exclusive; ``reverse`` keeps the bounds."""
+        self._check_open()
+        rng = ListRange(start, start_after, end, prefix, reverse, limit)
+        if rng.empty:
+            return {}
+        merged: dict[bytes, bytes] = {}
+        if not self._complete:
+            hidden = sum(1 for k, v in self._cache.items() if v is None and rng.contains(k))
+            db_limit = None if rng.limit is None else rng.limit + hidden
+            rows = await self._instance.host.read_range(self._object_id, rng.lo, rng.hi, rng.reverse, db_limit)
+            self._check_open()
+            for k, v in rows:
+                merged[bytes(k)] = bytes(v)
+            if rng.lo == b"" and rng.hi is None and rng.limit is None:
+                # a full listing: from now on the cache knows every key
+                for k, v in merged.items():
+                    self._cache.setdefault(k, v)
+                self._complete = True
+        for k, v in self._cache.items():
+            if rng.contains(k):
+                if v is None:
+                    merged.pop(k, None)
+                else:
+                    merged[k] = v
+        ordered = sorted(merged, reverse=rng.reverse)
+        if rng.limit is not None:
+            ordered = ordered[: rng.limit]
+        return {k.decode(): codec.unpack(merged[k]) for k in ordered}
+
+    # ----- writing -----------------------------------------------------------------------
+
+    def _apply(self, writes: Mapping[bytes, bytes | None]) -> None:
+        self._cache.update(writes)
+        self._pending.update(writes)
+        self._write_seq += 1
+        self._instance.host.flusher.mark_dirty(self)
+
+    async def put(self, key: str | Mapping[str, Any], value: Any = None) -> None:
+        """Write one key, or a dict of up to 128 keys atomically."""
+        self._check_open()
+        if isinstance(key, str):
+            self._apply({_key_bytes(key): _encode(value)})
+            return
+        if not isinstance(key, Mapping):
+            raise StorageError("put() takes (key, value) or a dict of entries")
+        if value is not None:
+            raise StorageError("put() with a dict of entries takes no second argument")
+        _check_batch(len(key))
+        self._apply({_key_bytes(k): _encode(v) for k, v in key.items()})
+
+    async def delete(self, key: str | Iterable[str]) -> Any:
+        """Delete one key (-> whether it existed) or up to 128 keys (-> how many existed)."""
+        self._check_open()
+        if isinstance(key, str):
+            raw = _key_bytes(key)
+            await self._load([raw])
+            existed = self._cache.get(raw) is not None
+            self._apply({raw: None})
+            return existed
+        raws = [_key_bytes(k) for k in key]
+        _check_batch(len(raws))
+        await self._load(raws)
+        unique = set(raws)
+        count = sum(1 for r in unique if self._cache.get(r) is not None)
+        self._apply(dict.fromkeys(unique))
+        return count
+
+    async def delete_all(self) -> None:
+        """Delete every key of this object (and its alarm)."""
+        self._check_open()
+        if self._txn_depth:
+            raise StorageError("Cannot call delete_all() within a transaction")
+        self._cache.clear()
+        self._pending.clear()
+        self._complete = True
+        self._pending_delete_all = True
+        self._write_seq += 1
+        self._instance.host.flusher.mark_dirty(self)
+
+    def transaction(self) -> Transaction:
+        """``async with storage.transaction() as txn:``; rolls back on exception or ``txn.rollback()``."""
+        self._check_open()
+        return Transaction(self)
+
+    async def sync(self) -> None:
+        """Wait until every write made so far is durable."""
+        self._check_open()
+        await self.wait_durable(self._write_seq)
+
+    # ----- output gate and flushing (used by the instance and the flusher) ---------------
+
+    @property
+    def write_seq(self) -> int:
+        return self._write_seq
+
+    def is_durable(self, seq: int) -> bool:
+        return self._durable_seq >= seq
+
+    async def wait_durable(self, seq: int) -> None:
+        if self._durable_seq >= seq:
+            return
+        if self.closed is not None:
+            raise ObjectReset(f"the object was reset before its writes were durable ({self.closed})")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, fut))
+        await fut
+
+    @property
+    def has_unflushed(self) -> bool:
+        return self._durable_seq < self._write_seq
+
+    def take_batch(self) -> tuple[bool, dict[bytes, bytes | None], int] | None:
+        """Hand the pending writes to the flusher; None when there is nothing or a flush is in flight."""
+        if self._inflight or self.closed is not None or self._durable_seq >= self._write_seq:
+            return None
+        batch = (self._pending_delete_all, self._pending, self._write_seq)
+        self._pending = {}
+        self._pending_delete_all = False
+        self._inflight = True
+        return batch
+
+    def flushed(self, seq: int) -> None:
+        self._inflight = False
+        self._durable_seq = max(self._durable_seq, seq)
+        still = []
+        for s, fut in self._waiters:
+            if s <= self._durable_seq:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((s, fut))
+        self._waiters = still
+        if self._durable_seq < self._write_seq:
+            self._instance.host.flusher.mark_dirty(self)
+
+    def fail(self, error: BaseException) -> None:
+        """A flush failed or the instance was dropped: every waiter gets the error."""
+        self._inflight = False
+        if self.closed is None:
+            self.closed = error
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(error)
+        self._waiters = []
+
+
+class Transaction:
+    """Writes buffered until the block ends, then applied as one atomic batch."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._writes: dict[bytes, bytes | None] = {}
+        self._state = "open"  # open | rolled_back | done
+
+    def _check(self, op: str) -> None:
+        if self._state == "rolled_back":
+            raise StorageError(f"Cannot {op} on rolled back transaction")
+        if self._state == "done":
+            raise StorageError(f"Cannot {op} on transaction that has already committed: "
+                               "did you keep `txn` outside of the `async with` block?")
+
+    async def __aenter__(self) -> Transaction:
+        self._storage._txn_depth += 1
+        self._storage._instance.blocking += 1
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> bool:
+        self._storage._txn_depth -= 1
+        self._storage._instance.blocking -= 1
+        state, self._state = self._state, "done"
+        if exc_type is None and state == "open" and self._writes:
+            self._storage._check_open()
+            self._storage._apply(self._writes)
+        return False
+
+    def rollback(self) -> None:
+        self._check("rollback")
+        self._state = "rolled_back"
+        self._writes = {}
+
+    async def get(self, key: str | Iterable[str]) -> Any:
+        self._check("get")
+        if isinstance(key, str):
+            raw = _key_bytes(key)
+            if raw in self._writes:
+                enc = self._writes[raw]
+                return None if enc is None else codec.unpack(enc)
+            return await self._storage.get(key)
+        keys = list(key)
+        _check_batch(len(keys))
+        out = await self._storage.get([k for k in keys if _key_bytes(k) not in self._writes])
+        for k in keys:
+            raw = _key_bytes(k)
+            if raw in self._writes:
+                enc = self._writes[raw]
+                if enc is None:
+                    out.pop(k, None)
+                else:
+                    out[k] = codec.unpack(enc)
+        return dict(sorted(out.items(), key=lambda kv: kv[0].encode()))
+
+    async def put(self, key: str | Mapping[str, Any], value: Any = None) -> None:
+        self._check("put")
+        if isinstance(key, str):
+            self._writes[_key_bytes(key)] = _encode(value)
+            return
+        if not isinstance(key, Mapping) or value is not None:
+            raise StorageError("put() takes (key, value) or a dict of entries")
+        _check_batch(len(key))
+        self._writes.update({_key_bytes(k): _encode(v) for k, v in key.items()})
+
+    async def delete(self, key: str | Iterable[str]) -> Any:
+        self._check("delete")
+        if isinstance(key, str):
+            existed = await self.get(key) is not None
+            self._writes[_key_bytes(key)] = None
+            return existed
+        keys = list(key)
+        _check_batch(len(keys))
+        found = await self.get(keys)
+        for k in keys:
+            self._writes[_key_bytes(k)] = None
+        return len(found)
+
+    async def list(self, **options: Any) -> dict[str, Any]:
+        self._check("list")
+        rng = ListRange(options.get("start"), options.get("start_after"), options.get("end"),
+                        options.get("prefix"), options.get("reverse", False), options.get("limit"))
+        limit = options.get("limit")
+        base_options = dict(options)
+        if limit is not None:
+            hidden = sum(1 for k, v in self._writes.items() if v is None and rng.contains(k))
+            base_options["limit"] = limit + hidden
+        merged = {k.encode(): v for k, v in (await self._storage.list(**base_options)).items()}
+        for k, enc in self._writes.items():
+            if rng.contains(k):
+                if enc is None:
+                    merged.pop(k, None)
+                else:
+                    merged[k] = codec.unpack(enc)
+        ordered = sorted(merged, reverse=rng.reverse)
+        if limit is not None:
+            ordered = ordered[:limit]
+        return {k.decode(): merged[k] for k in ordered}
+
+    async def delete_all(self) -> None:
+        raise StorageError("Cannot call delete_all() within a transaction")
