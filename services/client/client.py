@@ -52,6 +52,16 @@ def decode_reply(msg: Msg) -> Any:
         raise ProtocolError(f"malformed reply: {exc}") from None
 
 
+async def close_nats(nc: NatsClient) -> None:
+    """Drain if we can, close if we cannot (the server may already be gone)."""
+    if nc.is_closed:
+        return
+    try:
+        await nc.drain()
+    except Exception:  # noqa: BLE001 - reconnecting or closed: nothing left to drain
+        await nc.close()
+
+
 class Client:
     """A NATS connection plus the deployment's partitioning and timeouts."""
 
@@ -71,8 +81,8 @@ class Client:
         return client
 
     async def close(self) -> None:
-        if self._owns_connection and not self.nc.is_closed:
-            await self.nc.drain()
+        if self._owns_connection:
+            await close_nats(self.nc)
 
     async def __aenter__(self) -> Client:
         return self

@@ -84,7 +84,8 @@ class EmbeddedNats:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         offset = self.log_path.stat().st_size
         self.process = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+            [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us, not the server: we stop it last, in order
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ..client import Client, Env
-from ..client.client import ERROR_CODE_HEADER, ERROR_HEADER, NAME_HEADER
+from ..client.client import ERROR_CODE_HEADER, ERROR_HEADER, NAME_HEADER, close_nats
 from ..core import codec, db
 from ..core.config import AppConfig
 from ..core.errors import (
@@ -146,8 +146,7 @@ class Worker:
         await self.ownership.stop()
         await self.micro.stop()
         await self.pool.close()
-        if not self.nc.is_closed:
-            await self.nc.drain()
+        await close_nats(self.nc)
 
     def _unflushed(self) -> bool:
         return any(i.storage.has_unflushed and i.broken is None

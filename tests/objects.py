@@ -1,0 +1,103 @@
+"""Object classes the tests bind (see durable.test.toml)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from services.objects import DurableObject, Request, Response
+from services.objects.patterns import Counter, RateLimiter
+
+__all__ = ["Counter", "RateLimiter", "Probe", "Lifecycle"]
+
+_STORAGE_OPS = {"get", "put", "delete", "delete_all", "list", "sync"}
+
+
+class Probe(DurableObject):
+    """Exposes storage and gate behaviour over RPC so tests can drive it from outside."""
+
+    async def storage(self, op: str, *args: Any, **kwargs: Any) -> Any:
+        if op not in _STORAGE_OPS:
+            raise ValueError(f"unknown storage op {op}")
+        return await getattr(self.ctx.storage, op)(*args, **kwargs)
+
+    async def echo(self, *args: Any, **kwargs: Any) -> Any:
+        return {"args": list(args), "kwargs": kwargs}
+
+    async def whoami(self) -> dict[str, Any]:
+        return {"id": self.ctx.id.hex, "name": self.ctx.id.name}
+
+    async def put_many_then_fail(self, entries: dict[str, Any]) -> None:
+        await self.ctx.storage.put(entries)
+        raise RuntimeError("handler failed after put")
+
+    async def txn(self, writes: dict[str, Any], deletes: list[str], mode: str) -> Any:
+        """mode: commit | rollback | raise"""
+        async with self.ctx.storage.transaction() as txn:
+            if writes:
+                await txn.put(writes)
+            for key in deletes:
+                await txn.delete(key)
+            seen = await txn.list()
+            if mode == "rollback":
+                txn.rollback()
+            elif mode == "raise":
+                raise KeyError("boom in transaction")
+        return seen
+
+    async def slow_increment(self, key: str, delay_ms: int = 0) -> int:
+        """A read-modify-write with a real Postgres read in between (a cache miss)."""
+        value = await self.ctx.storage.get(key) or 0
+        if delay_ms:
+            await asyncio.sleep(delay_ms / 1000)
+        await self.ctx.storage.put(key, value + 1)
+        return value + 1
+
+    async def call_other(self, binding: str, name: str, method: str, *args: Any) -> Any:
+        stub = getattr(self.env, binding).get_by_name(name)
+        return await getattr(stub, method)(*args)
+
+    async def bad_return(self) -> Any:
+        return {1, 2}
+
+    async def _private(self) -> str:
+        return "secret"
+
+    async def fetch(self, request: Request) -> Response:
+        return Response.json_response({"method": request.method, "path": request.path, "body": request.text()})
+
+
+class Lifecycle(DurableObject):
+    """Counts constructions and runs init under block_concurrency_while."""
+
+    constructed = 0
+
+    def __init__(self, ctx: Any, env: Any) -> None:
+        super().__init__(ctx, env)
+        Lifecycle.constructed += 1
+        self.loaded: Any = None
+        self.ready = ctx.block_concurrency_while(self._load)
+
+    async def _load(self) -> None:
+        self.loaded = await self.ctx.storage.get("state") or {"boots": 0}
+        self.loaded["boots"] += 1
+        await self.ctx.storage.put("state", self.loaded)
+        if self.loaded.get("fail_init"):
+            raise RuntimeError("init failed on purpose")
+
+    async def state(self) -> Any:
+        return {"loaded": self.loaded, "constructed": Lifecycle.constructed}
+
+    async def set_fail_init(self, value: bool) -> None:
+        self.loaded["fail_init"] = value
+        await self.ctx.storage.put("state", self.loaded)
+
+    async def fail_in_block(self) -> None:
+        async def boom() -> None:
+            raise ValueError("failure inside block_concurrency_while")
+
+        await self.ctx.block_concurrency_while(boom)
+
+    async def remember(self, value: Any) -> Any:
+        self.loaded["memory"] = value
+        return value
