@@ -1,0 +1,159 @@
+"""Counter throughput through the full path, as ratios to the bare hardware path of this run.
+
+    .venv/bin/python bench/bench_counter.py [--seconds 3]
+
+Starts its own nats-server and PostgreSQL (embedded), a bare nats-py echo responder and a
+`durable worker`, each in its own process, then drives them from this process:
+
+- bare nats-py request/reply echo (the baseline), bare asyncpg commits (one upsert per commit);
+- RPC without writes (Counter.get) on one hot object;
+- durable increments on one hot object, and spread over 1,000 objects;
+each at 1 and 64 requests in flight. Figures are requests/s and the ratio to the bare echo at
+the same concurrency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import nats
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.client import Client, Env  # noqa: E402
+from services.core.config import load_config  # noqa: E402
+from services.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from services.core.settings import Settings  # noqa: E402
+
+PARTITIONS = 256
+
+
+async def measure(op: Callable[[int], Awaitable[object]], inflight: int, seconds: float) -> float:
+    """Requests/s with `inflight` workers each issuing requests back to back for `seconds`."""
+    count = 0
+    stop_at = 0.0
+
+    async def runner(i: int) -> None:
+        nonlocal count
+        n = i
+        while time.perf_counter() < stop_at:
+            await op(n)
+            n += inflight
+            count += 1
+
+    # warm-up
+    stop_at = time.perf_counter() + min(0.5, seconds / 4)
+    await asyncio.gather(*(runner(i) for i in range(inflight)))
+    count = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+    await asyncio.gather(*(runner(i) for i in range(inflight)))
+    return count / (time.perf_counter() - start)
+
+
+async def wait_line(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> None:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = await asyncio.to_thread(proc.stdout.readline)
+        if text in line:
+            return
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"process exited before printing {text!r}")
+    raise TimeoutError(text)
+
+
+async def main(seconds: float) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="durable-bench-"))
+    tmp.chmod(0o755)
+    procs: list[subprocess.Popen[str]] = []
+    async with EmbeddedNats(tmp / "nats", partitions=PARTITIONS) as ns, EmbeddedPostgres(tmp / "pg") as pg:
+        settings = Settings(nats_url=ns.url, database_url=pg.url, partitions=PARTITIONS,
+                            config_file=ROOT / "durable.toml", idle_timeout=600)
+        env_vars = {**os.environ, "DURABLE_NATS_URL": ns.url, "DURABLE_DATABASE_URL": pg.url,
+                    "DURABLE_PARTITIONS": str(PARTITIONS), "DURABLE_CONFIG_FILE": str(ROOT / "durable.toml"),
+                    "DURABLE_IDLE_TIMEOUT": "600", "PYTHONPATH": str(ROOT)}
+        try:
+            echo = subprocess.Popen([sys.executable, str(ROOT / "bench" / "echo_server.py"), ns.url],
+                                    stdout=subprocess.PIPE, text=True)
+            procs.append(echo)
+            await wait_line(echo, "ready")
+            worker = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env_vars,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+            procs.append(worker)
+            await wait_line(worker, "started")
+
+            nc = await nats.connect(ns.url)
+            payload = b"\x81\xa4args\x91\x01"  # same size as an increment request
+
+            async def bare_echo(_: int) -> object:
+                return await nc.request("bench.echo", payload, timeout=10)
+
+            conn = await asyncpg.connect(pg.url)
+            await conn.execute("CREATE TABLE IF NOT EXISTS bench_kv (k text PRIMARY KEY, v bytea)")
+
+            async def bare_commit(i: int) -> object:
+                return await conn.execute(
+                    "INSERT INTO bench_kv VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+                    f"k{i % 1000}", b"12345678")
+
+            client = await Client.connect(settings, load_config(settings.config_file))
+            counters = Env(client, client.config).COUNTERS  # type: ignore[arg-type]
+            hot = counters.get_by_name("hot")
+            many = [counters.get_by_name(f"c{i}") for i in range(1000)]
+            # wait until the worker owns every partition (no-responders are retried meanwhile)
+            for stub in many:
+                await stub.get()
+
+            async def rpc_read(_: int) -> object:
+                return await hot.get()
+
+            async def hot_increment(_: int) -> object:
+                return await hot.increment()
+
+            async def spread_increment(i: int) -> object:
+                return await many[i % 1000].increment()
+
+            rows: list[tuple[str, int, float, float | None]] = []
+            baseline: dict[int, float] = {}
+            for inflight in (1, 64):
+                baseline[inflight] = await measure(bare_echo, inflight, seconds)
+                rows.append(("bare nats-py echo (baseline)", inflight, baseline[inflight], 1.0))
+            rows.append(("bare asyncpg commit (1 upsert/txn)", 1, await measure(bare_commit, 1, seconds), None))
+            for label, op in (("RPC without writes, 1 object", rpc_read),
+                              ("durable increment, 1 hot object", hot_increment),
+                              ("durable increment, 1,000 objects", spread_increment)):
+                for inflight in (1, 64):
+                    rate = await measure(op, inflight, seconds)
+                    rows.append((label, inflight, rate, rate / baseline[inflight]))
+
+            total = sum([await s.get() for s in many]) + await hot.get()
+            print(f"\n{'measurement':<38} {'in flight':>9} {'req/s':>10} {'vs echo':>8}")
+            for label, inflight, rate, ratio in rows:
+                r = f"{ratio * 100:6.1f}%" if ratio is not None else "     -"
+                print(f"{label:<38} {inflight:>9} {rate:>10,.0f} {r:>8}")
+            print(f"\n(sanity: {total:,} increments stored; cpu: {os.cpu_count()} cores; "
+                  f"{seconds:.0f}s per figure)")
+            await client.close()
+            await nc.close()
+            await conn.close()
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(10)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0)
+    asyncio.run(main(parser.parse_args().seconds))
