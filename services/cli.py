@@ -116,6 +116,19 @@ async def _router() -> None:
     await _serve_router(settings, config, _stop_event())
 
 
+def _print_id(target: str, name: str) -> None:
+    """Print the id of a named object: handy for `nats req do.<Class>.<id>.rpc.<method>`."""
+    settings, config = _load({})
+    for b in config.bindings:
+        if target in (b.name, b.class_name):
+            from .core.ids import IdFactory, namespace_key  # noqa: PLC0415
+
+            ids = IdFactory(b.class_name, namespace_key(settings.id_secret, b.identity))
+            print(ids.from_name(name).hex)
+            return
+    raise ConfigError(f"{settings.config_file}: no binding or class named {target!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="durable", description="Durable Objects on NATS and PostgreSQL")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--reset", action="store_true", help="wipe the local data (.durable/) first")
     sub.add_parser("worker", help="run an object host against DURABLE_NATS_URL / DURABLE_DATABASE_URL")
     sub.add_parser("router", help="run the HTTP router against DURABLE_NATS_URL")
+    id_cmd = sub.add_parser("id", help="print the id of a named object, e.g. `durable id Counter demo`")
+    id_cmd.add_argument("target", help="binding (COUNTERS) or class (Counter)")
+    id_cmd.add_argument("name")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -132,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_dev(args.reset))
         elif args.command == "worker":
             asyncio.run(_worker())
+        elif args.command == "id":
+            _print_id(args.target, args.name)
         else:
             asyncio.run(_router())
     except ConfigError as exc:

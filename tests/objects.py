@@ -66,6 +66,60 @@ class Probe(DurableObject):
     async def fetch(self, request: Request) -> Response:
         return Response.json_response({"method": request.method, "path": request.path, "body": request.text()})
 
+    async def list_many(self, options: list[dict[str, Any]], puts: dict[str, Any] | None = None,
+                        deletes: list[str] | None = None) -> list[Any]:
+        """Apply the deletes and puts, then in the same event run list(**o) for each options dict.
+        Each result is the listed dict, or ``{"error": message}`` if that list() call raised."""
+        storage = self.ctx.storage
+        if deletes:
+            await storage.delete(deletes)
+        if puts:
+            await storage.put(puts)
+        results: list[Any] = []
+        for o in options:
+            try:
+                results.append(await storage.list(**o))
+            except Exception as exc:  # noqa: BLE001 - reported to the test per call
+                results.append({"error": f"{type(exc).__name__}: {exc}"})
+        return results
+
+    async def txn_list_many(self, options: list[dict[str, Any]], puts: dict[str, Any],
+                            deletes: list[str]) -> list[Any]:
+        """Inside a transaction that is rolled back at the end: write, then list(**o) for each options."""
+        async with self.ctx.storage.transaction() as txn:
+            if deletes:
+                await txn.delete(deletes)
+            if puts:
+                await txn.put(puts)
+            results = [await txn.list(**o) for o in options]
+            txn.rollback()
+        return results
+
+    async def put_built(self, key: str, kind: str, batch: bool = False) -> None:
+        """put() a value built inside the object, for types the RPC wire cannot carry."""
+        values: dict[str, Any] = {"set": {1, 2}, "object": object(), "complex": 1j, "nested_set": {"a": [{1}]}}
+        if batch:
+            await self.ctx.storage.put({"ok": 1, key: values[kind]})
+        else:
+            await self.ctx.storage.put(key, values[kind])
+
+    async def txn_ops(self, ops: list[list[Any]], mode: str = "commit") -> list[Any]:
+        """Run [op, args, kwargs] calls on a transaction, returning each result; mode: commit | rollback | raise.
+        An op that raises is reported as ``{"error": message}`` and the transaction goes on."""
+        results: list[Any] = []
+        async with self.ctx.storage.transaction() as txn:
+            for op, args, kwargs in ops:
+                try:
+                    result = getattr(txn, op)(*args, **kwargs)
+                    results.append(await result if asyncio.iscoroutine(result) else result)
+                except Exception as exc:  # noqa: BLE001 - reported to the test per op
+                    results.append({"error": f"{type(exc).__name__}: {exc}"})
+            if mode == "rollback":
+                txn.rollback()
+            elif mode == "raise":
+                raise KeyError("boom in transaction")
+        return results
+
 
 class Lifecycle(DurableObject):
     """Counts constructions and runs init under block_concurrency_while."""
