@@ -5,7 +5,8 @@ reply still waits behind its own output gate (``Storage.wait_durable``). While a
 flight, events keep running and their writes gather into the next batch, so a hot object's
 consecutive writes coalesce. The first statement of every transaction is the epoch fence:
 ``SELECT ... FROM do_partitions WHERE (partition, epoch) = ... FOR SHARE``. A partition whose
-epoch moved on is stepped down and its objects fail with NotOwner; the rest commit without it.
+epoch moved on is stepped down and its objects reset (nothing of theirs is written); the rest
+commit without it. The whole flush is one call of the do_flush() SQL function: one round trip.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING
-
-import asyncpg
 
 from ..core.errors import ObjectReset
 
@@ -24,27 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("durable.flusher")
 
-_FENCE = """
-SELECT d.partition FROM do_partitions d
-JOIN unnest($1::int[], $2::bigint[]) AS u(p, e) ON d.partition = u.p AND d.epoch = u.e
-ORDER BY d.partition
-FOR SHARE OF d
-"""
-_DELETE_ALL = "DELETE FROM do_storage WHERE object_id = ANY($1::text[])"
-_DELETE_ALL_ALARMS = "DELETE FROM do_alarms WHERE object_id = ANY($1::text[])"
-_DELETE = """
-DELETE FROM do_storage s USING unnest($1::text[], $2::bytea[]) AS d(o, k)
-WHERE s.object_id = d.o AND s.key = d.k
-"""
-_UPSERT = """
-INSERT INTO do_storage (object_id, key, namespace, value)
-SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::bytea[])
-ON CONFLICT (object_id, key) DO UPDATE SET value = EXCLUDED.value
-"""
-_AUDIT = """
-INSERT INTO do_commit_audit (partition, epoch, worker_id)
-SELECT p, e, $3 FROM unnest($1::int[], $2::bigint[]) AS u(p, e)
-"""
+#: one round trip: fence + every write, as one transaction (infra/migrations/002_flush_function.sql)
+_FLUSH = "SELECT do_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 
 class _Fenced(Exception):
@@ -155,19 +135,9 @@ class Flusher:
         parts = sorted(epochs)
         eps = [epochs[p] for p in parts]
         async with self.worker.pool.acquire() as conn:
-            conn: asyncpg.Connection
-            async with conn.transaction():
-                rows = await conn.fetch(_FENCE, parts, eps)
-                if len(rows) != len(parts):
-                    raise _Fenced(set(parts) - {r[0] for r in rows})
-                if wiped:
-                    await conn.execute(_DELETE_ALL, wiped)
-                    await conn.execute(_DELETE_ALL_ALARMS, wiped)
-                if del_o:
-                    await conn.execute(_DELETE, del_o, del_k)
-                if up_o:
-                    await conn.execute(_UPSERT, up_o, up_k, up_ns, up_v)
-                if self.worker.audit_commits:
-                    await conn.execute(_AUDIT, parts, eps, self.worker.worker_id)
+            ok = await conn.fetchval(_FLUSH, parts, eps, wiped, del_o, del_k, up_o, up_k, up_ns, up_v,
+                                     self.worker.worker_id if self.worker.audit_commits else None)
+        if len(ok) != len(parts):
+            raise _Fenced(set(parts) - set(ok))
         self.commits += 1
         self.rows += len(up_o) + len(del_o)
