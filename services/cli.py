@@ -10,7 +10,6 @@ import shutil
 import signal
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
@@ -88,8 +87,8 @@ async def _dev(reset: bool) -> None:
         print(f"worker          {worker.worker_id}  ({len(worker.parts)} partitions, "
               f"classes: {', '.join(sorted(worker.classes))})")
         print(f"router          http://{settings.http_host}:{settings.http_port}")
-        print("ready. try:  curl -X POST http://127.0.0.1:%d/counter/demo/increment   (Ctrl-C stops)"
-              % settings.http_port, flush=True)
+        print(f"ready. try:  curl -X POST http://127.0.0.1:{settings.http_port}/counter/demo/increment"
+              "   (Ctrl-C stops)", flush=True)
         await _serve_router(settings, config, stop)
         print("stopping...", file=sys.stderr)
     print("stopped.", file=sys.stderr)

@@ -53,6 +53,11 @@ class Probe(DurableObject):
         await self.ctx.storage.put(key, value + 1)
         return value + 1
 
+    async def put_after(self, entries: dict[str, Any], delay_ms: int) -> None:
+        """Wait (holding the input gate), then put a multi-key batch: one atomic write."""
+        await asyncio.sleep(delay_ms / 1000)
+        await self.ctx.storage.put(entries)
+
     async def call_other(self, binding: str, name: str, method: str, *args: Any) -> Any:
         stub = getattr(self.env, binding).get_by_name(name)
         return await getattr(stub, method)(*args)
@@ -97,15 +102,17 @@ class Probe(DurableObject):
 
     async def put_built(self, key: str, kind: str, batch: bool = False) -> None:
         """put() a value built inside the object, for types the RPC wire cannot carry."""
-        values: dict[str, Any] = {"set": {1, 2}, "object": object(), "complex": 1j, "nested_set": {"a": [{1}]}}
+        values: dict[str, Any] = {"set": {1, 2}, "object": object(), "complex": 1j,
+                                  "nested_set": {"a": [{1}]}}
         if batch:
             await self.ctx.storage.put({"ok": 1, key: values[kind]})
         else:
             await self.ctx.storage.put(key, values[kind])
 
     async def txn_ops(self, ops: list[list[Any]], mode: str = "commit") -> list[Any]:
-        """Run [op, args, kwargs] calls on a transaction, returning each result; mode: commit | rollback | raise.
-        An op that raises is reported as ``{"error": message}`` and the transaction goes on."""
+        """Run [op, args, kwargs] calls on a transaction, returning each result.
+        mode: commit | rollback | raise. An op that raises is reported as ``{"error": message}``
+        and the transaction goes on."""
         results: list[Any] = []
         async with self.ctx.storage.transaction() as txn:
             for op, args, kwargs in ops:
@@ -118,6 +125,24 @@ class Probe(DurableObject):
                 txn.rollback()
             elif mode == "raise":
                 raise KeyError("boom in transaction")
+        return results
+
+    async def bump_memory(self) -> int:
+        """Count calls in instance memory only: the count starts again at 1 if the object was rebuilt."""
+        self.memory_count = getattr(self, "memory_count", 0) + 1
+        return self.memory_count
+
+    async def storage_ops(self, ops: list[list[Any]]) -> list[Any]:
+        """Run [op, args, kwargs] ctx.storage calls in one event (so their writes share a batch),
+        returning each result; an op that raises is reported as ``{"error": message}``."""
+        results: list[Any] = []
+        for op, args, kwargs in ops:
+            if op not in _STORAGE_OPS:
+                raise ValueError(f"unknown storage op {op}")
+            try:
+                results.append(await getattr(self.ctx.storage, op)(*args, **kwargs))
+            except Exception as exc:  # noqa: BLE001 - reported to the test per op
+                results.append({"error": f"{type(exc).__name__}: {exc}"})
         return results
 
 
@@ -155,3 +180,6 @@ class Lifecycle(DurableObject):
     async def remember(self, value: Any) -> Any:
         self.loaded["memory"] = value
         return value
+
+    async def raise_plain(self) -> None:
+        raise LookupError("an ordinary handler error")

@@ -202,7 +202,7 @@ class EmbeddedPostgres:
                 conn = await asyncpg.connect(self.url, timeout=2)
                 await conn.close()
                 return
-            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 last = exc
                 await asyncio.sleep(0.05)
         raise RuntimeError(f"postgres did not accept connections in {timeout}s: {last}")

@@ -23,6 +23,7 @@ from ..core import codec, db
 from ..core.config import AppConfig
 from ..core.errors import (
     DurableError,
+    InvalidId,
     InvalidRequest,
     NotOwner,
     PayloadTooLarge,
@@ -220,7 +221,10 @@ class Worker:
 
     def _instance(self, state: PartitionState, namespace: str, oid: str, name: str | None) -> Instance:
         inst = state.instances.get(oid)
-        if inst is not None:
+        if inst is not None and inst.namespace == namespace:
+            # a live object: still check a claimed name (cheap when it is the name it was made from)
+            if name is not None and name != inst.ctx.id.name and not self.ids[namespace].name_matches(oid, name):
+                raise InvalidRequest(f"{NAME_HEADER} {name!r} is not the name of object {oid}")
             return inst
         cls = self.classes.get(namespace)
         ids = self.ids.get(namespace)
@@ -228,6 +232,9 @@ class Worker:
             raise UnknownNamespace(f"no Durable Object class {namespace!r} is bound here "
                                    f"(known: {sorted(self.classes)})")
         object_id = ids.from_string(oid)
+        if inst is not None:  # instances are keyed by id: never hand one object's instance to another class
+            raise InvalidId(f"Durable Object ID {oid} is live in namespace {inst.namespace!r}, "
+                            f"not {namespace!r}")
         if name is not None:
             if not ids.name_matches(oid, name):
                 raise InvalidRequest(f"{NAME_HEADER} {name!r} is not the name of object {oid}")

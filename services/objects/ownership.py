@@ -92,7 +92,7 @@ class Ownership:
                                              self.worker_id)
                     self.lease_deadline = sent + self.settings.lease_ttl * 0.8
                     await self._acquire()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("lock session failed (%s: %s); stepping down from all partitions",
                             type(exc).__name__, exc)
                 await self._lose_all("lock session failed")
