@@ -106,10 +106,18 @@ class Client:
         except NotOwner as exc:
             raise _Retry(exc) from None
 
+    def subject_base(self, namespace: str, object_id: str) -> str:
+        """``dop.<partition>.<namespace>.<object-id>.``: stubs compute it once, verbs are appended."""
+        return request_subject(partition_of(object_id, self.partitions), namespace, object_id, "")
+
     async def call(self, namespace: str, object_id: str, verb: str, payload: bytes,
                    headers: dict[str, str] | None = None, timeout: float | None = None) -> Any:
         """Send one request to an object and return the decoded reply value."""
-        subject = request_subject(partition_of(object_id, self.partitions), namespace, object_id, verb)
+        return await self.request(self.subject_base(namespace, object_id) + verb, payload, headers, timeout)
+
+    async def request(self, subject: str, payload: bytes, headers: dict[str, str] | None = None,
+                      timeout: float | None = None) -> Any:
+        """Send one request to a partition subject, retrying only what provably did not run."""
         timeout = timeout or self.settings.request_timeout
         guard = current_event.get()
         reopened = await guard.before_outgoing() if guard is not None else False
@@ -129,6 +137,7 @@ class Client:
                     with attempt:
                         return await self._attempt(subject, payload, headers, timeout)
             except _Retry as exc:
+                namespace, object_id = subject.split(".", 4)[2:4]
                 raise Unavailable(
                     f"no worker serves {namespace}/{object_id} after retrying for "
                     f"{self.settings.retry_deadline}s ({type(exc.cause).__name__})"

@@ -15,12 +15,13 @@ from .client import NAME_HEADER, Client
 class Stub:
     """A handle on one object. Making it costs nothing; the object is created on first use."""
 
-    __slots__ = ("_client", "_namespace", "id", "_headers")
+    __slots__ = ("_client", "_namespace", "id", "_headers", "_subject")
 
     def __init__(self, client: Client, namespace: str, object_id: ObjectId) -> None:
         self._client = client
         self._namespace = namespace
         self.id = object_id
+        self._subject = client.subject_base(namespace, object_id.hex)
         self._headers = {NAME_HEADER: object_id.name} if object_id.name is not None else None
 
     @property
@@ -37,9 +38,7 @@ class Stub:
                 payload["args"] = list(args)
             if kwargs:
                 payload["kwargs"] = kwargs
-            return await self._client.call(
-                self._namespace, self.id.hex, f"rpc.{method}", codec.pack(payload), self._headers
-            )
+            return await self._client.request(self._subject + "rpc." + method, codec.pack(payload), self._headers)
 
         call.__name__ = method
         return call
@@ -47,9 +46,7 @@ class Stub:
     async def fetch(self, request: Request | str, **init: Any) -> Response:
         if isinstance(request, str):
             request = Request(request, **init)
-        reply = await self._client.call(
-            self._namespace, self.id.hex, "fetch", codec.pack(request.to_wire()), self._headers
-        )
+        reply = await self._client.request(self._subject + "fetch", codec.pack(request.to_wire()), self._headers)
         return Response.from_wire(reply)
 
     def __repr__(self) -> str:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("durable.flusher")
 
 #: one round trip: fence + every write, as one transaction (infra/migrations/002_flush_function.sql)
+#: (storage, delete_all, writes {key: encoded value or None for a delete}, write sequence)
+BatchItem = tuple["Storage", bool, dict[bytes, bytes | None], int]
+
 _FLUSH = "SELECT do_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 
 
@@ -67,8 +70,8 @@ class Flusher:
                 continue
             await self._flush(batch)
 
-    def _take(self) -> list[tuple[Storage, bool, dict[bytes, bytes | None], int]]:
-        taken = []
+    def _take(self) -> list[BatchItem]:
+        taken: list[BatchItem] = []
         for storage in list(self._dirty):
             if len(taken) >= self.max_objects:
                 break
@@ -81,7 +84,7 @@ class Flusher:
             taken.append((storage, *item))
         return taken
 
-    async def _flush(self, batch: list[tuple[Storage, bool, dict[bytes, bytes | None], int]]) -> None:
+    async def _flush(self, batch: list[BatchItem]) -> None:
         while batch:
             try:
                 await self._commit(batch)
@@ -109,7 +112,7 @@ class Flusher:
                 storage.flushed(seq)
             return
 
-    async def _commit(self, batch: list[tuple[Storage, bool, dict[bytes, bytes | None], int]]) -> None:
+    async def _commit(self, batch: list[BatchItem]) -> None:
         epochs: dict[int, int] = {}
         wiped: list[str] = []
         del_o: list[str] = []

@@ -26,6 +26,7 @@ from ..core.errors import (
     InvalidId,
     InvalidRequest,
     NotOwner,
+    ObjectReset,
     PayloadTooLarge,
     RemoteError,
     UnknownMethod,
@@ -181,7 +182,10 @@ class Worker:
         if state is None:
             return
         log.warning("stepping down from partition %d (epoch %d): %s", partition, state.epoch, reason)
-        error = NotOwner(f"this worker stepped down from partition {partition}: {reason}")
+        # ObjectReset, not NotOwner: these events may have run (and a flush may be in flight), so
+        # the caller must not retry them blindly as it does a NotOwner that proves nothing ran
+        error = ObjectReset(f"this worker stepped down from partition {partition} ({reason}); "
+                            "the object was reset; writes not yet acknowledged may be lost")
         for inst in list(state.instances.values()):
             inst.fail(error)
         if state.sub is not None:
@@ -312,7 +316,10 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             error = exc if isinstance(exc, DurableError) else RemoteError(str(exc), remote_type=type(exc).__name__)
             self.micro.record(namespace, time.perf_counter() - started, error)
-            if isinstance(error, NotOwner) or self.ownership.owns(state.partition, state.epoch):
+            # runtime errors carry no object state, so they are sent even after the lease lapsed
+            # (a flush failure must reach its caller, not become a timeout); errors raised by
+            # object code are state, and follow the success path's rule
+            if isinstance(error, NotOwner | ObjectReset) or self.ownership.owns(state.partition, state.epoch):
                 await self._reply_error(msg, error, as_json)
 
     async def _reply_error(self, msg: Msg, error: DurableError, as_json: bool) -> None:
