@@ -35,7 +35,7 @@ from ..core.errors import (
 from ..core.http import Request, Response
 from ..core.ids import IdFactory, ObjectId, namespace_key
 from ..core.settings import Settings
-from ..core.subjects import partition_filter, partition_queue
+from ..core.subjects import partition_filter, partition_of, partition_queue
 from .base import DurableObject
 from .flusher import Flusher
 from .instance import Instance
@@ -230,6 +230,10 @@ class Worker:
             if name is not None and name != inst.ctx.id.name and not self.ids[namespace].name_matches(oid, name):
                 raise InvalidRequest(f"{NAME_HEADER} {name!r} is not the name of object {oid}")
             return inst
+        if partition_of(oid, self.settings.partitions) != state.partition:
+            # a raw publisher picked the wrong partition: serving it here could give the object
+            # a second live instance next to the one in its real partition
+            raise InvalidRequest(f"object {oid[:80]!r} does not belong to partition {state.partition}")
         cls = self.classes.get(namespace)
         ids = self.ids.get(namespace)
         if cls is None or ids is None:
