@@ -12,14 +12,14 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from ..core import codec
 from ..core.config import AppConfig
 from ..core.context import current_event
-from ..core.errors import DurableError, NotOwner, ProtocolError, RequestTimeout, Unavailable
+from ..core.errors import DurableError, NotOwner, PayloadTooLarge, ProtocolError, RequestTimeout, Unavailable
 from ..core.settings import Settings
 from ..core.subjects import partition_of, request_subject
 
@@ -96,6 +96,11 @@ class Client:
             msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
         except NoRespondersError as exc:
             raise _Retry(exc) from None
+        except MaxPayloadError:
+            raise PayloadTooLarge(
+                f"request of {len(payload)} bytes is over the NATS server's max_payload of "
+                f"{self.nc.max_payload} bytes"
+            ) from None
         except NatsTimeout:
             raise RequestTimeout(
                 f"no reply from {subject} in {timeout}s; the request may have been delivered, "

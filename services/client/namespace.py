@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from ..core import codec
 from ..core.config import AppConfig, Binding
@@ -22,7 +23,8 @@ class Stub:
         self._namespace = namespace
         self.id = object_id
         self._subject = client.subject_base(namespace, object_id.hex)
-        self._headers = {NAME_HEADER: object_id.name} if object_id.name is not None else None
+        # percent-encoded: NATS trims header values and folds line breaks
+        self._headers = {NAME_HEADER: quote(object_id.name, safe="")} if object_id.name is not None else None
 
     @property
     def name(self) -> str | None:

@@ -74,7 +74,7 @@ def _json_default(obj: Any) -> Any:
 def _json_hook(obj: dict[str, Any]) -> Any:
     if len(obj) == 1:
         if "$bytes" in obj and isinstance(obj["$bytes"], str):
-            return base64.b64decode(obj["$bytes"])
+            return base64.b64decode(obj["$bytes"], validate=True)
         if "$datetime" in obj and isinstance(obj["$datetime"], str):
             return dt.datetime.fromisoformat(obj["$datetime"])
     return obj
@@ -82,7 +82,8 @@ def _json_hook(obj: dict[str, Any]) -> Any:
 
 def dumps(value: Any, as_json: bool) -> bytes:
     if as_json:
-        return json.dumps(value, default=_json_default, separators=(",", ":")).encode()
+        # allow_nan=False: NaN and Infinity are not JSON; strict parsers refuse the whole reply
+        return json.dumps(value, default=_json_default, separators=(",", ":"), allow_nan=False).encode()
     return pack(value)
 
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import asyncpg
 import nats
@@ -74,6 +75,15 @@ def _parse_rpc_payload(payload: Any) -> tuple[list[Any], dict[str, Any]]:
             raise InvalidRequest("rpc payload: 'args' must be a list and 'kwargs' a map of str keys")
         return args, kwargs
     raise InvalidRequest(f"rpc payload must be a list of args or a map with args/kwargs, not {type(payload).__name__}")
+
+
+def _header(headers: dict[str, str], name: str) -> str | None:
+    """A header by name, case-insensitively (NATS keeps the case the publisher used)."""
+    value = headers.get(name)
+    if value is None:
+        lname = name.lower()
+        value = next((v for k, v in headers.items() if k.lower() == lname), None)
+    return value
 
 
 class Worker:
@@ -256,8 +266,11 @@ class Worker:
             method = verb[1]
             if method.startswith("_"):
                 raise UnknownMethod(f"method {method!r} is private: methods starting with '_' are not callable")
+            if method in DurableObject.EVENT_HANDLERS:
+                raise UnknownMethod(f"{method!r} is an event handler, delivered by the runtime; it is not "
+                                    f"callable as an RPC method of {cls.__name__}")
             attr = getattr(cls, method, None)
-            if method in DurableObject.EVENT_HANDLERS or attr is None or not callable(attr):
+            if attr is None or not callable(attr):
                 raise UnknownMethod(f"{cls.__name__} has no RPC method {method!r}")
             args, kwargs = _parse_rpc_payload(payload)
 
@@ -289,7 +302,7 @@ class Worker:
     async def _handle(self, state: PartitionState, msg: Msg) -> None:
         started = time.perf_counter()
         headers = msg.headers or {}
-        as_json = headers.get("Content-Type", "").startswith(codec.JSON_CONTENT_TYPE)
+        as_json = (_header(headers, "Content-Type") or "").lower().startswith(codec.JSON_CONTENT_TYPE)
         tokens = msg.subject.split(".")
         namespace = tokens[2] if len(tokens) > 2 else "?"
         inst: Instance | None = None
@@ -301,7 +314,9 @@ class Worker:
             if len(msg.data) > self.settings.max_request_bytes:
                 raise PayloadTooLarge(f"request of {len(msg.data)} bytes is over the limit of "
                                       f"{self.settings.max_request_bytes} bytes")
-            inst = self._instance(state, namespace, tokens[3], headers.get(NAME_HEADER))
+            raw_name = _header(headers, NAME_HEADER)
+            name = unquote(raw_name) if raw_name is not None else None
+            inst = self._instance(state, namespace, tokens[3], name)
             handler = self._handler(inst.cls, tokens[4:], codec.loads(msg.data, as_json))
             ok, value, seq = await inst.run_event(handler)
             await inst.storage.wait_durable(seq)
@@ -310,7 +325,8 @@ class Worker:
             try:
                 body = codec.dumps(value, as_json)
             except (TypeError, ValueError, OverflowError) as exc:
-                raise RemoteError(f"the return value cannot be sent: {exc}", remote_type="TypeError") from None
+                raise RemoteError(f"the return value cannot be sent: {exc}",
+                                  remote_type=type(exc).__name__) from None
             if not self.ownership.owns(state.partition, state.epoch):
                 return  # never reply from an instance whose lease lapsed
             if msg.reply:
@@ -329,7 +345,9 @@ class Worker:
     async def _reply_error(self, msg: Msg, error: DurableError, as_json: bool) -> None:
         if not msg.reply:
             return
-        headers = {ERROR_HEADER: error.message.replace("\r", " ").replace("\n", " ")[:1000] or error.code,
+        # NATS trims header values: a blank message would leave the error header empty
+        headers = {ERROR_HEADER: error.message.replace("\r", " ").replace("\n", " ").strip()[:1000].rstrip()
+                   or error.code,
                    ERROR_CODE_HEADER: str(error.status)}
         if as_json:
             headers["Content-Type"] = codec.JSON_CONTENT_TYPE

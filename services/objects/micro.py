@@ -72,7 +72,7 @@ class MicroService:
             **self._identity("info"),
             "description": "durable object host: Durable Objects on NATS and PostgreSQL",
             "endpoints": [
-                {"name": name, "subject": f"do.{name}.*.>", "queue_group": "q",
+                {"name": name, "subject": f"do.{name}.*.>",
                  "metadata": {"routing": "dop.<partition>.> in queue group p<partition>"}}
                 for name in self.stats
             ],
@@ -83,7 +83,7 @@ class MicroService:
             **self._identity("stats"),
             "started": self.started.isoformat().replace("+00:00", "Z"),
             "endpoints": [
-                {"name": name, "subject": f"do.{name}.*.>", "queue_group": "q",
+                {"name": name, "subject": f"do.{name}.*.>",
                  "num_requests": s.num_requests, "num_errors": s.num_errors, "last_error": s.last_error,
                  "processing_time": s.processing_ns,
                  "average_processing_time": s.processing_ns // s.num_requests if s.num_requests else 0}
