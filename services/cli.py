@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import uvicorn
 from pydantic import ValidationError
 
+from .core import telemetry
 from .core.config import AppConfig, load_config
 from .core.embedded import EmbeddedNats, EmbeddedPostgres
 from .core.errors import ConfigError
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    telemetry.configure_from_env(f"durable-{args.command}")
     try:
         if args.command == "dev":
             asyncio.run(_dev(args.reset))

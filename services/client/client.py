@@ -16,7 +16,7 @@ from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-from ..core import codec
+from ..core import codec, telemetry
 from ..core.config import AppConfig
 from ..core.context import current_event
 from ..core.errors import DurableError, NotOwner, PayloadTooLarge, ProtocolError, RequestTimeout, Unavailable
@@ -93,7 +93,7 @@ class Client:
     async def _attempt(self, subject: str, payload: bytes, headers: dict[str, str] | None,
                        timeout: float) -> Any:
         try:
-            msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+            msg = await self.nc.request(subject, payload, timeout=timeout, headers=telemetry.inject(headers))
         except NoRespondersError as exc:
             raise _Retry(exc) from None
         except MaxPayloadError:

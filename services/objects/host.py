@@ -17,10 +17,11 @@ import asyncpg
 import nats
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry.trace import SpanKind
 
 from ..client import Client, Env
 from ..client.client import ERROR_CODE_HEADER, ERROR_HEADER, NAME_HEADER, close_nats
-from ..core import codec, db
+from ..core import codec, db, telemetry
 from ..core.config import AppConfig
 from ..core.errors import (
     DurableError,
@@ -318,7 +319,16 @@ class Worker:
             name = unquote(raw_name) if raw_name is not None else None
             inst = self._instance(state, namespace, tokens[3], name)
             handler = self._handler(inst.cls, tokens[4:], codec.loads(msg.data, as_json))
-            ok, value, seq = await inst.run_event(handler)
+            trace_context = telemetry.extract(headers)
+            if trace_context is None:
+                ok, value, seq = await inst.run_event(handler)
+            else:
+                with telemetry.tracer.start_as_current_span(
+                    f"{namespace} {'.'.join(tokens[4:])}", context=trace_context, kind=SpanKind.SERVER,
+                    attributes={"do.partition": state.partition, "do.epoch": state.epoch,
+                                "do.object_id": inst.object_id},
+                ):
+                    ok, value, seq = await inst.run_event(handler)
             await inst.storage.wait_durable(seq)
             if not ok:
                 raise value

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse
@@ -17,6 +18,7 @@ from starlette.responses import Response as StarletteResponse
 from starlette.routing import Route
 
 from ..client import Client, Env
+from ..core import telemetry
 from ..core.config import AppConfig
 from ..core.errors import DurableError
 from ..core.http import Request, Response
@@ -52,7 +54,11 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch = ro
         headers.append(("cf-connecting-ip", request.client.host if request.client else "unknown"))
         req = Request(str(request.url), request.method, headers, body)
         try:
-            response = await user_fetch(req, state["env"])
+            with telemetry.tracer.start_as_current_span(
+                f"{request.method} {request.url.path}", context=telemetry.extract(request.headers),
+                kind=SpanKind.SERVER,
+            ):
+                response = await user_fetch(req, state["env"])
         except DurableError as exc:
             status = 503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
             return JSONResponse({"error": exc.to_wire()}, status)
