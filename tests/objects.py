@@ -145,6 +145,14 @@ class Probe(DurableObject):
                 results.append({"error": f"{type(exc).__name__}: {exc}"})
         return results
 
+    async def put_during_reads(self, key: str, value: Any) -> Any:
+        """Start a get() and a list() of ``key`` (cache misses that read Postgres), put ``value``
+        while they wait, then return what get() and list() answer afterwards."""
+        storage = self.ctx.storage
+        await asyncio.gather(storage.get(key), storage.get([key]), storage.list(prefix=key),
+                             storage.put(key, value))
+        return {"get": await storage.get(key), "list": await storage.list(prefix=key)}
+
 
 class Lifecycle(DurableObject):
     """Counts constructions and runs init under block_concurrency_while."""

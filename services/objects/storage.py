@@ -39,6 +39,20 @@ def _key_bytes(key: Any) -> bytes:
     return raw
 
 
+def _bound_bytes(bound: Any, option: str) -> bytes:
+    """A list() bound: any str (Cloudflare applies no size limit to bounds, only to stored keys)."""
+    if not isinstance(bound, str):
+        raise StorageError(f"list() option {option} must be a str, not {type(bound).__name__}")
+    return bound.encode()
+
+
+def _key_list(keys: Any) -> list[Any]:
+    """The keys of a batch get/delete: any iterable of str (each checked later), but not bytes."""
+    if isinstance(keys, (bytes, bytearray, memoryview)) or not isinstance(keys, Iterable):
+        raise StorageError(f"Keys must be str or a list of str, not {type(keys).__name__}")
+    return list(keys)
+
+
 def _encode(value: Any) -> bytes:
     enc = codec.encode_value(value)
     if len(enc) > MAX_VALUE_BYTES + VALUE_FRAMING_SLACK:
@@ -75,12 +89,12 @@ class ListRange:
             raise StorageError(f"List limit must be positive (got {limit!r}).")
         lo = b""
         if start is not None:
-            lo = _key_bytes(start)
+            lo = _bound_bytes(start, "start")
         elif start_after is not None:
-            lo = _key_bytes(start_after) + b"\x00"
-        hi = _key_bytes(end) if end is not None else None
-        if prefix:
-            p = _key_bytes(prefix)
+            lo = _bound_bytes(start_after, "start_after") + b"\x00"
+        hi = _bound_bytes(end, "end") if end is not None else None
+        if prefix is not None and _bound_bytes(prefix, "prefix"):
+            p = prefix.encode()
             lo = max(lo, p)
             pe = _prefix_end(p)
             if pe is not None:
@@ -139,7 +153,7 @@ class Storage:
                 await self._load([raw])
             enc = self._cache.get(raw)
             return None if enc is None else codec.unpack(enc)
-        keys = list(key)
+        keys = _key_list(key)
         _check_batch(len(keys))
         raws = [_key_bytes(k) for k in keys]
         await self._load(raws)
@@ -211,7 +225,7 @@ class Storage:
             existed = self._cache.get(raw) is not None
             self._apply({raw: None})
             return existed
-        raws = [_key_bytes(k) for k in key]
+        raws = [_key_bytes(k) for k in _key_list(key)]
         _check_batch(len(raws))
         await self._load(raws)
         unique = set(raws)
@@ -341,7 +355,7 @@ class Transaction:
                 enc = self._writes[raw]
                 return None if enc is None else codec.unpack(enc)
             return await self._storage.get(key)
-        keys = list(key)
+        keys = _key_list(key)
         _check_batch(len(keys))
         out = await self._storage.get([k for k in keys if _key_bytes(k) not in self._writes])
         for k in keys:
@@ -370,7 +384,7 @@ class Transaction:
             existed = await self.get(key) is not None
             self._writes[_key_bytes(key)] = None
             return existed
-        keys = list(key)
+        keys = _key_list(key)
         _check_batch(len(keys))
         found = await self.get(keys)
         for k in keys:
