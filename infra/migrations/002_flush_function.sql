@@ -12,12 +12,15 @@ CREATE OR REPLACE FUNCTION do_flush(
 DECLARE
     ok int[];
 BEGIN
+    -- lock every row of the batch's partitions (in a fixed order), then keep those whose
+    -- epoch is still ours: a concurrent epoch bump either waits for this transaction or has
+    -- committed already, and then the locked (latest) row shows the new epoch
     SELECT coalesce(array_agg(s.partition), '{}') INTO ok FROM (
-        SELECT d.partition FROM do_partitions d
-        JOIN unnest(parts, epochs) AS u(p, e) ON d.partition = u.p AND d.epoch = u.e
+        SELECT d.partition, d.epoch FROM do_partitions d
+        WHERE d.partition = ANY(parts)
         ORDER BY d.partition
-        FOR SHARE OF d
-    ) s;
+        FOR SHARE
+    ) s JOIN unnest(parts, epochs) AS u(p, e) ON s.partition = u.p AND s.epoch = u.e;
     IF cardinality(ok) <> cardinality(parts) THEN
         RETURN ok;
     END IF;

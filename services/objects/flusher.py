@@ -89,6 +89,8 @@ class Flusher:
             try:
                 await self._commit(batch)
             except _Fenced as fenced:
+                stale = {item[0]._instance.partition: item[0]._instance.epoch for item in batch
+                         if item[0]._instance.partition in fenced.partitions}
                 keep = []
                 for item in batch:
                     storage = item[0]
@@ -98,8 +100,11 @@ class Flusher:
                             "the write was not committed"))
                     else:
                         keep.append(item)
-                for p in fenced.partitions:
-                    self.worker.step_down(p, "fenced: its epoch was superseded")
+                for p, epoch in stale.items():
+                    # a slow batch may be fenced on an epoch we already stepped down from and
+                    # re-acquired since: only the ownership it was written under steps down
+                    if self.worker.ownership.epochs.get(p) == epoch:
+                        self.worker.step_down(p, "fenced: its epoch was superseded")
                 batch = keep
                 continue
             except Exception as exc:  # noqa: BLE001 - any commit failure resets the objects involved

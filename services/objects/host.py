@@ -78,6 +78,12 @@ def _parse_rpc_payload(payload: Any) -> tuple[list[Any], dict[str, Any]]:
     raise InvalidRequest(f"rpc payload must be a list of args or a map with args/kwargs, not {type(payload).__name__}")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool connections only run our own statements and never change session state (the
+    advisory locks live on the ownership connection), so the default reset query, a round
+    trip on every release, is skipped."""
+
+
 def _header(headers: dict[str, str], name: str) -> str | None:
     """A header by name, case-insensitively (NATS keeps the case the publisher used)."""
     value = headers.get(name)
@@ -105,7 +111,7 @@ class Worker:
             for b in config.bindings
         }
         self.parts: dict[int, PartitionState] = {}
-        self.flusher = Flusher(self)
+        self.flusher = Flusher(self, concurrency=settings.flush_concurrency)
         self.ownership = Ownership(settings, self.worker_id, self._on_acquired, self._on_lost)
         self.micro = MicroService(self)
         self.nc: nats.NATS
@@ -120,7 +126,8 @@ class Worker:
     async def start(self) -> None:
         self.nc = await nats.connect(self.settings.nats_url, name=f"durable-worker:{self.worker_id}",
                                      max_reconnect_attempts=-1, pending_size=8 * 1024 * 1024)
-        self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=8)
+        self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=8,
+                                              reset=_keep_session)
         async with self.pool.acquire() as conn:
             await db.apply_schema(conn, self.settings.partitions)
             await db.apply_class_migrations(conn, self.config)

@@ -28,9 +28,13 @@ from ..core.settings import Settings
 log = logging.getLogger("durable.ownership")
 
 _TRY_LOCK = "SELECT p FROM unnest($2::int[]) AS p WHERE pg_try_advisory_lock($1, p)"
+#: rows are locked in partition order, the order flushes take their FOR SHARE locks in, so a
+#: bump and a flush never deadlock
 _BUMP = """
 UPDATE do_partitions SET epoch = epoch + 1, owner = $2, acquired_at = now()
-WHERE partition = ANY($1::int[]) RETURNING partition, epoch
+WHERE partition IN (SELECT partition FROM do_partitions WHERE partition = ANY($1::int[])
+                    ORDER BY partition FOR NO KEY UPDATE)
+RETURNING partition, epoch
 """
 
 
@@ -92,9 +96,12 @@ class Ownership:
                                              self.worker_id)
                     self.lease_deadline = sent + self.settings.lease_ttl * 0.8
                     await self._acquire()
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("lock session failed (%s: %s); stepping down from all partitions",
-                            type(exc).__name__, exc)
+            except Exception as exc:  # noqa: BLE001 - the lease loop must outlive any single failure
+                if self.epochs:
+                    log.warning("lock session failed (%s: %s); stepping down from all partitions",
+                                type(exc).__name__, exc)
+                else:
+                    log.debug("lock session unavailable: %s: %s", type(exc).__name__, exc)
                 await self._lose_all("lock session failed")
             await self._sleep_watching(interval)
 
@@ -125,7 +132,13 @@ class Ownership:
             raise
         for partition, epoch in sorted(rows):
             self.epochs[partition] = epoch
-            await self._on_acquired(partition, epoch)
+            try:
+                await self._on_acquired(partition, epoch)
+            except Exception as exc:  # noqa: BLE001 - e.g. NATS down: give this partition back
+                log.warning("could not start serving partition %d: %s: %s", partition, type(exc).__name__, exc)
+                self.epochs.pop(partition, None)
+                self._on_lost(partition, "could not start serving")
+                await self._unlock_now([partition])
 
     async def _unlock(self, partitions: list[int]) -> None:
         async with self._conn_lock:
