@@ -145,11 +145,12 @@ async def test_stub_traffic_matches_schemas(worker: Worker, env: Env, tap: NatsC
         ns = env.by_class(namespace)
         assert ns is not None
         ns.id_from_string(oid)  # a valid id of that namespace
-        if oid == anonymous.id.hex:
-            assert headers is None or NAME_HEADER not in headers
-        else:
-            assert headers is not None and headers[NAME_HEADER] == "schemas"
         payload = decode_payload(msg.data, headers)
+        assert headers is None or NAME_HEADER not in headers  # stubs carry the name in the payload
+        if oid == anonymous.id.hex:
+            assert "name" not in payload
+        else:
+            assert payload["name"] == "schemas"
         validate("fetch_request.json" if verb == "fetch" else "rpc_request.json", payload)
         seen[msg.reply] = verb
 

@@ -3,28 +3,27 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import quote
 
 from ..core import codec
 from ..core.config import AppConfig, Binding
 from ..core.errors import UnknownMethod
 from ..core.http import Request, Response
 from ..core.ids import IdFactory, ObjectId, namespace_key
-from .client import NAME_HEADER, Client
+from .client import Client
 
 
 class Stub:
     """A handle on one object. Making it costs nothing; the object is created on first use."""
 
-    __slots__ = ("_client", "_namespace", "id", "_headers", "_subject")
+    __slots__ = ("_client", "_namespace", "id", "_name", "_subject")
 
     def __init__(self, client: Client, namespace: str, object_id: ObjectId) -> None:
         self._client = client
         self._namespace = namespace
         self.id = object_id
         self._subject = client.subject_base(namespace, object_id.hex)
-        # percent-encoded: NATS trims header values and folds line breaks
-        self._headers = {NAME_HEADER: quote(object_id.name, safe="")} if object_id.name is not None else None
+        # the name rides in the payload (a header would cost every request a header block)
+        self._name = object_id.name
 
     @property
     def name(self) -> str | None:
@@ -40,7 +39,9 @@ class Stub:
                 payload["args"] = list(args)
             if kwargs:
                 payload["kwargs"] = kwargs
-            return await self._client.request(self._subject + "rpc." + method, codec.pack(payload), self._headers)
+            if self._name is not None:
+                payload["name"] = self._name
+            return await self._client.request(self._subject + "rpc." + method, codec.pack(payload))
 
         call.__name__ = method
         return call
@@ -48,7 +49,10 @@ class Stub:
     async def fetch(self, request: Request | str, **init: Any) -> Response:
         if isinstance(request, str):
             request = Request(request, **init)
-        reply = await self._client.request(self._subject + "fetch", codec.pack(request.to_wire()), self._headers)
+        wire = request.to_wire()
+        if self._name is not None:
+            wire["name"] = self._name
+        reply = await self._client.request(self._subject + "fetch", codec.pack(wire))
         return Response.from_wire(reply)
 
     def __repr__(self) -> str:

@@ -67,7 +67,7 @@ def _parse_rpc_payload(payload: Any) -> tuple[list[Any], dict[str, Any]]:
     if isinstance(payload, list):
         return payload, {}
     if isinstance(payload, dict):
-        unknown = set(payload) - {"args", "kwargs"}
+        unknown = set(payload) - {"args", "kwargs", "name"}
         if unknown:
             raise InvalidRequest(f"rpc payload has unknown fields {sorted(unknown)}; expected 'args' and/or "
                                  "'kwargs'")
@@ -76,6 +76,18 @@ def _parse_rpc_payload(payload: Any) -> tuple[list[Any], dict[str, Any]]:
             raise InvalidRequest("rpc payload: 'args' must be a list and 'kwargs' a map of str keys")
         return args, kwargs
     raise InvalidRequest(f"rpc payload must be a list of args or a map with args/kwargs, not {type(payload).__name__}")
+
+
+def _claimed_name(payload: Any, headers: dict[str, str]) -> str | None:
+    """The name the caller made the id from: ``name`` in the payload (stubs), or the
+    percent-encoded ``Do-Name`` header (raw publishers). Checked against the id later."""
+    if isinstance(payload, dict) and "name" in payload:
+        name = payload["name"]
+        if not isinstance(name, str):
+            raise InvalidRequest(f"'name' must be a string, not {type(name).__name__}")
+        return name
+    raw = _header(headers, NAME_HEADER)
+    return unquote(raw) if raw is not None else None
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -322,10 +334,9 @@ class Worker:
             if len(msg.data) > self.settings.max_request_bytes:
                 raise PayloadTooLarge(f"request of {len(msg.data)} bytes is over the limit of "
                                       f"{self.settings.max_request_bytes} bytes")
-            raw_name = _header(headers, NAME_HEADER)
-            name = unquote(raw_name) if raw_name is not None else None
-            inst = self._instance(state, namespace, tokens[3], name)
-            handler = self._handler(inst.cls, tokens[4:], codec.loads(msg.data, as_json))
+            payload = codec.loads(msg.data, as_json)
+            inst = self._instance(state, namespace, tokens[3], _claimed_name(payload, headers))
+            handler = self._handler(inst.cls, tokens[4:], payload)
             trace_context = telemetry.extract(headers)
             if trace_context is None:
                 ok, value, seq = await inst.run_event(handler)
