@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     #: How long a caller keeps retrying requests that met no responder (failover window).
     retry_deadline: float = Field(default=10.0, ge=0)
     #: Flush transactions a worker keeps in flight at once (each on its own connection).
-    flush_concurrency: int = Field(default=2, ge=1, le=16)
+    flush_concurrency: int = Field(default=1, ge=1, le=16)
     #: Largest request a worker accepts (the NATS default max_payload is 1 MiB).
     max_request_bytes: int = 1024 * 1024
 

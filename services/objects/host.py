@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -347,7 +348,22 @@ class Worker:
                                 "do.object_id": inst.object_id},
                 ):
                     ok, value, seq = await inst.run_event(handler)
-            await inst.storage.wait_durable(seq)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            await self._finish(state, msg, as_json, namespace, started, False, exc, None)
+            return
+        if inst.storage.is_durable(seq):
+            await self._finish(state, msg, as_json, namespace, started, ok, value, None)
+        else:
+            # the output gate: the flusher sends this reply once the writes before it commit
+            inst.storage.reply_when_durable(
+                seq, functools.partial(self._finish, state, msg, as_json, namespace, started, ok, value))
+
+    async def _finish(self, state: PartitionState, msg: Msg, as_json: bool, namespace: str, started: float,
+                      ok: bool, value: Any, flush_error: BaseException | None) -> None:
+        """Send the reply (or error) of one event, once its writes are durable."""
+        try:
+            if flush_error is not None:
+                raise flush_error
             if not ok:
                 raise value
             try:
