@@ -35,6 +35,11 @@ class _Fenced(Exception):
         self.partitions = partitions
 
 
+async def _send_replies(replies: list[ReplySender]) -> None:
+    for send in replies:
+        await send(None)
+
+
 class _Lane:
     """One flush pipeline: its own dirty set, one transaction in flight at a time."""
 
@@ -56,6 +61,7 @@ class Flusher:
         self.max_objects = max_objects
         self._lanes = [_Lane() for _ in range(concurrency)]
         self._tasks: list[asyncio.Task[None]] = []
+        self._senders: set[asyncio.Task[None]] = set()
         self.commits = 0
         self.rows = 0
 
@@ -126,8 +132,11 @@ class Flusher:
             replies: list[ReplySender] = []
             for storage, _, _, seq in batch:
                 replies.extend(storage.flushed(seq))
-            for send in replies:
-                await send(None)
+            if replies:
+                # sent by a task of their own, so the next flush starts at once
+                task = asyncio.get_running_loop().create_task(_send_replies(replies))
+                self._senders.add(task)
+                task.add_done_callback(self._senders.discard)
             return
 
     async def _commit(self, batch: list[BatchItem]) -> None:
