@@ -125,8 +125,10 @@ class Client:
         """Send one request to a partition subject, retrying only what provably did not run."""
         timeout = timeout or self.settings.request_timeout
         guard = current_event.get()
-        reopened = await guard.before_outgoing() if guard is not None else False
+        reopened = False
         try:
+            if guard is not None:
+                reopened = await guard.before_outgoing()
             try:
                 return await self._attempt(subject, payload, headers, timeout)
             except _Retry:

@@ -62,6 +62,7 @@ class Flusher:
         self._lanes = [_Lane() for _ in range(concurrency)]
         self._tasks: list[asyncio.Task[None]] = []
         self._senders: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[str, asyncio.Event] = {}
         self.commits = 0
         self.rows = 0
 
@@ -73,6 +74,11 @@ class Flusher:
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run(lane), name=f"flusher-{i}")
                        for i, lane in enumerate(self._lanes)]
+
+    async def replies_sent(self) -> None:
+        """Wait for the reply senders of flushes that already committed."""
+        while self._senders:
+            await asyncio.gather(*list(self._senders), return_exceptions=True)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -100,7 +106,26 @@ class Flusher:
                 taken.append((storage, *item))
         return taken
 
+    async def settled(self, object_id: str) -> None:
+        """Wait until no flush of ``object_id`` is in flight. A new instance of an object waits
+        for the last batch of the instance before it, so it never reads around that write."""
+        event = self._in_flight.get(object_id)
+        if event is not None:
+            await event.wait()
+
     async def _flush(self, batch: list[BatchItem]) -> None:
+        events = {}
+        for storage, *_ in batch:
+            events[storage._object_id] = self._in_flight[storage._object_id] = asyncio.Event()
+        try:
+            await self._flush_batch(batch)
+        finally:
+            for object_id, event in events.items():
+                if self._in_flight.get(object_id) is event:
+                    del self._in_flight[object_id]
+                event.set()
+
+    async def _flush_batch(self, batch: list[BatchItem]) -> None:
         while batch:
             try:
                 await self._commit(batch)

@@ -140,7 +140,7 @@ class Worker:
         self.nc = await nats.connect(self.settings.nats_url, name=f"durable-worker:{self.worker_id}",
                                      max_reconnect_attempts=-1, pending_size=8 * 1024 * 1024)
         self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=8,
-                                              reset=_keep_session)
+                                              reset=_keep_session, command_timeout=self.settings.lease_ttl)
         async with self.pool.acquire() as conn:
             await db.apply_schema(conn, self.settings.partitions)
             await db.apply_class_migrations(conn, self.config)
@@ -167,14 +167,15 @@ class Worker:
             self._sweeper.cancel()
         for state in list(self.parts.values()):
             if state.sub is not None:
+                sub, state.sub = state.sub, None
                 try:
-                    await state.sub.unsubscribe()
+                    await sub.drain()  # requests already delivered to us are still handled
                 except Exception:  # noqa: BLE001 - connection may be gone already
                     pass
-                state.sub = None
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and (self._tasks or self._unflushed()):
             await asyncio.sleep(0.01)
+        await self.flusher.replies_sent()
         await self.flusher.stop()
         await self.ownership.stop()
         await self.micro.stop()
@@ -258,8 +259,10 @@ class Worker:
         inst = state.instances.get(oid)
         if inst is not None and inst.namespace == namespace:
             # a live object: still check a claimed name (cheap when it is the name it was made from)
-            if name is not None and name != inst.ctx.id.name and not self.ids[namespace].name_matches(oid, name):
-                raise InvalidRequest(f"{NAME_HEADER} {name!r} is not the name of object {oid}")
+            if name is not None and name != inst.ctx.id.name:
+                if not self.ids[namespace].name_matches(oid, name):
+                    raise InvalidRequest(f"{NAME_HEADER} {name!r} is not the name of object {oid}")
+                inst.ctx.id.name = name  # woken by a nameless request first; now we know it
             return inst
         if partition_of(oid, self.settings.partitions) != state.partition:
             # a raw publisher picked the wrong partition: serving it here could give the object
@@ -353,6 +356,10 @@ class Worker:
             return
         if inst.storage.is_durable(seq):
             await self._finish(state, msg, as_json, namespace, started, ok, value, None)
+        elif inst.storage.closed is not None:
+            # reset before its writes were durable (abort, failed flush): nothing will flush them
+            error = ObjectReset(f"Durable Object was reset before its writes were durable: {inst.storage.closed}")
+            await self._finish(state, msg, as_json, namespace, started, ok, value, error)
         else:
             # the output gate: the flusher sends this reply once the writes before it commit
             inst.storage.reply_when_durable(
@@ -410,7 +417,10 @@ class Worker:
             for state in list(self.parts.values()):
                 for inst in list(state.instances.values()):
                     if inst.idle and now - inst.last_active >= self.settings.idle_timeout:
-                        self.drop_instance(inst)
+                        # fail, not just forget: a task the object left running must not
+                        # write next to the instance that replaces it
+                        inst.fail(ObjectReset("Durable Object was evicted after being idle; "
+                                              "this instance can no longer be used"))
 
     def live_objects(self) -> int:
         return sum(len(s.instances) for s in self.parts.values())

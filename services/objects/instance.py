@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.context import current_event
-from ..core.errors import ObjectReset
+from ..core.errors import NotOwner, ObjectReset, RemoteError
 from ..core.ids import ObjectId
 from .storage import Storage
 
@@ -64,17 +64,35 @@ class EventGuard:
         self.task = asyncio.current_task()
 
     async def before_outgoing(self) -> bool:
+        """The output gate first (the turn is still held, so nothing else runs meanwhile), then
+        open the input gate. Returns whether the gate was opened."""
         inst = self.instance
+        inst.check()
+        inst.check_owner()
+        await inst.storage.wait_durable(inst.storage.write_seq)
         reopen = inst.blocking == 0 and asyncio.current_task() is self.task and inst.turn.locked()
         if reopen:
             inst.turn.release()
-        await inst.storage.wait_durable(inst.storage.write_seq)
         return reopen
 
     async def after_outgoing(self, reopened: bool) -> None:
         if reopened:
-            await self.instance.turn.acquire()
+            await _reacquire(self.instance.turn)
             self.instance.check()
+
+
+async def _reacquire(lock: asyncio.Lock) -> None:
+    """Take the turn back even if cancelled meanwhile: the event must hold it when it ends
+    (asyncio locks have no owner, so releasing one we do not hold would free another event)."""
+    acquiring = asyncio.ensure_future(lock.acquire())
+    cancelled = False
+    while not acquiring.done():
+        try:
+            await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 class Instance:
@@ -102,6 +120,11 @@ class Instance:
     def check(self) -> None:
         if self.broken is not None:
             raise ObjectReset(f"Durable Object was reset: {self.broken}")
+
+    def check_owner(self) -> None:
+        """A lapsed lease: this instance may be stale; it must not act (nothing ran yet)."""
+        if not self.host.ownership.owns(self.partition, self.epoch):
+            raise NotOwner(f"this worker no longer holds the lease on partition {self.partition}")
 
     async def run_blocking(self, fn: Callable[[], Awaitable[Any]]) -> Any:
         self.blocking += 1
@@ -145,12 +168,22 @@ class Instance:
         try:
             async with self.turn:
                 self.check()
-                if self.obj is None:
-                    await self._start()
+                self.check_owner()
+                # the guard is set before the constructor runs: outgoing calls made by its
+                # block_concurrency_while wait for the output gate too
                 token = current_event.set(EventGuard(self))
                 try:
+                    if self.obj is None:
+                        await self.host.flusher.settled(self.object_id)
+                        await self._start()
                     result = await handler(self.obj)
                     return True, result, self.storage.write_seq
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # the event itself is being cancelled (shutdown)
+                    error = RemoteError("the handler was cancelled", remote_type="CancelledError")
+                    return False, error, self.storage.write_seq
                 except Exception as exc:  # noqa: BLE001 - an ordinary handler error fails only this call
                     return False, exc, self.storage.write_seq
                 finally:

@@ -57,6 +57,11 @@ class Ownership:
         #: which partitions this worker should try to hold (balancing hooks in here)
         self.desired: Callable[[], Iterable[int]] = lambda: range(settings.partitions)
 
+    def _call_timeout(self) -> float:
+        """Client-side bound of one lock-session call: what is left of the lease, at least 0.5 s."""
+        left = self.lease_deadline - time.monotonic() if self.epochs else self.settings.lease_ttl * 0.8
+        return max(0.5, left)
+
     def lease_valid(self) -> bool:
         return time.monotonic() < self.lease_deadline
 
@@ -92,8 +97,10 @@ class Ownership:
                     if self._conn is None or self._conn.is_closed():
                         self._conn = await self._open()
                     sent = time.monotonic()
+                    # a black-holed connection must not outlive the lease: statement_timeout
+                    # only works while the server hears us
                     await self._conn.execute("UPDATE do_workers SET last_seen = now() WHERE worker_id = $1",
-                                             self.worker_id)
+                                             self.worker_id, timeout=self._call_timeout())
                     self.lease_deadline = sent + self.settings.lease_ttl * 0.8
                     await self._acquire()
             except Exception as exc:  # noqa: BLE001 - the lease loop must outlive any single failure
@@ -122,11 +129,12 @@ class Ownership:
         wanted = [p for p in self.desired() if p not in self.epochs]
         if not wanted:
             return
-        got = [r[0] for r in await self._conn.fetch(_TRY_LOCK, self.settings.deployment_key, wanted)]
+        got = [r[0] for r in await self._conn.fetch(_TRY_LOCK, self.settings.deployment_key, wanted,
+                                                   timeout=self._call_timeout())]
         if not got:
             return
         try:
-            rows = await self._conn.fetch(_BUMP, got, self.worker_id)
+            rows = await self._conn.fetch(_BUMP, got, self.worker_id, timeout=self._call_timeout())
         except BaseException:
             await self._unlock_now(got)
             raise
@@ -178,6 +186,7 @@ class Ownership:
     async def stop(self) -> None:
         """Release everything (after the worker drained its partitions)."""
         self._stopping = True
+        self.lease_deadline = 0.0  # nothing may be sent under a lease we are about to give up
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -126,6 +126,8 @@ class Storage:
         self._cache: dict[bytes, bytes | None] = {}
         #: the cache holds every key (after delete_all or a full list)
         self._complete = False
+        #: bumped by delete_all(), so reads that were in flight across it are discarded
+        self._generation = 0
         self._pending: dict[bytes, bytes | None] = {}
         self._pending_delete_all = False
         self._write_seq = 0
@@ -147,8 +149,11 @@ class Storage:
         missing = [k for k in keys if k not in self._cache]
         if not missing or self._complete:
             return
+        generation = self._generation
         rows = await self._instance.host.read_keys(self._object_id, missing)
         self._check_open()
+        if generation != self._generation:
+            return  # delete_all() ran meanwhile: these rows are gone, and the cache is complete
         found = {bytes(r[0]): bytes(r[1]) for r in rows}
         for k in missing:
             if k not in self._cache:  # a write may have landed while we waited
@@ -185,11 +190,13 @@ class Storage:
         if not self._complete:
             hidden = sum(1 for k, v in self._cache.items() if v is None and rng.contains(k))
             db_limit = None if rng.limit is None else rng.limit + hidden
+            generation = self._generation
             rows = await self._instance.host.read_range(self._object_id, rng.lo, rng.hi, rng.reverse, db_limit)
             self._check_open()
-            for k, v in rows:
+            fresh = generation == self._generation  # else delete_all() ran: the cache alone is the truth
+            for k, v in rows if fresh else ():
                 merged[bytes(k)] = bytes(v)
-            if rng.lo == b"" and rng.hi is None and rng.limit is None:
+            if fresh and rng.lo == b"" and rng.hi is None and rng.limit is None:
                 # a full listing: from now on the cache knows every key
                 for k, v in merged.items():
                     self._cache.setdefault(k, v)
@@ -250,6 +257,7 @@ class Storage:
             raise StorageError("Cannot call delete_all() within a transaction")
         self._cache.clear()
         self._pending.clear()
+        self._generation += 1
         self._complete = True
         self._pending_delete_all = True
         self._write_seq += 1
