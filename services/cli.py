@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import shutil
 import signal
 import sys
 from collections.abc import Iterator
 
+import asyncpg
 import uvicorn
 from pydantic import ValidationError
 
@@ -59,7 +62,37 @@ async def _serve_router(settings: Settings, config: AppConfig, stop: asyncio.Eve
     await task
 
 
-async def _dev(reset: bool) -> None:
+async def _spawn_worker(settings: Settings) -> asyncio.subprocess.Process:
+    env = {**os.environ, "DURABLE_NATS_URL": settings.nats_url, "DURABLE_DATABASE_URL": settings.database_url,
+           "DURABLE_CONFIG_FILE": str(settings.config_file.resolve()), "DURABLE_WORKER_NAME": ""}
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.cli", "worker", env=env,
+                                                start_new_session=True)
+
+
+async def _stop_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _wait_balanced(worker: object, workers: int, timeout: float = 30.0) -> None:
+    """Until this worker sees all the others and holds just its share."""
+    from .objects.host import Worker  # noqa: PLC0415
+
+    assert isinstance(worker, Worker)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if len(worker.ownership.live) >= workers and set(worker.parts) == worker.ownership.desired():
+            return
+        await asyncio.sleep(0.1)
+
+
+async def _dev(reset: bool, workers: int) -> None:
     settings, config = _load({})
     config.load_classes()  # an unimportable class stops start-up here, with its binding named
     data = settings.data_dir
@@ -85,8 +118,14 @@ async def _dev(reset: bool) -> None:
         await worker.start()
         stack.push_async_callback(worker.stop)
         await worker.wait_ready(30)
-        print(f"worker          {worker.worker_id}  ({len(worker.parts)} partitions, "
-              f"classes: {', '.join(sorted(worker.classes))})")
+        print(f"worker          {worker.worker_id}  (classes: {', '.join(sorted(worker.classes))})")
+        for _ in range(workers - 1):
+            proc = await _spawn_worker(settings)
+            stack.push_async_callback(_stop_process, proc)
+            print(f"worker          pid {proc.pid}  (a separate process)")
+        if workers > 1:
+            await _wait_balanced(worker, workers)
+        print(f"partitions      {settings.partitions}, this process owns {len(worker.parts)}")
         print(f"router          http://{settings.http_host}:{settings.http_port}")
         print(f"ready. try:  curl -X POST http://127.0.0.1:{settings.http_port}/counter/demo/increment"
               "   (Ctrl-C stops)", flush=True)
@@ -129,13 +168,35 @@ def _print_id(target: str, name: str) -> None:
     raise ConfigError(f"{settings.config_file}: no binding or class named {target!r}")
 
 
+async def _status(as_json: bool) -> None:
+    from . import status  # noqa: PLC0415
+
+    settings, _ = _load({})
+    # with nothing configured, look at what `durable dev` runs
+    overrides: dict[str, object] = {}
+    if not settings.nats_url:
+        overrides["nats_url"] = f"nats://127.0.0.1:{settings.nats_port}"
+    if not settings.database_url:
+        overrides["database_url"] = f"postgresql://postgres@127.0.0.1:{settings.postgres_port}/postgres"
+    settings = settings.model_copy(update=overrides)
+    try:
+        result = await status.collect(settings)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ConfigError(f"cannot reach Postgres at {settings.database_url}: {exc}") from None
+    print(json.dumps(result, indent=2) if as_json else status.render(result))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="durable", description="Durable Objects on NATS and PostgreSQL")
     sub = parser.add_subparsers(dest="command", required=True)
     dev = sub.add_parser("dev", help="run NATS, Postgres, a worker and the router locally")
     dev.add_argument("--reset", action="store_true", help="wipe the local data (.durable/) first")
+    dev.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="run N workers (one in this process, N-1 as child processes)")
     sub.add_parser("worker", help="run an object host against DURABLE_NATS_URL / DURABLE_DATABASE_URL")
     sub.add_parser("router", help="run the HTTP router against DURABLE_NATS_URL")
+    status_cmd = sub.add_parser("status", help="workers, their partitions and epochs, live objects")
+    status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     id_cmd = sub.add_parser("id", help="print the id of a named object, e.g. `durable id Counter demo`")
     id_cmd.add_argument("target", help="binding (COUNTERS) or class (Counter)")
     id_cmd.add_argument("name")
@@ -146,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.configure_from_env(f"durable-{args.command}")
     try:
         if args.command == "dev":
-            asyncio.run(_dev(args.reset))
+            asyncio.run(_dev(args.reset, args.workers))
         elif args.command == "worker":
             asyncio.run(_worker())
+        elif args.command == "status":
+            asyncio.run(_status(args.json))
         elif args.command == "id":
             _print_id(args.target, args.name)
         else:

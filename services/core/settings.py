@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     #: Fixed per deployment: changing it moves almost every object (a migration, not a setting).
     partitions: int = Field(default=256, ge=1, le=65536)
     #: First key of the two-int advisory lock, so several deployments can share one database.
-    deployment_key: int = Field(default=0x0D0B, ge=-(2**31), le=2**31 - 1)
+    deployment_key: int = Field(default=0x0D0B, ge=0, le=2**31 - 1)
     #: Secret that keys object ids; ids from one secret are rejected under another.
     id_secret: str = "durable-dev-secret"
 

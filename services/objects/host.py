@@ -60,6 +60,12 @@ class PartitionState:
     epoch: int
     sub: Subscription | None = None
     instances: dict[str, Instance] = field(default_factory=dict)
+    #: requests received and not yet through run_event (a hand-over waits for them)
+    pending: int = 0
+
+    def busy(self) -> bool:
+        return self.pending > 0 or any(i.inflight or (i.storage.has_unflushed and i.broken is None)
+                                       for i in self.instances.values())
 
 
 def _parse_rpc_payload(payload: Any) -> tuple[list[Any], dict[str, Any]]:
@@ -125,7 +131,7 @@ class Worker:
         }
         self.parts: dict[int, PartitionState] = {}
         self.flusher = Flusher(self, concurrency=settings.flush_concurrency)
-        self.ownership = Ownership(settings, self.worker_id, self._on_acquired, self._on_lost)
+        self.ownership = Ownership(settings, self.worker_id, self._on_acquired, self._on_lost, self._hand_over)
         self.micro = MicroService(self)
         self.nc: nats.NATS
         self.pool: asyncpg.Pool
@@ -153,13 +159,16 @@ class Worker:
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until the desired partitions are owned and subscribed."""
         deadline = time.monotonic() + timeout
-        want = set(self.ownership.desired())
+        want: set[int] = set()
         while time.monotonic() < deadline:
-            if want <= {p for p, s in self.parts.items() if s.sub is not None}:
+            want = self.ownership.desired()
+            serving = {p for p, s in self.parts.items() if s.sub is not None}
+            if self.ownership.live and want <= serving:
                 await self.nc.flush()
                 return
             await asyncio.sleep(0.02)
-        raise TimeoutError(f"worker owns {len(self.parts)} of {len(want)} partitions after {timeout}s")
+        raise TimeoutError(f"worker owns {len(self.parts)} of the {len(want)} partitions assigned to it "
+                           f"after {timeout}s")
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop taking requests, finish in-flight events, flush, release the partitions."""
@@ -200,6 +209,7 @@ class Worker:
         self.parts[partition] = state
 
         async def on_msg(msg: Msg) -> None:
+            state.pending += 1
             task = asyncio.create_task(self._handle(state, msg))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -232,6 +242,32 @@ class Worker:
             await sub.unsubscribe()
         except Exception:  # noqa: BLE001 - the connection may be gone; the server drops it then
             pass
+
+    async def _hand_over(self, partition: int, grace: float = 5.0) -> None:
+        """Give a partition to the worker it is now assigned to: stop taking its requests,
+        finish the events in flight, flush, then release the lock. Callers meanwhile meet no
+        responder and retry, so they see latency, not errors."""
+        state = self.parts.get(partition)
+        if state is None:
+            return
+        log.info("handing over partition %d", partition)
+        if state.sub is not None:
+            sub, state.sub = state.sub, None
+            try:
+                await sub.drain()
+            except Exception:  # noqa: BLE001 - connection trouble: the lease rules decide then
+                pass
+        deadline = time.monotonic() + grace
+        while state.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await self.flusher.replies_sent()
+        if self.parts.get(partition) is not state:
+            return  # stepped down meanwhile
+        del self.parts[partition]
+        error = ObjectReset(f"partition {partition} was handed over to another worker; retry")
+        for inst in list(state.instances.values()):
+            inst.fail(error)
+        await self.ownership.release(partition)
 
     def step_down(self, partition: int, reason: str) -> None:
         self.ownership.step_down(partition, reason)
@@ -324,6 +360,12 @@ class Worker:
         raise InvalidRequest(f"unknown verb {'.'.join(verb)!r}: expected rpc.<method> or fetch")
 
     async def _handle(self, state: PartitionState, msg: Msg) -> None:
+        try:
+            await self._handle_request(state, msg)
+        finally:
+            state.pending -= 1
+
+    async def _handle_request(self, state: PartitionState, msg: Msg) -> None:
         started = time.perf_counter()
         headers = msg.headers or {}
         as_json = (_header(headers, "Content-Type") or "").lower().startswith(codec.JSON_CONTENT_TYPE)

@@ -19,13 +19,28 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
 from ..core.settings import Settings
+from .balance import assign
 
 log = logging.getLogger("durable.ownership")
+
+SESSION_PREFIX = "durable-owner:"
+#: heartbeats a partition may stay without any owner before a worker it is not assigned to takes it
+ORPHAN_HEARTBEATS = 3
+
+#: live lock sessions of this deployment (in this database) and the partitions locked by anyone
+_LIVE = """
+SELECT application_name AS name, NULL::int AS partition FROM pg_stat_activity
+WHERE datname = current_database() AND application_name LIKE 'durable-owner:' || $1::int || ':%'
+UNION ALL
+SELECT NULL, objid::int FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND classid = $1::int::oid AND objsubid = 2
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
 
 _TRY_LOCK = "SELECT p FROM unnest($2::int[]) AS p WHERE pg_try_advisory_lock($1, p)"
 #: rows are locked in partition order, the order flushes take their FOR SHARE locks in, so a
@@ -42,11 +57,20 @@ class Ownership:
     """The lease of one worker over its partitions."""
 
     def __init__(self, settings: Settings, worker_id: str,
-                 on_acquired: Callable[[int, int], Awaitable[None]], on_lost: Callable[[int, str], None]) -> None:
+                 on_acquired: Callable[[int, int], Awaitable[None]], on_lost: Callable[[int, str], None],
+                 on_handover: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self._on_acquired = on_acquired
         self._on_lost = on_lost
+        self._on_handover = on_handover
+        #: partitions being handed over (drained, then released) by a task of their own
+        self._handing_over: dict[int, asyncio.Task[None]] = {}
+        #: how many consecutive heartbeats each unassigned partition had no owner at all
+        self._orphaned: dict[int, int] = {}
+        #: live workers of this deployment at the last heartbeat, and the resulting assignment
+        self.live: list[str] = []
+        self.assigned: set[int] = set(range(settings.partitions))
         self.epochs: dict[int, int] = {}
         self.lease_deadline = 0.0
         self._conn: asyncpg.Connection | None = None
@@ -54,8 +78,15 @@ class Ownership:
         self._stopping = False
         #: asyncpg connections take one operation at a time
         self._conn_lock = asyncio.Lock()
-        #: which partitions this worker should try to hold (balancing hooks in here)
-        self.desired: Callable[[], Iterable[int]] = lambda: range(settings.partitions)
+
+    @property
+    def session_name(self) -> str:
+        """The lock session's application_name: its presence in pg_stat_activity is liveness."""
+        return f"{SESSION_PREFIX}{self.settings.deployment_key}:{self.worker_id}"[:63]
+
+    def desired(self) -> set[int]:
+        """The partitions this worker should hold now (see balance.py)."""
+        return self.assigned
 
     def _call_timeout(self) -> float:
         """Client-side bound of one lock-session call: what is left of the lease, at least 0.5 s."""
@@ -73,7 +104,7 @@ class Ownership:
         conn = await asyncpg.connect(
             self.settings.database_url, timeout=5, statement_cache_size=0,
             server_settings={
-                "application_name": f"durable-owner:{self.worker_id}"[:63],
+                "application_name": self.session_name,
                 "idle_session_timeout": str(ttl_ms),
                 "statement_timeout": "2000",
                 "client_connection_check_interval": "1000",
@@ -102,6 +133,7 @@ class Ownership:
                     await self._conn.execute("UPDATE do_workers SET last_seen = now() WHERE worker_id = $1",
                                              self.worker_id, timeout=self._call_timeout())
                     self.lease_deadline = sent + self.settings.lease_ttl * 0.8
+                    await self._rebalance()
                     await self._acquire()
             except Exception as exc:  # noqa: BLE001 - the lease loop must outlive any single failure
                 if self.epochs:
@@ -124,9 +156,44 @@ class Ownership:
                 return
             await asyncio.sleep(min(end - now, max(0.01, self.lease_deadline - now), 0.25))
 
+    async def _rebalance(self) -> None:
+        """Recompute the assignment from the live workers; hand over what is no longer ours."""
+        assert self._conn is not None
+        rows = await self._conn.fetch(_LIVE, self.settings.deployment_key, timeout=self._call_timeout())
+        prefix = len(f"{SESSION_PREFIX}{self.settings.deployment_key}:")
+        me = self.session_name[prefix:]
+        live = sorted({r["name"][prefix:] for r in rows if r["name"]} | {me})
+        held = {r["partition"] for r in rows if r["partition"] is not None}
+        if live != self.live:
+            if self.live:
+                log.info("live workers changed: %d -> %d", len(self.live), len(live))
+            self.live = live
+            self.assigned = assign(self.settings.partitions, live).get(me, set())
+        # availability first: a partition nobody has held for a few heartbeats (its assignee is
+        # stuck or disagrees about who is live) is taken by whoever sees it; balance moves it later
+        for p in range(self.settings.partitions):
+            if p in held or p in self.assigned:
+                self._orphaned.pop(p, None)
+            else:
+                self._orphaned[p] = self._orphaned.get(p, 0) + 1
+        for p in sorted(set(self.epochs) - self.assigned):
+            if p not in self._handing_over and self._on_handover is not None and len(live) > 1:
+                self._handing_over[p] = asyncio.get_running_loop().create_task(self._hand_over(p))
+
+    async def _hand_over(self, partition: int) -> None:
+        try:
+            assert self._on_handover is not None
+            await self._on_handover(partition)
+        except Exception as exc:  # noqa: BLE001 - a failed hand-over must not kill anything
+            log.warning("hand-over of partition %d failed: %s: %s", partition, type(exc).__name__, exc)
+        finally:
+            self._handing_over.pop(partition, None)
+
     async def _acquire(self) -> None:
         assert self._conn is not None
-        wanted = [p for p in self.desired() if p not in self.epochs]
+        orphans = {p for p, n in self._orphaned.items() if n >= ORPHAN_HEARTBEATS}
+        wanted = [p for p in sorted(self.desired() | orphans)
+                  if p not in self.epochs and p not in self._handing_over]
         if not wanted:
             return
         got = [r[0] for r in await self._conn.fetch(_TRY_LOCK, self.settings.deployment_key, wanted,
@@ -190,6 +257,9 @@ class Ownership:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        for task in list(self._handing_over.values()):
+            task.cancel()
+        await asyncio.gather(*self._handing_over.values(), return_exceptions=True)
         if self._conn is not None and not self._conn.is_closed():
             await self._unlock_now(sorted(self.epochs))
             try:

@@ -1,0 +1,128 @@
+"""``durable status``: the live cluster as Postgres and the workers' NATS micro endpoints see it.
+
+Workers are the live lock sessions (their presence in ``pg_stat_activity``, the same liveness
+the workers balance on); partitions and epochs come from ``do_partitions``; live objects and
+request counters from each worker's ``$SRV.STATS`` reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+import nats
+
+from .core.settings import Settings
+from .objects.ownership import SESSION_PREFIX
+
+_WORKERS = """
+SELECT a.application_name AS session, w.worker_id, w.host, w.pid, w.started_at, w.last_seen
+FROM pg_stat_activity a
+LEFT JOIN do_workers w ON a.application_name = left($1 || w.worker_id, 63)
+WHERE a.datname = current_database() AND a.application_name LIKE $1 || '%'
+ORDER BY a.application_name
+"""
+
+
+def _ranges(numbers: list[int]) -> str:
+    """0,1,2,5,7,8 -> '0-2,5,7-8'."""
+    out: list[str] = []
+    for n in sorted(numbers):
+        if out and n == int(out[-1].split("-")[-1]) + 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{n}"
+        else:
+            out.append(str(n))
+    return ",".join(out)
+
+
+async def _micro_stats(nats_url: str, wait: float = 0.5) -> list[dict[str, Any]]:
+    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SRV.STATS.durable", b"", reply=inbox)
+        replies: list[dict[str, Any]] = []
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait
+        while (left := end - loop.time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except nats.errors.TimeoutError:
+                break
+            replies.append(json.loads(msg.data))
+        return replies
+    finally:
+        await nc.close()
+
+
+async def collect(settings: Settings) -> dict[str, Any]:
+    prefix = f"{SESSION_PREFIX}{settings.deployment_key}:"
+    conn = await asyncpg.connect(settings.database_url, timeout=5)
+    try:
+        workers = [dict(r) for r in await conn.fetch(_WORKERS, prefix)]
+        partitions = [dict(r) for r in await conn.fetch(
+            "SELECT partition, epoch, owner FROM do_partitions ORDER BY partition")]
+        held = {r[0] for r in await conn.fetch(
+            "SELECT objid::int FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = $1::int::oid "
+            "AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            settings.deployment_key)}
+    finally:
+        await conn.close()
+    try:
+        stats = await _micro_stats(settings.nats_url)
+    except Exception as exc:  # noqa: BLE001 - Postgres alone still tells most of the story
+        stats = []
+        nats_error: str | None = f"{type(exc).__name__}: {exc}"
+    else:
+        nats_error = None
+    by_worker = {s.get("metadata", {}).get("worker_id"): s for s in stats}
+    out_workers = []
+    for w in workers:
+        worker_id = w["worker_id"] or w["session"][len(prefix):]
+        owned = [p["partition"] for p in partitions if p["owner"] == worker_id and p["partition"] in held]
+        s = by_worker.get(worker_id, {})
+        endpoints = s.get("endpoints", [])
+        requests = sum(e["num_requests"] for e in endpoints)
+        busy_ns = sum(e["processing_time"] for e in endpoints)
+        out_workers.append({
+            "worker_id": worker_id, "host": w["host"], "pid": w["pid"],
+            "started_at": w["started_at"].isoformat() if w["started_at"] else None,
+            "partitions": owned,
+            "epochs": {str(p["partition"]): p["epoch"] for p in partitions if p["partition"] in owned},
+            "live_objects": int(s.get("metadata", {}).get("live_objects", 0)) if s else None,
+            "requests": requests if s else None,
+            "errors": sum(e["num_errors"] for e in endpoints) if s else None,
+            "avg_latency_ms": round(busy_ns / requests / 1e6, 3) if requests else None,
+        })
+    return {
+        "partitions_total": settings.partitions,
+        "partitions_owned": len(held),
+        "unowned_partitions": sorted(set(range(settings.partitions)) - held),
+        "workers": out_workers,
+        "nats_error": nats_error,
+    }
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = [f"durable status: {len(status['workers'])} worker(s), "
+             f"{status['partitions_owned']}/{status['partitions_total']} partitions owned"]
+    header = f"{'WORKER':<36} {'HOST':<14} {'PID':>7} {'PARTS':>5} {'OBJECTS':>7} {'REQUESTS':>9} " \
+             f"{'ERRORS':>6} {'AVG MS':>7}"
+    lines.append(header)
+    for w in status["workers"]:
+        def show(v: Any) -> str:
+            return "-" if v is None else str(v)
+        lines.append(f"{w['worker_id'][:36]:<36} {show(w['host'])[:14]:<14} {show(w['pid']):>7} "
+                     f"{len(w['partitions']):>5} {show(w['live_objects']):>7} {show(w['requests']):>9} "
+                     f"{show(w['errors']):>6} {show(w['avg_latency_ms']):>7}")
+    for w in status["workers"]:
+        epochs = sorted(set(w["epochs"].values()))
+        span = f"epochs {epochs[0]}..{epochs[-1]}" if epochs else "no epochs"
+        lines.append(f"  {w['worker_id'][:36]}: partitions {_ranges(w['partitions']) or '-'} ({span})")
+    if status["unowned_partitions"]:
+        lines.append(f"unowned partitions: {_ranges(status['unowned_partitions'])}")
+    if status["nats_error"]:
+        lines.append(f"(NATS unreachable, no live-object counts: {status['nats_error']})")
+    return "\n".join(lines)
