@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     retry_deadline: float = Field(default=10.0, ge=0)
     #: Flush transactions a worker keeps in flight at once (each on its own connection).
     flush_concurrency: int = Field(default=1, ge=1, le=16)
+    #: Record (partition, epoch, worker, time) of every commit in do_commit_audit (fault tests).
+    audit_commits: bool = False
     #: Largest request a worker accepts (the NATS default max_payload is 1 MiB).
     max_request_bytes: int = 1024 * 1024
 

@@ -116,7 +116,7 @@ class Worker:
     """An object host. Use as an async context manager; ``stop()`` hands everything over cleanly."""
 
     def __init__(self, settings: Settings, config: AppConfig, classes: dict[str, type] | None = None,
-                 audit_commits: bool = False) -> None:
+                 audit_commits: bool | None = None) -> None:
         self.settings = settings
         self.config = config
         self.classes = classes if classes is not None else config.load_classes()
@@ -124,7 +124,7 @@ class Worker:
             if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
                 raise TypeError(f"{name}: object classes must subclass DurableObject")
         self.worker_id = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.audit_commits = audit_commits
+        self.audit_commits = settings.audit_commits if audit_commits is None else audit_commits
         self.ids = {
             b.class_name: IdFactory(b.class_name, namespace_key(settings.id_secret, b.identity))
             for b in config.bindings
