@@ -191,3 +191,167 @@ class Lifecycle(DurableObject):
 
     async def raise_plain(self) -> None:
         raise LookupError("an ordinary handler error")
+
+
+# ----- edge cases (tests/test_edge_cases.py) --------------------------------------------------
+
+
+async def _until(condition: Any, what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition()`` from inside a handler (a plain await: the input gate stays closed)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+class Edge(DurableObject):
+    """Drives the edge cases of tests/test_edge_cases.py. Those tests run the worker in the test's
+    process and event loop, so they steer an object through ``Edge.event(tag)`` and read what it
+    noted in ``Edge.notes[tag]`` (tags are unique per test)."""
+
+    events: dict[str, asyncio.Event] = {}
+    notes: dict[str, list[Any]] = {}
+    timeouts: dict[str, asyncio.Timeout] = {}
+
+    @classmethod
+    def event(cls, tag: str) -> asyncio.Event:
+        return cls.events.setdefault(tag, asyncio.Event())
+
+    @classmethod
+    def note(cls, tag: str, what: Any) -> None:
+        cls.notes.setdefault(tag, []).append(what)
+
+    async def ping(self) -> str:
+        return "pong"
+
+    async def get(self, key: str) -> Any:
+        return await self.ctx.storage.get(key)
+
+    async def put(self, key: str, value: Any) -> None:
+        await self.ctx.storage.put(key, value)
+
+    async def incr(self, key: str, tag: str | None = None) -> int:
+        if tag is not None:
+            Edge.note(tag, "incr entered")
+        value = (await self.ctx.storage.get(key) or 0) + 1
+        await self.ctx.storage.put(key, value)
+        return value
+
+    async def put_then_abort(self, key: str, value: Any, once_in_flight: bool = False) -> None:
+        """Put, then ctx.abort(): at once (the write is dropped) or once its flush is in flight."""
+        await self.ctx.storage.put(key, value)
+        if once_in_flight:
+            await _until(lambda: self.ctx.storage._inflight, "the flush of the put")
+        self.ctx.abort("aborted by the test")
+
+    async def put_then_wait_for_reset(self, key: str, value: Any) -> str:
+        """Put, then wait (no outgoing call) until the object is reset under this running event."""
+        await self.ctx.storage.put(key, value)
+        await _until(lambda: self.ctx.storage.closed is not None, "the reset of the object")
+        return "finished after the reset"
+
+    async def put_then_call(self, key: str, value: Any, other: str) -> Any:
+        """Put, then call another object: the call waits at the output gate for the put."""
+        await self.ctx.storage.put(key, value)
+        return await self.env.EDGES.get_by_name(other).ping()
+
+    async def rmw_across_a_cancelled_call(self, tag: str, other: str) -> int:
+        """A call cancelled while it waits at the output gate, then a read-modify-write of "n"
+        that waits for the test in the middle: no other event may run meanwhile."""
+        await self.ctx.storage.put("marker", tag)  # not durable while the test blocks the flush
+        try:
+            async with asyncio.timeout(0.05):
+                await self.env.EDGES.get_by_name(other).ping()
+        except TimeoutError:
+            Edge.note(tag, "call cancelled")
+        value = (await self.ctx.storage.get("n") or 0) + 1
+        await Edge.event(tag).wait()
+        await self.ctx.storage.put("n", value)
+        return value
+
+    async def wait_for(self, tag: str) -> str:
+        Edge.note(tag, "callee waiting")
+        await Edge.event(tag).wait()
+        return "released"
+
+    async def call_then_time_out(self, tag: str, other: str) -> str:
+        """Call ``other.wait_for`` (the input gate is open meanwhile) under a timeout that the test
+        fires while this event waits to close the gate again; note how many events were holding
+        this object when the timeout reached the handler."""
+        try:
+            async with asyncio.timeout(None) as timeout:
+                Edge.timeouts[tag] = timeout
+                await self.env.EDGES.get_by_name(other).wait_for(f"{tag}-callee")
+        except TimeoutError:
+            Edge.note(tag, ("timed out while holding", getattr(self, "holding", 0)))
+        return "done"
+
+    async def hold(self, tag: str) -> str:
+        """Hold the input gate (a plain await) until the test sets ``{tag}-hold``."""
+        self.holding = getattr(self, "holding", 0) + 1
+        Edge.note(tag, "holding")
+        try:
+            await Edge.event(f"{tag}-hold").wait()
+        finally:
+            self.holding -= 1
+        return "held"
+
+    async def committed(self, tag: str, object_id: str, key: str) -> bool:
+        """Whether another object's ``key`` is committed in Postgres (read past its storage API)."""
+        Edge.note(tag, "registry called")
+        async with self.ctx._instance.host.pool.acquire() as conn:
+            found = await conn.fetchval("SELECT count(*) FROM do_storage WHERE object_id = $1 AND key = $2",
+                                        object_id, key.encode())
+        return bool(found)
+
+    async def read_racing_delete_all(self, key: str, op: str) -> dict[str, Any]:
+        """A cache-missing get(key) or list() that is still reading Postgres when delete_all() runs;
+        then what get and list answer."""
+        storage = self.ctx.storage
+        read = storage.get(key) if op == "get" else storage.list()
+        await asyncio.gather(read, storage.delete_all())
+        return {"get": await storage.get(key), "list": await storage.list()}
+
+    async def spawn_late_put(self, tag: str, key: str, value: Any) -> None:
+        """Leave a task behind that puts once the test sets ``tag``, and notes what became of the
+        write: "put accepted" then "durable", or the name of the error it met."""
+
+        async def late() -> None:
+            await Edge.event(tag).wait()
+            try:
+                await self.ctx.storage.put(key, value)
+                Edge.note(tag, "put accepted")
+                await self.ctx.storage.sync()
+            except Exception as exc:  # noqa: BLE001 - noted for the test
+                Edge.note(tag, type(exc).__name__)
+            else:
+                Edge.note(tag, "durable")
+
+        self._late = asyncio.create_task(late())
+
+    async def put_when(self, tag: str, entries: dict[str, Any]) -> None:
+        """Note "waiting", wait (holding the input gate) until the test sets ``tag``, then put
+        ``entries`` as one batch."""
+        Edge.note(tag, "waiting")
+        await Edge.event(tag).wait()
+        await self.ctx.storage.put(entries)
+
+
+class Booter(DurableObject):
+    """Its constructor's block_concurrency_while writes, then calls an Edge that looks in Postgres
+    for that write: the output gate lets the call out only once the write is committed."""
+
+    def __init__(self, ctx: Any, env: Any) -> None:
+        super().__init__(ctx, env)
+        self.registry_saw_the_write: Any = None
+        ctx.block_concurrency_while(self._boot)
+
+    async def _boot(self) -> None:
+        await self.ctx.storage.put("booted", True)
+        registry = self.env.EDGES.get_by_name(f"{self.ctx.id.name}-registry")
+        self.registry_saw_the_write = await registry.committed(self.ctx.id.name, self.ctx.id.hex, "booted")
+
+    async def hello(self) -> Any:
+        return self.registry_saw_the_write

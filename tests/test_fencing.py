@@ -5,14 +5,15 @@
     and the worker steps down from the partition (it may re-acquire it later, with a new epoch).
 (b) A paused owner (SIGSTOP) loses its lease when Postgres ends its silent lock session; a
     second worker takes over; once resumed (SIGCONT) the old owner steps down and never commits
-    for the partitions it lost: nothing the new owner acknowledged is ever overwritten.
+    for the partitions it lost: nothing the new owner acknowledged is ever overwritten. Back as a
+    live worker, it may take its share of the partitions again, but only through a clean hand-over
+    and under new epochs (the commit audit shows it never committed under an epoch it had lost).
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections.abc import Callable
 
 import asyncpg
@@ -29,7 +30,10 @@ from services.core.subjects import partition_of
 from .conftest import WorkerFactory, WorkerProcess, assert_eventually
 
 pytestmark = pytest.mark.timeout(120)
-LEASE = {"lease_ttl": 2.0, "heartbeat_interval": 0.25}
+#: a lease that a slow, shared machine does not lose by accident (heartbeat at most ttl / 4)
+LEASE = {"lease_ttl": 4.0, "heartbeat_interval": 0.5}
+#: the paused owner's lease, which the takeover test needs to run out soon
+LAPSING_LEASE = {"lease_ttl": 2.0, "heartbeat_interval": 0.25}
 
 
 async def _stored(conn: asyncpg.Connection, object_id: str, key: str) -> object:
@@ -51,10 +55,9 @@ async def test_superseded_epoch_fences_the_write_and_the_worker_steps_down(
     try:
         # a takeover, as another worker's acquisition would do it
         await conn.execute("UPDATE do_partitions SET epoch = epoch + 1 WHERE partition = $1", partition)
-        started = time.monotonic()
+        # an error reply (a lost reply would surface as RequestTimeout)
         with pytest.raises(ObjectReset):
             await stub.increment()
-        assert time.monotonic() - started < 2.0, "the fenced write must get an error reply, not a timeout"
         assert await _stored(conn, stub.id.hex, "value") == 1, "a fenced write was committed"
         state = worker.parts.get(partition)
         assert state is None or state.epoch != old_epoch, "the worker still serves the superseded epoch"
@@ -64,7 +67,7 @@ async def test_superseded_epoch_fences_the_write_and_the_worker_steps_down(
             state = worker.parts.get(partition)
             return state is not None and state.sub is not None and state.epoch > old_epoch + 1
 
-        await assert_eventually(reacquired, 5, "the worker re-acquired the partition with a new epoch")
+        await assert_eventually(reacquired, 15, "the worker re-acquired the partition with a new epoch")
         row = await conn.fetchrow("SELECT epoch, owner FROM do_partitions WHERE partition = $1", partition)
         assert row["epoch"] == worker.parts[partition].epoch
         assert row["owner"] == worker.worker_id
@@ -92,9 +95,10 @@ async def _put_until_acked(stub: Stub, key: str, tag: str, attempts: int = 30) -
 
 async def test_paused_owner_loses_its_lease_and_never_commits_after_takeover(
         worker_process: Callable[..., WorkerProcess], start_worker: WorkerFactory,
-        settings: Settings, config: AppConfig) -> None:
-    fast = settings.model_copy(update={**LEASE, "request_timeout": 0.75, "retry_deadline": 5.0})
-    old = worker_process(**LEASE)
+        settings: Settings, config: AppConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = settings.model_copy(update={"request_timeout": 0.75, "retry_deadline": 5.0})
+    monkeypatch.setenv("DURABLE_AUDIT_COMMITS", "true")  # the old worker's commits go to do_commit_audit
+    old = worker_process(**LAPSING_LEASE)
     await old.start()
     client = await Client.connect(fast, config)
     conn = await asyncpg.connect(settings.database_url)
@@ -110,15 +114,19 @@ async def test_paused_owner_loses_its_lease_and_never_commits_after_takeover(
         stale = [asyncio.create_task(probes[0].put_after({"k": "stale-in-flight", "k2": "stale"}, 300))]
         await asyncio.sleep(0.1)
         old.kill(signal.SIGSTOP)
-        paused_at = time.monotonic()
         # requests the paused owner receives but can only look at after it resumes
         stale += [asyncio.create_task(p.storage("put", "k", "stale")) for p in probes]
 
-        new = await start_worker(**LEASE)  # returns once it owns every partition
-        takeover = time.monotonic() - paused_at
-        assert takeover < 10
+        new = await start_worker(**LEASE)
+
+        async def taken_over() -> bool:  # once Postgres ended the paused owner's lock session
+            return set(new.ownership.epochs) == set(range(settings.partitions))
+
+        await assert_eventually(taken_over, 20, "the new worker took over every partition")
         for part, epoch in new.ownership.epochs.items():
             assert epoch > old_epochs[part]
+        new_epochs = dict(new.ownership.epochs)
+        taken_over_at = await conn.fetchval("SELECT clock_timestamp()")
         stale_results = await asyncio.gather(*stale, return_exceptions=True)
         assert all(isinstance(r, RequestTimeout) for r in stale_results), stale_results
 
@@ -136,29 +144,38 @@ async def test_paused_owner_loses_its_lease_and_never_commits_after_takeover(
         async def check() -> bool:
             return stepped_down()
 
-        await assert_eventually(check, 5, "the resumed worker stepped down from every partition")
-        await asyncio.sleep(3 * LEASE["heartbeat_interval"])  # room for any stale work to (wrongly) commit
+        await assert_eventually(check, 15, "the resumed worker stepped down from every partition")
         assert old.proc is not None and old.proc.poll() is None, "the old worker should live on, as a standby"
 
-        # the new owner still holds every partition: the resumed worker took none back
-        assert set(new.ownership.epochs) == set(range(settings.partitions))
-        held_by_new = await conn.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = $1 AND pid = $2",
-            settings.deployment_key, new.ownership._conn.get_server_pid() if new.ownership._conn else -1,
-        )
-        assert held_by_new == settings.partitions
-        owners = {r["owner"] for r in await conn.fetch("SELECT owner FROM do_partitions")}
-        assert owners == {new.worker_id}
+        # it is a live worker again: the balance hands it its share of the partitions, each through
+        # a hand-over by the new owner and under a new epoch, never under one it had lost
+        old_id = await conn.fetchval("SELECT worker_id FROM do_workers WHERE pid = $1", old.pid)
+        assert old_id is not None
+
+        async def balanced() -> bool:
+            rows = await conn.fetch("SELECT partition, epoch, owner FROM do_partitions")
+            owners = {r["owner"] for r in rows}
+            return owners == {new.worker_id, old_id} and all(
+                r["epoch"] > new_epochs[r["partition"]] for r in rows if r["owner"] == old_id)
+
+        await assert_eventually(balanced, 30, "the resumed worker took its share back through hand-overs")
 
         # nothing the new owner acknowledged was overwritten, in the database or through the object
         for p in probes:
             assert await _stored(conn, p.id.hex, "k") == acked[p.id.hex]
             assert await p.storage("get", "k") == acked[p.id.hex]
         assert await _stored(conn, probes[0].id.hex, "k2") is None, "the paused owner's in-flight write committed"
-        # and it keeps serving
+        # and both keep serving
         for p in probes:
             await p.storage("put", "k", "after")
             assert await _stored(conn, p.id.hex, "k") == "after"
+        # after the takeover, the old worker committed only under the epochs it acquired since
+        assert await conn.fetchval("SELECT count(*) FROM do_commit_audit WHERE worker_id = $1", old_id), \
+            "the old worker's commits are not audited: the check below would prove nothing"
+        stale_commits = await conn.fetch(
+            "SELECT partition, epoch FROM do_commit_audit WHERE worker_id = $1 AND committed_at >= $2",
+            old_id, taken_over_at)
+        assert [r for r in stale_commits if r["epoch"] <= new_epochs[r["partition"]]] == [], stale_commits
     finally:
         for t in stale:
             t.cancel()

@@ -6,7 +6,7 @@ batch is visible once Postgres is back. The worker re-acquires its partitions (i
 died with the server) with new epochs and serves again from committed state.
 
 A write meets the outage in one of two ways: its flush fails, or the worker first loses its
-lease and resets the object (``put_after`` holds the input gate until the server is gone).
+lease and resets the object (``Edge.put_when`` holds the input gate until the server is gone).
 Which one comes first when the whole server stops is a race, so a second test makes the flush
 itself fail, deterministically, by killing the worker's storage connections under its writers
 while its lock session (and so its lease) lives on.
@@ -30,14 +30,18 @@ from services.core.errors import DurableError, ObjectReset, RequestTimeout
 from services.core.settings import Settings
 from services.objects import Worker
 
-from .conftest import WorkerFactory, dedicated_postgres, make_settings
+from .conftest import WorkerFactory, assert_eventually, dedicated_postgres, make_settings
+from .objects import Edge
 
 pytestmark = pytest.mark.timeout(120)
 WRITERS = 8
+#: a lease that a slow, shared machine does not lose by accident (heartbeat at most ttl / 4)
+LEASE = {"lease_ttl": 4.0, "heartbeat_interval": 0.5}
 
 
-async def _write_until_error(stub: Stub) -> tuple[int, int, BaseException]:
-    """Put {a, b, c} = n, n+1, ... until a put fails: (last acknowledged n, failed n, error)."""
+async def _write_until_error(stub: Stub, progress: list[int], i: int) -> tuple[int, int, BaseException]:
+    """Put {a, b, c} = n, n+1, ... until a put fails: (last acknowledged n, failed n, error).
+    ``progress[i]`` follows the last acknowledged n."""
     n = 0
     while True:
         try:
@@ -45,13 +49,22 @@ async def _write_until_error(stub: Stub) -> tuple[int, int, BaseException]:
         except Exception as exc:  # noqa: BLE001 - the test looks at what it got
             return n, n + 1, exc
         n += 1
+        progress[i] = n
+
+
+async def _writers_going(progress: list[int]) -> None:
+    """Until every writer has had a batch acknowledged."""
+
+    async def going() -> bool:
+        return all(progress)
+
+    await assert_eventually(going, 15, "every writer had a batch acknowledged")
 
 
 async def test_failed_flush_resets_the_object_and_commits_nothing(
         nats_server: EmbeddedNats, config: AppConfig, tmp_path: Path) -> None:
     async with dedicated_postgres(tmp_path) as pg:
-        settings = make_settings(nats_server.url, pg.url, lease_ttl=2.0, heartbeat_interval=0.25,
-                                 request_timeout=4.0, retry_deadline=1.0)
+        settings = make_settings(nats_server.url, pg.url, **LEASE, request_timeout=8.0, retry_deadline=1.0)
         worker = Worker(settings, config)
         await worker.start()
         client = await Client.connect(settings, config)
@@ -59,6 +72,7 @@ async def test_failed_flush_resets_the_object_and_commits_nothing(
             await worker.wait_ready()
             env = Env(client, config)
             probe = env.PROBES.get_by_name("flush-failure")
+            batcher = env.EDGES.get_by_name("flush-failure-batch")
             life = env.LIFECYCLES.get_by_name("flush-failure")
             writers = [env.PROBES.get_by_name(f"flush-writer-{i}") for i in range(WRITERS)]
 
@@ -70,14 +84,22 @@ async def test_failed_flush_resets_the_object_and_commits_nothing(
             epochs_before = dict(worker.ownership.epochs)
             assert len(epochs_before) == settings.partitions
 
-            # an event that writes a multi-key batch once Postgres is already gone
-            batch = asyncio.create_task(probe.put_after({"a": 1, "b": 2, "c": 3}, 1000))
+            # an event that writes a multi-key batch once Postgres is already gone (it holds the
+            # input gate until the test tells it the server is down)
+            tag = "flush-failure-batch"
+            batch = asyncio.create_task(batcher.put_when(tag, {"a": 1, "b": 2, "c": 3}))
             # writers whose flushes are in flight when the server shuts down
-            load = [asyncio.create_task(_write_until_error(w)) for w in writers]
-            await asyncio.sleep(0.2)  # both run now
+            progress = [0] * WRITERS
+            load = [asyncio.create_task(_write_until_error(w, progress, i)) for i, w in enumerate(writers)]
+            await _writers_going(progress)
+
+            async def batch_waiting() -> bool:
+                return "waiting" in Edge.notes.get(tag, [])
+
+            await assert_eventually(batch_waiting, 15, "the batch event running")
             started = time.monotonic()
             await pg.stop()
-            assert time.monotonic() - started < 0.8, "Postgres took too long to stop for this test"
+            Edge.event(tag).set()
             with pytest.raises(ObjectReset):
                 await batch
             results = await asyncio.gather(*load)
@@ -98,7 +120,12 @@ async def test_failed_flush_resets_the_object_and_commits_nothing(
                 assert not isinstance(failed.value, RequestTimeout), failed.value
                 assert failed.value.retryable, failed.value
                 assert time.monotonic() - t0 < settings.request_timeout
-            assert not worker.parts, "the worker must have stepped down: its lock session is gone"
+
+            async def stepped_down() -> bool:
+                return not worker.parts
+
+            # its lock session is gone: once the lease runs out, the worker steps down
+            await assert_eventually(stepped_down, settings.lease_ttl + 10, "the worker stepped down")
 
             await pg.start()  # same port, same data directory
             await worker.wait_ready(15)
@@ -106,12 +133,14 @@ async def test_failed_flush_resets_the_object_and_commits_nothing(
                 assert epoch > epochs_before[partition], f"partition {partition} kept its old epoch"
 
             # the failed batch is absent as a whole; the earlier committed write is there
+            assert await batcher.get(["a", "b", "c"]) == {}
             assert await probe.storage("get", ["a", "b", "c", "x", "y", "z"]) == {"x": 1}
             conn = await asyncpg.connect(pg.url)
             try:
-                keys = await conn.fetch("SELECT key FROM do_storage WHERE object_id = $1 ORDER BY key",
-                                        probe.id.hex)
-                assert [bytes(r["key"]) for r in keys] == [b"x"]
+                for stub, stored in ((batcher, []), (probe, [b"x"])):
+                    keys = await conn.fetch("SELECT key FROM do_storage WHERE object_id = $1 ORDER BY key",
+                                            stub.id.hex)
+                    assert [bytes(r["key"]) for r in keys] == stored
                 # each writer's batches are all-or-nothing: the last acknowledged one (or, if the
                 # server died between commit and reply, the one that failed), never a mix
                 for w, (acked, failed_n, _) in zip(writers, results, strict=True):
@@ -139,16 +168,17 @@ async def test_failed_flush_resets_the_object_and_commits_nothing(
 
 async def test_flush_on_a_killed_connection_resets_the_object_with_an_error_reply(
         start_worker: WorkerFactory, env: Env, settings: Settings) -> None:
-    worker = await start_worker(lease_ttl=2.0, heartbeat_interval=0.25)
+    worker = await start_worker(**LEASE)
     epochs = dict(worker.ownership.epochs)
     writers = [env.PROBES.get_by_name(f"conn-kill-{i}") for i in range(WRITERS)]
     for w in writers:
         assert await w.bump_memory() == 1
         assert await w.bump_memory() == 2
-    load = [asyncio.create_task(_write_until_error(w)) for w in writers]
+    progress = [0] * WRITERS
+    load = [asyncio.create_task(_write_until_error(w, progress, i)) for i, w in enumerate(writers)]
     conn = await asyncpg.connect(settings.database_url)
-    await asyncio.sleep(0.2)  # the writers get going
     try:
+        await _writers_going(progress)
         # terminate the worker's pooled storage connections (never its lock session) until
         # every writer has met a failed flush
         deadline = time.monotonic() + 15

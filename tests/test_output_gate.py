@@ -83,8 +83,10 @@ async def test_acknowledged_increment_survives_kill_9_right_after_reply(
 async def test_burst_then_kill_9_every_acknowledged_value_is_durable(
         worker_process: Callable[..., WorkerProcess], settings: Settings, config: AppConfig) -> None:
     """Many objects incremented concurrently; SIGKILL the moment the KILL_AT-th reply arrives,
-    with other requests still in flight. For every object: acknowledged <= stored <= attempted."""
-    objects, per_object, kill_at = 40, 30, 600
+    with other requests still in flight. For every object: acknowledged <= stored <= attempted.
+    Every driver keeps going until the kill (a slow reply on a loaded machine does not end it),
+    so the kill always comes; ``max_attempts`` only bounds a burst against a broken worker."""
+    objects, max_attempts, kill_at = 40, 500, 600
     fast = settings.model_copy(update={"request_timeout": 2.0, "retry_deadline": 0.5})
     wp = worker_process()
     await wp.start()
@@ -97,12 +99,14 @@ async def test_burst_then_kill_9_every_acknowledged_value_is_durable(
 
     async def drive(i: int) -> None:
         nonlocal replies
-        while attempted[i] < per_object and not killed.is_set():
+        while attempted[i] < max_attempts and not killed.is_set():
             attempted[i] += 1
             try:
                 value = await stubs[i].increment()
             except DurableError:
-                return  # in flight when the worker died: may or may not have been committed
+                # in flight when the worker died, or (before the kill) a reply slower than the
+                # timeout: either may or may not have been committed, which attempted[i] allows
+                continue
             acked[i] = max(acked[i], value)
             replies += 1
             if replies == kill_at and not killed.is_set():

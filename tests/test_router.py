@@ -25,7 +25,15 @@ async def http(worker: Worker, settings: Settings, config: AppConfig,
     server = uvicorn.Server(uvicorn.Config(create_app(settings, config, client=client), host="127.0.0.1",
                                            port=port, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
+    deadline = time.monotonic() + 10
     while not server.started:
+        if task.done():  # it gave up (the port was taken, the app failed its startup): say why
+            task.result()
+            pytest.fail("uvicorn stopped before it started serving")
+        if time.monotonic() > deadline:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            pytest.fail(f"uvicorn did not start serving on port {port} within 10s")
         await asyncio.sleep(0.01)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http_client:
         yield http_client

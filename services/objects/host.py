@@ -47,6 +47,9 @@ from .ownership import Ownership
 
 log = logging.getLogger("durable.worker")
 
+#: how long a released partition's subscription keeps refusing requests before it is dropped
+HANDOVER_LINGER = 0.5
+
 _READ_KEYS = "SELECT key, value FROM do_storage WHERE object_id = $1 AND key = ANY($2::bytea[])"
 _READ_RANGE = (
     "SELECT key, value FROM do_storage WHERE object_id = $1 AND key >= $2 "
@@ -62,6 +65,8 @@ class PartitionState:
     instances: dict[str, Instance] = field(default_factory=dict)
     #: requests received and not yet through run_event (a hand-over waits for them)
     pending: int = 0
+    #: being handed over: new requests are refused with NotOwner (the caller retries)
+    closing: bool = False
 
     def busy(self) -> bool:
         return self.pending > 0 or any(i.inflight or (i.storage.has_unflushed and i.broken is None)
@@ -139,6 +144,7 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.started_at = time.time()
+        self._last_request = 0.0
 
     # ----- lifecycle ---------------------------------------------------------------------
 
@@ -174,26 +180,20 @@ class Worker:
         """Stop taking requests, finish in-flight events, flush, release the partitions."""
         if self._sweeper:
             self._sweeper.cancel()
-        for state in list(self.parts.values()):
-            if state.sub is not None:
-                sub, state.sub = state.sub, None
-                try:
-                    await sub.drain()  # requests already delivered to us are still handled
-                except Exception:  # noqa: BLE001 - connection may be gone already
-                    pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (self._tasks or self._unflushed()):
-            await asyncio.sleep(0.01)
-        await self.flusher.replies_sent()
+        states = list(self.parts.values())
+        # stragglers can only be on their way if requests were flowing, or someone takes over
+        linger = len(self.ownership.live) > 1 or time.monotonic() - self._last_request < 1.0
+        await self._quiesce(states, grace)
         await self.flusher.stop()
         await self.ownership.stop()
+        if linger:  # refuse (rather than drop) what is still routed here
+            await self._linger(states)
+        deadline = time.monotonic() + 2.0
+        while self._tasks and time.monotonic() < deadline:  # the last refusals go out
+            await asyncio.sleep(0.005)
         await self.micro.stop()
         await self.pool.close()
         await close_nats(self.nc)
-
-    def _unflushed(self) -> bool:
-        return any(i.storage.has_unflushed and i.broken is None
-                   for s in self.parts.values() for i in s.instances.values())
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -209,6 +209,7 @@ class Worker:
         self.parts[partition] = state
 
         async def on_msg(msg: Msg) -> None:
+            self._last_request = time.monotonic()
             state.pending += 1
             task = asyncio.create_task(self._handle(state, msg))
             self._tasks.add(task)
@@ -244,23 +245,15 @@ class Worker:
             pass
 
     async def _hand_over(self, partition: int, grace: float = 5.0) -> None:
-        """Give a partition to the worker it is now assigned to: stop taking its requests,
-        finish the events in flight, flush, then release the lock. Callers meanwhile meet no
-        responder and retry, so they see latency, not errors."""
+        """Give a partition to the worker it is now assigned to: refuse new requests (NotOwner,
+        which callers retry), finish the events in flight, flush, then release the lock. The
+        subscription stays a little longer, refusing what NATS still routes here, so that no
+        request is dropped unanswered; callers see latency, not errors."""
         state = self.parts.get(partition)
         if state is None:
             return
         log.info("handing over partition %d", partition)
-        if state.sub is not None:
-            sub, state.sub = state.sub, None
-            try:
-                await sub.drain()
-            except Exception:  # noqa: BLE001 - connection trouble: the lease rules decide then
-                pass
-        deadline = time.monotonic() + grace
-        while state.busy() and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        await self.flusher.replies_sent()
+        await self._quiesce([state], grace)
         if self.parts.get(partition) is not state:
             return  # stepped down meanwhile
         del self.parts[partition]
@@ -268,6 +261,37 @@ class Worker:
         for inst in list(state.instances.values()):
             inst.fail(error)
         await self.ownership.release(partition)
+        await self._linger([state])
+
+    async def _quiesce(self, states: list[PartitionState], grace: float) -> None:
+        """Refuse new requests, then wait for those taken to finish and their replies to go out."""
+        for state in states:
+            state.closing = True
+            if state.sub is not None:
+                await self._withdraw(state.sub)
+        deadline = time.monotonic() + grace
+        while any(state.busy() for state in states) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await self.flusher.replies_sent()
+
+    async def _withdraw(self, sub: Subscription) -> None:
+        """Tell the server we want no more messages, but keep the subscription registered in
+        the client: a request the server routed to us just before it saw the UNSUB can still
+        arrive (even after a PING round trip), and nats-py drops messages of unknown
+        subscriptions, which would leave the caller waiting for a timeout. Kept, it is refused
+        with NotOwner and retried. (nats-py has no public call for this half-unsubscribe.)"""
+        try:
+            await self.nc._send_unsubscribe(sub._id)
+        except Exception:  # noqa: BLE001 - no connection: the server drops our interest anyway
+            pass
+
+    async def _linger(self, states: list[PartitionState]) -> None:
+        """Drop the withdrawn subscriptions once stragglers have had time to arrive and be refused."""
+        await asyncio.sleep(HANDOVER_LINGER)
+        for state in states:
+            if state.sub is not None:
+                sub, state.sub = state.sub, None
+                await self._unsubscribe(sub)
 
     def step_down(self, partition: int, reason: str) -> None:
         self.ownership.step_down(partition, reason)
@@ -373,7 +397,8 @@ class Worker:
         namespace = tokens[2] if len(tokens) > 2 else "?"
         inst: Instance | None = None
         try:
-            if self.parts.get(state.partition) is not state or not self.ownership.owns(state.partition, state.epoch):
+            if (state.closing or self.parts.get(state.partition) is not state
+                    or not self.ownership.owns(state.partition, state.epoch)):
                 raise NotOwner(f"partition {state.partition} is not owned by this worker")
             if len(tokens) < 5:
                 raise InvalidRequest(f"malformed subject {msg.subject!r}")
@@ -400,7 +425,8 @@ class Worker:
             await self._finish(state, msg, as_json, namespace, started, ok, value, None)
         elif inst.storage.closed is not None:
             # reset before its writes were durable (abort, failed flush): nothing will flush them
-            error = ObjectReset(f"Durable Object was reset before its writes were durable: {inst.storage.closed}")
+            error = ObjectReset("Durable Object was reset before its writes were confirmed durable (a flush "
+                                f"already in flight may still commit them): {inst.storage.closed}")
             await self._finish(state, msg, as_json, namespace, started, ok, value, error)
         else:
             # the output gate: the flusher sends this reply once the writes before it commit
