@@ -37,8 +37,8 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(out)
 
 
-async def _micro_stats(nats_url: str, wait: float = 0.5) -> list[dict[str, Any]]:
-    nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+async def _micro_stats(servers: list[str], wait: float = 0.5) -> list[dict[str, Any]]:
+    nc = await nats.connect(servers=servers, connect_timeout=2, max_reconnect_attempts=0)
     try:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
@@ -71,7 +71,7 @@ async def collect(settings: Settings) -> dict[str, Any]:
     finally:
         await conn.close()
     try:
-        stats = await _micro_stats(settings.nats_url)
+        stats = await _micro_stats(settings.nats_servers)
     except Exception as exc:  # noqa: BLE001 - Postgres alone still tells most of the story
         stats = []
         nats_error: str | None = f"{type(exc).__name__}: {exc}"

@@ -74,7 +74,7 @@ class Client:
 
     @classmethod
     async def connect(cls, settings: Settings, config: AppConfig | None = None, **nats_options: Any) -> Client:
-        nc = await nats.connect(settings.nats_url, name="durable-client", max_reconnect_attempts=-1,
+        nc = await nats.connect(servers=settings.nats_servers, name="durable-client", max_reconnect_attempts=-1,
                                 **nats_options)
         client = cls(nc, settings, config)
         client._owns_connection = True

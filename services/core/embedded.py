@@ -30,6 +30,12 @@ from .subjects import server_mapping
 
 _PG_SYSTEM_USER = "embedded_postgres"
 
+#: A paused client (SIGSTOP, GC stall, frozen VM) keeps its subscriptions until the server
+#: gives up on it; by default that takes minutes, during which a paused worker would keep
+#: receiving about half of its old partitions' requests (one queue group per partition).
+#: Pinging every 2 s and dropping after 2 missed pongs bounds that to a few seconds.
+SERVER_PINGS = "ping_interval: \"2s\"\nping_max: 2\n"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -74,6 +80,7 @@ class EmbeddedNats:
             f"server_name: {self.name}\n"
             f"listen: 127.0.0.1:{self.port or -1}\n"
             f"max_payload: 1MB\n"
+            f"{SERVER_PINGS}"
             f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"\n  sync_interval: always\n}}\n'
             f"mappings = {{\n  {server_mapping(self.partitions)}\n}}\n"
         )
@@ -249,6 +256,7 @@ class ClusterNode(EmbeddedNats):
             f"listen: 127.0.0.1:{self.port}\n"
             f"http: 127.0.0.1:{self.http_port}\n"
             f"max_payload: 1MB\n"
+            f"{SERVER_PINGS}"
             f'jetstream {{\n  store_dir: "{self.store_dir / "jetstream"}"\n  sync_interval: always\n}}\n'
             f"cluster {{\n  name: {self.cluster_name}\n  listen: 127.0.0.1:{self.cluster_port}\n"
             f"  routes: [{routes}]\n}}\n"

@@ -107,6 +107,14 @@ class StorageError(DurableError, ValueError):
     status = 400
 
 
+class StorageUnavailable(DurableError):
+    """Postgres could not be reached for a storage read; nothing was cached, retry."""
+
+    code = "storage_unavailable"
+    status = 503
+    default_retryable = True
+
+
 class RemoteError(DurableError):
     """An exception raised by object code; ``remote_type`` names its class."""
 

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     postgres_port: int = 5433
     worker_name: str = ""
 
+    @property
+    def nats_servers(self) -> list[str]:
+        """``DURABLE_NATS_URL`` may list several servers of a cluster, comma-separated."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
     @model_validator(mode="after")
     def _heartbeat_fits_lease(self) -> Settings:
         if self.heartbeat_interval > self.lease_ttl / 4:

@@ -32,6 +32,7 @@ from ..core.errors import (
     ObjectReset,
     PayloadTooLarge,
     RemoteError,
+    StorageUnavailable,
     UnknownMethod,
     UnknownNamespace,
 )
@@ -149,7 +150,7 @@ class Worker:
     # ----- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.nc = await nats.connect(self.settings.nats_url, name=f"durable-worker:{self.worker_id}",
+        self.nc = await nats.connect(servers=self.settings.nats_servers, name=f"durable-worker:{self.worker_id}",
                                      max_reconnect_attempts=-1, pending_size=8 * 1024 * 1024)
         self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=8,
                                               reset=_keep_session, command_timeout=self.settings.lease_ttl)
@@ -304,14 +305,19 @@ class Worker:
     # ----- storage reads (used by Storage) ----------------------------------------------
 
     async def read_keys(self, object_id: str, keys: list[bytes]) -> list[Any]:
-        async with self.pool.acquire() as conn:
-            return list(await conn.fetch(_READ_KEYS, object_id, keys))
+        return await self._read(_READ_KEYS, object_id, keys)
 
     async def read_range(self, object_id: str, lo: bytes, hi: bytes | None, reverse: bool,
                          limit: int | None) -> list[Any]:
-        sql = _READ_RANGE.format(order="DESC" if reverse else "ASC")
-        async with self.pool.acquire() as conn:
-            return list(await conn.fetch(sql, object_id, lo, hi, limit))
+        return await self._read(_READ_RANGE.format(order="DESC" if reverse else "ASC"), object_id, lo, hi, limit)
+
+    async def _read(self, sql: str, *args: Any) -> list[Any]:
+        """A storage read; Postgres trouble is the runtime's, not the object's: a retryable error."""
+        try:
+            async with self.pool.acquire() as conn:
+                return list(await conn.fetch(sql, *args))
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StorageUnavailable(f"storage read failed: {type(exc).__name__}: {exc}") from None
 
     # ----- requests ----------------------------------------------------------------------
 
