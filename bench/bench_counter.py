@@ -62,6 +62,23 @@ async def measure(op: Callable[[int], Awaitable[object]], inflight: int, seconds
     return count / (time.perf_counter() - start)
 
 
+async def wait_balanced(database_url: str, workers: int, timeout: float = 60) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            counts = [r[0] for r in await conn.fetch(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.locktype = 'advisory' AND l.granted AND a.application_name LIKE 'durable-owner:%' "
+                "GROUP BY l.pid")]
+            if len(counts) == workers and sum(counts) == PARTITIONS and max(counts) - min(counts) <= 1:
+                return
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    raise TimeoutError("workers did not balance")
+
+
 async def wait_line(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> None:
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -74,7 +91,7 @@ async def wait_line(proc: subprocess.Popen[str], text: str, timeout: float = 30)
     raise TimeoutError(text)
 
 
-async def main(seconds: float, rounds: int) -> None:
+async def main(seconds: float, rounds: int, workers: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="durable-bench-"))
     tmp.chmod(0o755)
     procs: list[subprocess.Popen[str]] = []
@@ -89,10 +106,11 @@ async def main(seconds: float, rounds: int) -> None:
                                     stdout=subprocess.PIPE, text=True)
             procs.append(echo)
             await wait_line(echo, "ready")
-            worker = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env_vars,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-            procs.append(worker)
-            await wait_line(worker, "started")
+            for _ in range(workers):
+                worker = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env_vars,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+                procs.append(worker)
+                await wait_line(worker, "started")
 
             nc = await nats.connect(ns.url)
             payload = b"\x81\xa4args\x91\x01"  # same size as an increment request
@@ -112,7 +130,9 @@ async def main(seconds: float, rounds: int) -> None:
             counters = Env(client, client.config).COUNTERS  # type: ignore[arg-type]
             hot = counters.get_by_name("hot")
             many = [counters.get_by_name(f"c{i}") for i in range(1000)]
-            # wait until the worker owns every partition (no-responders are retried meanwhile)
+            # wait until the workers own every partition and have balanced (no-responders and
+            # refusals during hand-overs are retried meanwhile)
+            await wait_balanced(pg.url, workers)
             for stub in many:
                 await stub.get()
 
@@ -149,7 +169,8 @@ async def main(seconds: float, rounds: int) -> None:
             for label, inflight, rate, ratio in rows:
                 r = f"{ratio * 100:6.1f}%" if ratio is not None else "     -"
                 print(f"{label:<38} {inflight:>9} {rate:>10,.0f} {r:>8}")
-            print(f"\n(sanity: {total:,} increments stored; cpu: {os.cpu_count()} cores; each figure is the "
+            print(f"\n(sanity: {total:,} increments stored; {workers} worker process(es); cpu: {os.cpu_count()} "
+                  "cores; each figure is the "
                   f"median of {rounds} rounds of {seconds:g}s, its ratio taken against an echo measured "
                   "just before it)")
             await client.close()
@@ -165,5 +186,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one measurement")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per figure (median reported)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the partitions")
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.rounds))
+    asyncio.run(main(args.seconds, args.rounds, args.workers))
