@@ -56,16 +56,21 @@ def config() -> AppConfig:
     return load_config(TEST_CONFIG)
 
 
-@pytest.fixture
-async def database_url(pg_server: EmbeddedPostgres) -> str:
-    """A fresh database for this test."""
-    name = f"t{os.getpid()}_{next(_db_counter)}"
-    conn = await asyncpg.connect(pg_server.url)
+async def create_database(server: EmbeddedPostgres, prefix: str) -> str:
+    """A fresh database on ``server``; returns its URL."""
+    name = f"{prefix}{os.getpid()}_{next(_db_counter)}"
+    conn = await asyncpg.connect(server.url)
     try:
         await conn.execute(f"CREATE DATABASE {name}")
     finally:
         await conn.close()
-    return pg_server.url.rsplit("/", 1)[0] + f"/{name}"
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture
+async def database_url(pg_server: EmbeddedPostgres) -> str:
+    """A fresh database for this test."""
+    return await create_database(pg_server, "t")
 
 
 def make_settings(nats_url: str, database_url: str, **overrides: Any) -> Settings:
@@ -248,10 +253,4 @@ async def fault_postgres(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
 @pytest.fixture
 async def fault_database_url(fault_postgres: EmbeddedPostgres) -> str:
     """A fresh database on ``fault_postgres`` for this test."""
-    name = f"f{os.getpid()}_{next(_db_counter)}"
-    conn = await asyncpg.connect(fault_postgres.url)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    return fault_postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    return await create_database(fault_postgres, "f")
