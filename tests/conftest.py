@@ -129,6 +129,19 @@ def env(client: Client, config: AppConfig) -> Env:
     return Env(client, config)
 
 
+def worker_env(s: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `durable worker` subprocess running with these settings."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DURABLE_NATS_URL": s.nats_url, "DURABLE_DATABASE_URL": s.database_url,
+        "DURABLE_PARTITIONS": str(s.partitions), "DURABLE_CONFIG_FILE": str(s.config_file),
+        "DURABLE_LEASE_TTL": str(s.lease_ttl), "DURABLE_HEARTBEAT_INTERVAL": str(s.heartbeat_interval),
+        "DURABLE_IDLE_TIMEOUT": str(s.idle_timeout),
+        **extra,
+    }
+
+
 class WorkerProcess:
     """A `durable worker` in its own process, for tests that kill or pause it."""
 
@@ -138,15 +151,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
-        s = self.settings
-        return {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DURABLE_NATS_URL": s.nats_url, "DURABLE_DATABASE_URL": s.database_url,
-            "DURABLE_PARTITIONS": str(s.partitions), "DURABLE_CONFIG_FILE": str(s.config_file),
-            "DURABLE_LEASE_TTL": str(s.lease_ttl), "DURABLE_HEARTBEAT_INTERVAL": str(s.heartbeat_interval),
-            "DURABLE_IDLE_TIMEOUT": str(s.idle_timeout),
-        }
+        return worker_env(self.settings)
 
     async def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it

@@ -6,7 +6,6 @@ no two epochs of one partition commit in overlapping time)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
@@ -27,6 +26,7 @@ from services.core import codec
 from services.core.config import AppConfig
 from services.core.settings import Settings
 from services.objects.ownership import SESSION_PREFIX
+from tests.conftest import worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,16 +60,10 @@ class ClusterWorker:
 
     def env(self) -> dict[str, str]:
         s = self.settings
-        return {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "DURABLE_NATS_URL": self.nats_url, "DURABLE_DATABASE_URL": s.database_url,
-            "DURABLE_PARTITIONS": str(s.partitions), "DURABLE_CONFIG_FILE": str(s.config_file),
-            "DURABLE_LEASE_TTL": str(s.lease_ttl), "DURABLE_HEARTBEAT_INTERVAL": str(s.heartbeat_interval),
-            "DURABLE_IDLE_TIMEOUT": str(s.idle_timeout), "DURABLE_REQUEST_TIMEOUT": str(s.request_timeout),
-            "DURABLE_AUDIT_COMMITS": "true" if self.audit else "false",
-            "DURABLE_WORKER_NAME": self.worker_id,
-        }
+        return worker_env(
+            s, DURABLE_NATS_URL=self.nats_url, DURABLE_REQUEST_TIMEOUT=str(s.request_timeout),
+            DURABLE_AUDIT_COMMITS="true" if self.audit else "false", DURABLE_WORKER_NAME=self.worker_id,
+        )
 
     async def start(self, nats_url: str | None = None, timeout: float = 30.0) -> None:
         """Start a new incarnation; returns once it printed "started" (connected to NATS and

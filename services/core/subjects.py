@@ -37,10 +37,6 @@ def request_subject(partition: int, namespace: str, object_id: str, verb: str) -
     return f"{PARTITIONED_PREFIX}.{partition}.{namespace}.{object_id}.{verb}"
 
 
-def canonical_subject(namespace: str, object_id: str, verb: str) -> str:
-    return f"{CANONICAL_PREFIX}.{namespace}.{object_id}.{verb}"
-
-
 def partition_filter(partition: int) -> str:
     return f"{PARTITIONED_PREFIX}.{partition}.>"
 
