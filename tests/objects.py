@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
-from services.objects import DurableObject, Request, Response
+from services.objects import AlarmInfo, DurableObject, Request, Response
 from services.objects.patterns import Counter, RateLimiter
 
 __all__ = ["Counter", "RateLimiter", "Probe", "Lifecycle"]
 
-_STORAGE_OPS = {"get", "put", "delete", "delete_all", "list", "sync"}
+_STORAGE_OPS = {"get", "put", "delete", "delete_all", "list", "sync", "get_alarm", "set_alarm", "delete_alarm"}
 
 
 class Probe(DurableObject):
@@ -355,3 +356,66 @@ class Booter(DurableObject):
 
     async def hello(self) -> Any:
         return self.registry_saw_the_write
+
+
+class Alarmer(DurableObject):
+    """Alarms under test. Its behaviour lives in storage (``plan``), so subprocess workers and
+    new instances act the same; every run of ``alarm()`` is recorded in ``runs``."""
+
+    async def arm(self, delay_ms: int) -> int:
+        when = int(time.time() * 1000) + delay_ms
+        await self.ctx.storage.set_alarm(when)
+        return when
+
+    async def arm_at(self, when: Any) -> None:
+        await self.ctx.storage.set_alarm(when)
+
+    async def get_alarm(self) -> int | None:
+        return await self.ctx.storage.get_alarm()
+
+    async def delete_alarm(self) -> None:
+        await self.ctx.storage.delete_alarm()
+
+    async def plan(self, plan: dict[str, Any]) -> None:
+        await self.ctx.storage.put("plan", plan)
+
+    async def runs(self) -> list[dict[str, Any]]:
+        return await self.ctx.storage.get("runs") or []
+
+    async def put_and_arm(self, key: str, value: Any, delay_ms: int) -> None:
+        await self.ctx.storage.put(key, value)
+        await self.ctx.storage.set_alarm(int(time.time() * 1000) + delay_ms)
+
+    async def arm_in_txn(self, delay_ms: int, mode: str) -> None:
+        """mode: commit | rollback | raise."""
+        try:
+            async with self.ctx.storage.transaction() as txn:
+                await txn.put("txn", mode)
+                await txn.set_alarm(int(time.time() * 1000) + delay_ms)
+                if mode == "rollback":
+                    txn.rollback()
+                elif mode == "raise":
+                    raise RuntimeError("roll back")
+        except RuntimeError:
+            pass
+
+    async def wipe(self) -> None:
+        await self.ctx.storage.delete_all()
+
+    async def get(self, key: str) -> Any:
+        return await self.ctx.storage.get(key)
+
+    async def alarm(self, info: AlarmInfo) -> None:
+        storage = self.ctx.storage
+        runs = await storage.get("runs") or []
+        run = {"scheduled": info.scheduled_time, "retry": info.retry_count, "is_retry": info.is_retry,
+               "at": int(time.time() * 1000), "inside": await storage.get_alarm()}
+        runs.append(run)
+        await storage.put("runs", runs)
+        plan = await storage.get("plan") or {}
+        if plan.get("rearm_ms") and len(runs) <= plan.get("rearm_times", 1):
+            await storage.set_alarm(int(time.time() * 1000) + plan["rearm_ms"])
+        if plan.get("delete_inside"):
+            await storage.delete_alarm()
+        if len(runs) <= plan.get("fail_times", 0):
+            raise RuntimeError(f"planned failure {len(runs)}")

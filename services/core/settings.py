@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     audit_commits: bool = False
     #: Largest request a worker accepts (the NATS default max_payload is 1 MiB).
     max_request_bytes: int = 1024 * 1024
+    #: Alarms: replicas of the JetStream stream that holds their wake-ups (3 on a 3-node cluster).
+    alarm_replicas: int = Field(default=1, ge=1, le=5)
+    #: How often an owner looks in Postgres for alarms overdue by this long (a lost wake-up).
+    alarm_sweep_interval: float = Field(default=5.0, gt=0)
+    #: First retry delay of a failed alarm; each further retry doubles it (Cloudflare: 2 s).
+    alarm_retry_base: float = Field(default=2.0, gt=0)
 
     http_host: str = "127.0.0.1"
     http_port: int = 8787

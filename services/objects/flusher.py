@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 from ..core.errors import ObjectReset
 
 if TYPE_CHECKING:
+    from .alarms import AlarmRow
     from .host import Worker
-    from .storage import ReplySender, Storage
+    from .storage import Batch, ReplySender, Storage
 
 log = logging.getLogger("durable.flusher")
 
-#: one round trip: fence + every write, as one transaction (infra/migrations/002_flush_function.sql)
-#: (storage, delete_all, writes {key: encoded value or None for a delete}, write sequence)
-BatchItem = tuple["Storage", bool, dict[bytes, bytes | None], int]
+BatchItem = tuple["Storage", "Batch"]
 
-_FLUSH = "SELECT do_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+#: one round trip: fence + every write, as one transaction (infra/migrations/003_alarms.sql)
+_FLUSH = "SELECT do_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
 
 
 class _Fenced(Exception):
@@ -103,7 +103,7 @@ class Flusher:
             lane.dirty.pop(storage, None)
             item = storage.take_batch()
             if item is not None:
-                taken.append((storage, *item))
+                taken.append((storage, item))
         return taken
 
     async def settled(self, object_id: str) -> None:
@@ -115,7 +115,7 @@ class Flusher:
 
     async def _flush(self, batch: list[BatchItem]) -> None:
         events = {}
-        for storage, *_ in batch:
+        for storage, _ in batch:
             events[storage._object_id] = self._in_flight[storage._object_id] = asyncio.Event()
         try:
             await self._flush_batch(batch)
@@ -151,12 +151,18 @@ class Flusher:
             except Exception as exc:  # noqa: BLE001 - any commit failure resets the objects involved
                 log.warning("flush of %d objects failed: %s: %s", len(batch), type(exc).__name__, exc)
                 error = ObjectReset(f"Durable Object reset because its storage write failed: {exc}")
-                for storage, *_ in batch:
+                for storage, _ in batch:
                     storage._instance.fail(error)
                 return
             replies: list[ReplySender] = []
-            for storage, _, _, seq in batch:
-                replies.extend(storage.flushed(seq))
+            scheduled: list[tuple[int, str, str, AlarmRow]] = []
+            for storage, done in batch:
+                replies.extend(storage.flushed(done.seq))
+                if done.alarm_changed and done.alarm is not None:
+                    inst = storage._instance
+                    scheduled.append((inst.partition, inst.object_id, inst.namespace, done.alarm))
+            if scheduled:
+                self.worker.alarms.committed(scheduled)
             if replies:
                 # sent by a task of their own, so the next flush starts at once
                 task = asyncio.get_running_loop().create_task(_send_replies(replies))
@@ -173,12 +179,32 @@ class Flusher:
         up_k: list[bytes] = []
         up_ns: list[str] = []
         up_v: list[bytes] = []
-        for storage, delete_all, writes, _ in batch:
+        alarm_del: list[str] = []
+        alarm_o: list[str] = []
+        alarm_ns: list[str] = []
+        alarm_p: list[int] = []
+        alarm_sched: list[int] = []
+        alarm_due: list[int] = []
+        alarm_gen: list[int] = []
+        alarm_retry: list[int] = []
+        for storage, b in batch:
             inst = storage._instance
             epochs[inst.partition] = inst.epoch
-            if delete_all:
+            if b.delete_all:
                 wiped.append(inst.object_id)
-            for k, v in writes.items():
+            if b.alarm_changed:
+                row = b.alarm
+                if row is None:
+                    alarm_del.append(inst.object_id)
+                else:
+                    alarm_o.append(inst.object_id)
+                    alarm_ns.append(inst.namespace)
+                    alarm_p.append(inst.partition)
+                    alarm_sched.append(row.scheduled_ms)
+                    alarm_due.append(row.due_ms)
+                    alarm_gen.append(row.generation)
+                    alarm_retry.append(row.retry_count)
+            for k, v in b.writes.items():
                 if v is None:
                     del_o.append(inst.object_id)
                     del_k.append(k)
@@ -191,8 +217,9 @@ class Flusher:
         eps = [epochs[p] for p in parts]
         async with self.worker.pool.acquire() as conn:
             ok = await conn.fetchval(_FLUSH, parts, eps, wiped, del_o, del_k, up_o, up_k, up_ns, up_v,
-                                     self.worker.worker_id if self.worker.audit_commits else None)
+                                     alarm_del, alarm_o, alarm_ns, alarm_p, alarm_sched, alarm_due, alarm_gen,
+                                     alarm_retry, self.worker.worker_id if self.worker.audit_commits else None)
         if len(ok) != len(parts):
             raise _Fenced(set(parts) - set(ok))
         self.commits += 1
-        self.rows += len(up_o) + len(del_o)
+        self.rows += len(up_o) + len(del_o) + len(alarm_o) + len(alarm_del)

@@ -40,6 +40,7 @@ from ..core.http import Request, Response
 from ..core.ids import IdFactory, ObjectId, namespace_key
 from ..core.settings import Settings
 from ..core.subjects import partition_filter, partition_of, partition_queue
+from .alarms import AlarmRow, Alarms
 from .base import DurableObject
 from .flusher import Flusher
 from .instance import Instance
@@ -52,6 +53,7 @@ log = logging.getLogger("durable.worker")
 HANDOVER_LINGER = 0.5
 
 _READ_KEYS = "SELECT key, value FROM do_storage WHERE object_id = $1 AND key = ANY($2::bytea[])"
+_READ_ALARM = "SELECT scheduled_ms, due_ms, generation, retry_count FROM do_alarms WHERE object_id = $1"
 _READ_RANGE = (
     "SELECT key, value FROM do_storage WHERE object_id = $1 AND key >= $2 "
     "AND ($3::bytea IS NULL OR key < $3) ORDER BY key {order} LIMIT $4"
@@ -68,6 +70,10 @@ class PartitionState:
     pending: int = 0
     #: being handed over: new requests are refused with NotOwner (the caller retries)
     closing: bool = False
+    #: the subscription to this partition's alarm wake-ups (its JetStream consumer's deliveries)
+    alarm_sub: Subscription | None = None
+    #: objects whose overdue alarm a sweep already started
+    alarm_sweeping: set[str] = field(default_factory=set)
 
     def busy(self) -> bool:
         return self.pending > 0 or any(i.inflight or (i.storage.has_unflushed and i.broken is None)
@@ -139,6 +145,7 @@ class Worker:
         self.flusher = Flusher(self, concurrency=settings.flush_concurrency)
         self.ownership = Ownership(settings, self.worker_id, self._on_acquired, self._on_lost, self._hand_over)
         self.micro = MicroService(self)
+        self.alarms = Alarms(self)
         self.nc: nats.NATS
         self.pool: asyncpg.Pool
         self.env: Env
@@ -160,6 +167,7 @@ class Worker:
         self.env = Env(Client(self.nc, self.settings, self.config), self.config)
         self.flusher.start()
         await self.micro.start()
+        await self.alarms.start()
         await self.ownership.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="sweeper")
 
@@ -192,6 +200,7 @@ class Worker:
         deadline = time.monotonic() + 2.0
         while self._tasks and time.monotonic() < deadline:  # the last refusals go out
             await asyncio.sleep(0.005)
+        await self.alarms.stop()
         await self.micro.stop()
         await self.pool.close()
         await close_nats(self.nc)
@@ -220,6 +229,7 @@ class Worker:
             partition_filter(partition), queue=partition_queue(partition), cb=on_msg,
             pending_msgs_limit=200_000, pending_bytes_limit=256 * 1024 * 1024,
         )
+        self.alarms.attach(state)
 
     def _on_lost(self, partition: int, reason: str) -> None:
         state = self.parts.pop(partition, None)
@@ -232,6 +242,7 @@ class Worker:
                             "the object was reset; writes not yet acknowledged may be lost")
         for inst in list(state.instances.values()):
             inst.fail(error)
+        self.alarms.detach_soon(state)
         if state.sub is not None:
             sub, state.sub = state.sub, None
             task = asyncio.get_running_loop().create_task(self._unsubscribe(sub))
@@ -270,6 +281,7 @@ class Worker:
             state.closing = True
             if state.sub is not None:
                 await self._withdraw(state.sub)
+            await self.alarms.detach(state)
         deadline = time.monotonic() + grace
         while any(state.busy() for state in states) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
@@ -306,6 +318,13 @@ class Worker:
 
     async def read_keys(self, object_id: str, keys: list[bytes]) -> list[Any]:
         return await self._read(_READ_KEYS, object_id, keys)
+
+    async def read_alarm(self, object_id: str) -> AlarmRow | None:
+        rows = await self._read(_READ_ALARM, object_id)
+        if not rows:
+            return None
+        r = rows[0]
+        return AlarmRow(r["scheduled_ms"], r["due_ms"], r["generation"], r["retry_count"])
 
     async def read_range(self, object_id: str, lo: bytes, hi: bytes | None, reverse: bool,
                          limit: int | None) -> list[Any]:
@@ -350,6 +369,11 @@ class Worker:
         inst = Instance(self, state.partition, state.epoch, namespace, cls, object_id)
         state.instances[oid] = inst
         return inst
+
+    def instance_for(self, state: PartitionState, namespace: str, object_id: str) -> Instance:
+        """The live instance of an object in ``state``'s partition (made if needed), for events
+        the runtime delivers itself (alarms)."""
+        return self._instance(state, namespace, object_id, None)
 
     def _handler(self, cls: type, verb: list[str], payload: Any) -> Callable[[Any], Awaitable[Any]]:
         if len(verb) == 2 and verb[0] == "rpc":

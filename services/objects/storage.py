@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..core import codec
 from ..core.errors import ObjectReset, StorageError
+from .alarms import AlarmRow, alarm_time_ms, new_generation, now_ms
 
 if TYPE_CHECKING:
     from .instance import Instance
@@ -27,6 +28,22 @@ VALUE_FRAMING_SLACK = 34
 MAX_BATCH = 128
 
 _ABSENT = None  # cache marker: the key is known not to exist
+
+
+class Batch:
+    """One object's pending writes, handed to the flusher as a unit (atomic in one commit)."""
+
+    __slots__ = ("delete_all", "writes", "alarm_changed", "alarm", "seq")
+
+    def __init__(self, delete_all: bool, writes: dict[bytes, bytes | None], alarm_changed: bool,
+                 alarm: AlarmRow | None, seq: int) -> None:
+        self.delete_all = delete_all
+        #: key -> encoded value, or None for a delete
+        self.writes = writes
+        #: the alarm row is written (``alarm``) or deleted (None) after the keys
+        self.alarm_changed = alarm_changed
+        self.alarm = alarm
+        self.seq = seq
 
 #: sends one event's reply; called with None once its writes are durable, or with the error
 ReplySender = Callable[[BaseException | None], Awaitable[None]]
@@ -137,6 +154,13 @@ class Storage:
         self._inflight = False
         self._txn_depth = 0
         self.closed: BaseException | None = None
+        #: the alarm as this instance knows it (valid once _alarm_known)
+        self._alarm: AlarmRow | None = None
+        self._alarm_known = False
+        self._pending_alarm_changed = False
+        #: an alarm handler is running / it (or anything else) set or deleted the alarm meanwhile
+        self.alarm_running = False
+        self._alarm_touched = False
 
     # ----- reading -----------------------------------------------------------------------
 
@@ -260,8 +284,79 @@ class Storage:
         self._generation += 1
         self._complete = True
         self._pending_delete_all = True
+        # the wipe deletes the alarm row too (Cloudflare, since 2026-02-24)
+        self._alarm = None
+        self._alarm_known = True
+        self._pending_alarm_changed = False
+        if self.alarm_running:
+            self._alarm_touched = True
         self._write_seq += 1
         self._instance.host.flusher.mark_dirty(self)
+
+    # ----- the alarm -------------------------------------------------------------------
+
+    async def load_alarm(self) -> AlarmRow | None:
+        """The stored alarm row (read once per instance; this instance is its only writer)."""
+        if not self._alarm_known:
+            generation = self._generation
+            row = await self._instance.host.read_alarm(self._object_id)
+            self._check_open()
+            if not self._alarm_known and generation == self._generation:
+                self._alarm = row
+                self._alarm_known = True
+        return self._alarm
+
+    async def get_alarm(self) -> int | None:
+        """The alarm's time in epoch milliseconds, or None. None inside the running alarm
+        handler, unless something set a new alarm meanwhile (Cloudflare)."""
+        self._check_open()
+        if self.alarm_running and not self._alarm_touched:
+            return None
+        row = await self.load_alarm()
+        return None if row is None else row.scheduled_ms
+
+    async def set_alarm(self, scheduled_time: Any) -> None:
+        """Set the object's one alarm (replacing any other) to a datetime or epoch milliseconds;
+        a time in the past runs it promptly. The class needs an ``alarm(info)`` handler."""
+        self._check_open()
+        await self.write_alarm(self._new_alarm(scheduled_time))
+
+    def _new_alarm(self, scheduled_time: Any) -> AlarmRow:
+        inst = self._instance
+        if not inst.constructing and getattr(inst.cls, "alarm", None) is None:
+            raise TypeError(f"Your Durable Object class must have an alarm() handler in order to call "
+                            f"set_alarm() ({inst.cls.__name__} has none)")
+        ms = max(alarm_time_ms(scheduled_time), now_ms())
+        return AlarmRow(ms, ms, new_generation())
+
+    async def delete_alarm(self) -> None:
+        """Delete the alarm; one already running is not cancelled, but will not be retried."""
+        self._check_open()
+        await self.write_alarm(None)
+
+    async def write_alarm(self, row: AlarmRow | None) -> None:
+        """Stage the alarm row (None deletes it) as a write of the current event."""
+        self._check_open()
+        if row is None and self._alarm_known and self._alarm is None and not self.alarm_running:
+            return  # nothing stored, nothing to delete
+        self._alarm = row
+        self._alarm_known = True
+        self._pending_alarm_changed = True
+        if self.alarm_running:
+            self._alarm_touched = True
+        self._write_seq += 1
+        self._instance.host.flusher.mark_dirty(self)
+
+    def begin_alarm(self) -> None:
+        self.alarm_running = True
+        self._alarm_touched = False
+
+    def end_alarm(self) -> bool:
+        """The handler returned or failed: whether the alarm was set or deleted while it ran."""
+        touched = self._alarm_touched
+        self.alarm_running = False
+        self._alarm_touched = False
+        return touched
 
     def transaction(self) -> Transaction:
         """``async with storage.transaction() as txn:``; rolls back on exception or ``txn.rollback()``."""
@@ -295,13 +390,15 @@ class Storage:
     def has_unflushed(self) -> bool:
         return self._durable_seq < self._write_seq
 
-    def take_batch(self) -> tuple[bool, dict[bytes, bytes | None], int] | None:
+    def take_batch(self) -> Batch | None:
         """Hand the pending writes to the flusher; None when there is nothing or a flush is in flight."""
         if self._inflight or self.closed is not None or self._durable_seq >= self._write_seq:
             return None
-        batch = (self._pending_delete_all, self._pending, self._write_seq)
+        batch = Batch(self._pending_delete_all, self._pending, self._pending_alarm_changed, self._alarm,
+                      self._write_seq)
         self._pending = {}
         self._pending_delete_all = False
+        self._pending_alarm_changed = False
         self._inflight = True
         return batch
 
@@ -357,6 +454,8 @@ class Transaction:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._writes: dict[bytes, bytes | None] = {}
+        #: a set_alarm/delete_alarm of this transaction: (row or None,) once called
+        self._alarm: tuple[AlarmRow | None] | None = None
         self._state = "open"  # open | rolled_back | done
 
     def _check(self, op: str) -> None:
@@ -376,15 +475,35 @@ class Transaction:
         self._storage._txn_depth -= 1
         self._storage._instance.blocking -= 1
         state, self._state = self._state, "done"
-        if exc_type is None and state == "open" and self._writes:
+        if exc_type is None and state == "open" and (self._writes or self._alarm is not None):
             self._storage._check_open()
-            self._storage._apply(self._writes)
+            # keys and alarm in one write sequence: one batch, so one commit
+            if self._writes:
+                self._storage._apply(self._writes)
+            if self._alarm is not None:
+                await self._storage.write_alarm(self._alarm[0])
         return False
 
     def rollback(self) -> None:
         self._check("rollback")
         self._state = "rolled_back"
         self._writes = {}
+        self._alarm = None
+
+    async def get_alarm(self) -> int | None:
+        self._check("get_alarm")
+        if self._alarm is not None:
+            row = self._alarm[0]
+            return None if row is None else row.scheduled_ms
+        return await self._storage.get_alarm()
+
+    async def set_alarm(self, scheduled_time: Any) -> None:
+        self._check("set_alarm")
+        self._alarm = (self._storage._new_alarm(scheduled_time),)
+
+    async def delete_alarm(self) -> None:
+        self._check("delete_alarm")
+        self._alarm = (None,)
 
     async def get(self, key: str | Iterable[str]) -> Any:
         self._check("get")

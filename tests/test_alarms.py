@@ -1,0 +1,228 @@
+"""Alarms with Cloudflare's rules, on a real nats-server (JetStream schedules) and Postgres."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from services.client import Env
+from services.core.errors import RemoteError
+from services.core.settings import Settings
+from services.objects import Worker
+
+from .conftest import WorkerFactory, assert_eventually
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def runs_of(stub: Any, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Wait until the object has recorded ``count`` alarm runs; returns them."""
+    runs: list[dict[str, Any]] = []
+
+    async def enough() -> bool:
+        nonlocal runs
+        runs = await stub.runs()
+        return len(runs) >= count
+
+    await assert_eventually(enough, timeout=timeout)
+    return runs
+
+
+async def alarm_row(settings: Settings, object_id: str) -> Any:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await conn.fetchrow("SELECT * FROM do_alarms WHERE object_id = $1", object_id)
+    finally:
+        await conn.close()
+
+
+async def test_an_alarm_fires_once_at_its_time_and_is_then_cleared(worker: Worker, env: Env) -> None:
+    a = env.ALARMERS.get_by_name("fires")
+    when = await a.arm(600)
+    assert await a.get_alarm() == when
+    runs = await runs_of(a, 1)
+    assert runs[0]["scheduled"] == when and runs[0]["retry"] == 0 and runs[0]["is_retry"] is False
+    assert runs[0]["at"] >= when
+    assert runs[0]["inside"] is None  # get_alarm() inside the running handler
+    assert await a.get_alarm() is None
+    time_after = time.monotonic()
+    while time.monotonic() - time_after < 1.0:
+        assert len(await a.runs()) == 1
+
+
+async def test_a_new_alarm_replaces_the_old_one(worker: Worker, env: Env) -> None:
+    a = env.ALARMERS.get_by_name("replace")
+    await a.arm(400)
+    later = await a.arm(1200)
+    assert await a.get_alarm() == later
+    runs = await runs_of(a, 1)
+    assert [r["scheduled"] for r in runs] == [later]
+    await _stays(a, 1, 1.0)
+
+
+async def test_moving_an_alarm_earlier_fires_at_the_earlier_time(worker: Worker, env: Env) -> None:
+    a = env.ALARMERS.get_by_name("earlier")
+    await a.arm(60_000)
+    sooner = await a.arm(300)
+    runs = await runs_of(a, 1)
+    assert runs[0]["scheduled"] == sooner
+
+
+async def test_a_time_in_the_past_fires_promptly(worker: Worker, env: Env) -> None:
+    a = env.ALARMERS.get_by_name("past")
+    before = now_ms()
+    await a.arm_at(1000)  # 1970
+    runs = await runs_of(a, 1, timeout=5)
+    assert runs[0]["scheduled"] >= before  # clamped to now, like Cloudflare
+    assert runs[0]["at"] - before < 3000
+
+
+async def test_datetimes_are_accepted_and_naive_ones_refused(worker: Worker, env: Env) -> None:
+    a = env.ALARMERS.get_by_name("datetime")
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    await a.arm_at(when)
+    assert await a.get_alarm() == int(when.timestamp() * 1000)
+    with pytest.raises(RemoteError) as err:
+        await a.arm_at(datetime.now() + timedelta(seconds=30))  # noqa: DTZ005 - the point of the test
+    assert err.value.remote_type == "TypeError" and "timezone-aware" in str(err.value)
+
+
+@pytest.mark.parametrize("when", [0, -5, "soon", None, True])
+async def test_bad_alarm_times_are_errors(worker: Worker, env: Env, when: Any) -> None:
+    a = env.ALARMERS.get_by_name(f"bad-{when}")
+    with pytest.raises(RemoteError) as err:
+        await a.arm_at(when)
+    assert err.value.remote_type == "TypeError"
+    if when in (0, -5):
+        assert "alarm time <= 0" in str(err.value)
+    assert await a.get_alarm() is None
+
+
+async def test_set_alarm_on_a_class_without_an_alarm_handler_is_an_error(worker: Worker, env: Env) -> None:
+    probe = env.PROBES.get_by_name("no-alarm-handler")
+    with pytest.raises(RemoteError) as err:
+        await probe.storage("set_alarm", now_ms() + 1000)
+    assert err.value.remote_type == "TypeError" and "alarm() handler" in str(err.value)
+
+
+async def test_delete_alarm_cancels_it(worker: Worker, env: Env) -> None:
+    a = env.ALARMERS.get_by_name("delete")
+    await a.arm(500)
+    await a.delete_alarm()
+    assert await a.get_alarm() is None
+    await _stays(a, 0, 1.5)
+
+
+async def test_delete_all_removes_the_alarm(worker: Worker, env: Env, settings: Settings) -> None:
+    a = env.ALARMERS.get_by_name("delete-all")
+    await a.arm(800)
+    await a.wipe()
+    assert await a.get_alarm() is None
+    assert await alarm_row(settings, a.id.hex) is None
+    await _stays(a, 0, 1.5)
+
+
+async def test_the_alarm_is_written_with_the_event_and_behind_the_output_gate(
+        worker: Worker, env: Env, settings: Settings) -> None:
+    a = env.ALARMERS.get_by_name("gate")
+    await a.put_and_arm("k", "v", 60_000)
+    # the reply came after the commit: both writes are in Postgres already
+    row = await alarm_row(settings, a.id.hex)
+    assert row is not None and row["scheduled_ms"] > now_ms() + 50_000
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM do_storage WHERE object_id = $1", a.id.hex) == 1
+    finally:
+        await conn.close()
+
+
+async def test_an_alarm_set_in_a_transaction_that_rolls_back_never_fires(worker: Worker, env: Env) -> None:
+    for mode in ("rollback", "raise"):
+        a = env.ALARMERS.get_by_name(f"txn-{mode}")
+        await a.arm_in_txn(200, mode)
+        assert await a.get_alarm() is None
+        assert await a.get("txn") is None
+    committed = env.ALARMERS.get_by_name("txn-commit")
+    await committed.arm_in_txn(200, "commit")
+    await runs_of(committed, 1)
+    assert await committed.get("txn") == "commit"
+    for mode in ("rollback", "raise"):
+        await _stays(env.ALARMERS.get_by_name(f"txn-{mode}"), 0, 0.5)
+
+
+async def test_a_failing_alarm_is_retried_with_growing_delays(worker: Worker, env: Env) -> None:
+    a = env.ALARMERS.get_by_name("retry")
+    await a.plan({"fail_times": 2})
+    when = await a.arm(100)
+    runs = await runs_of(a, 3, timeout=20)
+    assert [r["retry"] for r in runs] == [0, 1, 2]
+    assert [r["is_retry"] for r in runs] == [False, True, True]
+    assert all(r["scheduled"] == when for r in runs)
+    gaps = [runs[i + 1]["at"] - runs[i]["at"] for i in range(2)]
+    assert 2000 <= gaps[0] <= 2500 + 500 and 4000 <= gaps[1] <= 5000 + 500, gaps
+    assert await a.get_alarm() is None
+    await _stays(a, 3, 1.0)
+
+
+async def test_a_failing_alarm_is_abandoned_after_six_retries(start_worker: WorkerFactory, env: Env) -> None:
+    await start_worker(alarm_retry_base=0.05)
+    a = env.ALARMERS.get_by_name("abandon")
+    await a.plan({"fail_times": 100})
+    await a.arm(50)
+    runs = await runs_of(a, 7, timeout=20)
+    assert [r["retry"] for r in runs] == [0, 1, 2, 3, 4, 5, 6]
+    await _stays(a, 7, 2.0)
+    assert await a.get_alarm() is None
+
+
+async def test_an_alarm_set_by_a_failing_handler_runs_instead_of_a_retry(
+        start_worker: WorkerFactory, env: Env) -> None:
+    await start_worker(alarm_retry_base=5.0)
+    a = env.ALARMERS.get_by_name("rearm-then-fail")
+    await a.plan({"fail_times": 1, "rearm_ms": 300})
+    await a.arm(50)
+    runs = await runs_of(a, 2, timeout=10)
+    assert [r["retry"] for r in runs] == [0, 0]
+    assert runs[1]["at"] - runs[0]["at"] < 3000  # the new alarm, not a retry after ~5 s
+    assert runs[0]["inside"] is None
+
+
+async def test_an_alarm_set_by_a_successful_handler_stays(worker: Worker, env: Env) -> None:
+    a = env.ALARMERS.get_by_name("rearm")
+    await a.plan({"rearm_ms": 300, "rearm_times": 2})
+    await a.arm(50)
+    runs = await runs_of(a, 3, timeout=10)
+    assert [r["retry"] for r in runs] == [0, 0, 0]
+    await _stays(a, 3, 1.0)
+    assert await a.get_alarm() is None
+
+
+async def test_delete_alarm_inside_a_failing_handler_prevents_the_retry(
+        start_worker: WorkerFactory, env: Env) -> None:
+    await start_worker(alarm_retry_base=0.1)
+    a = env.ALARMERS.get_by_name("delete-inside")
+    await a.plan({"fail_times": 5, "delete_inside": True})
+    await a.arm(50)
+    await runs_of(a, 1)
+    await _stays(a, 1, 1.5)
+    assert await a.get_alarm() is None
+
+
+async def _stays(stub: Any, count: int, seconds: float) -> None:
+    """The object's run count stays ``count`` for ``seconds``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert len(await stub.runs()) == count
+        await _sleep(0.1)
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
