@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 from services.objects import AlarmInfo, DurableObject, Request, Response
-from services.objects.patterns import Counter, RateLimiter
+from services.objects.patterns import Counter, RateLimiter, Session
 
-__all__ = ["Counter", "RateLimiter", "Probe", "Lifecycle"]
+__all__ = ["Counter", "RateLimiter", "Session", "Probe", "Lifecycle"]
 
 _STORAGE_OPS = {"get", "put", "delete", "delete_all", "list", "sync", "get_alarm", "set_alarm", "delete_alarm"}
 
@@ -419,3 +419,16 @@ class Alarmer(DurableObject):
             await storage.delete_alarm()
         if len(runs) <= plan.get("fail_times", 0):
             raise RuntimeError(f"planned failure {len(runs)}")
+
+
+class QuickLimiter(RateLimiter):
+    """The RateLimiter pattern with a one-second window of 3 requests."""
+
+    LIMIT = 3
+    WINDOW_MS = 1000
+
+    async def stored(self) -> dict[str, Any]:
+        return await self.ctx.storage.list()
+
+    async def alarm_at(self) -> int | None:
+        return await self.ctx.storage.get_alarm()

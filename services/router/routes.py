@@ -16,6 +16,10 @@ async def fetch(request: Request, env: Env) -> Response:
     if len(segments) >= 2 and segments[0] == "counter":
         return await env.COUNTERS.get_by_name(segments[1]).fetch(request)
 
+    # /session/<id> -> the Session named <id>: PUT (JSON body, ?ttl=seconds), GET (renews), DELETE
+    if len(segments) == 2 and segments[0] == "session":
+        return await env.SESSIONS.get_by_name(segments[1]).fetch(request)
+
     # /api/* -> guarded by one RateLimiter per client IP (100 requests a minute)
     if segments and segments[0] == "api":
         client_ip = request.headers.get("cf-connecting-ip") or "unknown"
