@@ -18,6 +18,7 @@ overdue) and every ``alarm_sweep_interval``: a lost wake-up makes an alarm late,
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
 import secrets
@@ -191,6 +192,11 @@ class Alarms:
         self.stream_ready = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._publisher: asyncio.Task[None] | None = None
+        #: schedules to publish, in commit order: a later set_alarm must replace an earlier one
+        self._outbox: collections.deque[tuple[int, str, str, AlarmRow]] = collections.deque()
+        self._outbox_ready = asyncio.Event()
+        self._publishing = False
         self.fired = 0
         self.abandoned = 0
 
@@ -203,12 +209,19 @@ class Alarms:
         except Exception as exc:  # noqa: BLE001 - e.g. a cluster without a meta leader yet: the sweeper retries
             log.warning("could not create the alarm stream yet (%s: %s); retrying", type(exc).__name__, exc)
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="alarm-sweeper")
+        self._publisher = asyncio.create_task(self._publish_loop(), name="alarm-publisher")
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop sweeping; give schedule publishes of committed alarms a moment to finish."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        deadline = time.monotonic() + grace
+        while (self._outbox or self._publishing) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._publisher is not None:
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=grace)
         for task in list(self._tasks):
@@ -224,14 +237,24 @@ class Alarms:
 
     def committed(self, items: list[tuple[int, str, str, AlarmRow]]) -> None:
         """Alarm rows just committed: publish their wake-ups (a failure leaves them to the sweep)."""
-        self._spawn(self._publish(items), "alarm-publish")
+        self._outbox.extend(items)
+        self._outbox_ready.set()
 
-    async def _publish(self, items: list[tuple[int, str, str, AlarmRow]]) -> None:
-        try:
-            await self.stream.publish(items)
-        except Exception as exc:  # noqa: BLE001 - Postgres has the alarms; the sweep runs them late
-            log.warning("could not publish %d alarm schedule(s) (%s: %s); the sweep will run them",
-                        len(items), type(exc).__name__, exc)
+    async def _publish_loop(self) -> None:
+        """One publisher, in commit order, so a schedule never replaces a newer one."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                items = [self._outbox.popleft() for _ in range(min(len(self._outbox), 1000))]
+                self._publishing = True
+                try:
+                    await self.stream.publish(items)
+                except Exception as exc:  # noqa: BLE001 - Postgres has the alarms; the sweep runs them late
+                    log.warning("could not publish %d alarm schedule(s) (%s: %s); the sweep will run them",
+                                len(items), type(exc).__name__, exc)
+                finally:
+                    self._publishing = False
 
     # ----- partitions ---------------------------------------------------------------------
 
@@ -305,11 +328,16 @@ class Alarms:
                 return  # not acknowledged: the next owner gets it (and its sweep finds it anyway)
             inst = self.worker.instance_for(state, namespace, object_id)
             ok, value, seq = await inst.run_event(lambda obj: run_alarm(inst, obj, generation))
-            if not ok and inst.broken is not None:
-                return  # reset: nothing was recorded, the alarm is still due; redelivered or swept
+            if not ok:
+                # the runtime failed (storage unreachable, object reset): nothing was recorded and
+                # the alarm is still due; the handler's own failures are recorded as retries
+                log.info("alarm of %s/%s not run now: %s", namespace, object_id, value)
+                if msg is not None:
+                    await msg.nak(delay=1.0)
+                return
             await inst.storage.wait_durable(seq)
             if msg is not None:
-                if ok and value == "busy":
+                if value == "busy":
                     await msg.nak(delay=1.0)  # this object's alarm is running: look again shortly
                 else:
                     await msg.ack()
@@ -346,11 +374,13 @@ class Alarms:
                 continue
             if r["due_ms"] <= overdue_before:
                 self.fire(state, r["object_id"], r["namespace"], r["generation"], None)
-            else:
-                later.append((r["partition"], r["object_id"], r["namespace"],
-                              AlarmRow(0, r["due_ms"], r["generation"])))
+                continue
+            live = state.instances.get(r["object_id"])
+            if live is not None and live.storage.alarm_changed_since(r["generation"]):
+                continue  # set again after we read it: its own (newer) schedule is queued
+            later.append((r["partition"], r["object_id"], r["namespace"], AlarmRow(0, r["due_ms"], r["generation"])))
         if later:
-            await self.stream.publish(later)
+            self.committed(later)
 
     async def _sweep_loop(self) -> None:
         interval = self.worker.settings.alarm_sweep_interval
@@ -380,8 +410,7 @@ async def _ack(msg: Msg) -> None:
 async def run_alarm(inst: Instance, obj: Any, generation: int) -> str:
     """The alarm event, under the object's input gate: run ``alarm(info)`` if the stored alarm
     still has ``generation``; then clear it, or on failure schedule a retry (Cloudflare's policy).
-    Returns what happened: ``ran``, ``failed``, ``stale``, ``busy``. The handler's exception is
-    re-raised after the retry is recorded, so the event counts as failed."""
+    Returns what happened: ``ran``, ``failed`` (the retry, if any, is recorded), ``stale``, ``busy``."""
     storage = inst.storage
     row = await storage.load_alarm()
     if row is None or row.generation != generation:
@@ -397,19 +426,28 @@ async def run_alarm(inst: Instance, obj: Any, generation: int) -> str:
     storage.begin_alarm()
     try:
         await handler(AlarmInfo(row.scheduled_ms, row.retry_count))
-    except BaseException as exc:
+    except Exception as exc:  # noqa: BLE001 - the object's failure: retried by policy
         touched = storage.end_alarm()
-        if isinstance(exc, Exception) and not touched and storage.closed is None:
-            # a new alarm set by the failed run replaces the retry (Cloudflare)
-            if row.retry_count >= MAX_RETRIES:
-                log.warning("alarm of %s (%s) failed %d times; abandoned: %s: %s", inst.object_id,
-                            inst.cls.__name__, row.retry_count + 1, type(exc).__name__, exc)
-                inst.host.alarms.abandoned += 1
-                await storage.write_alarm(None)
-            else:
-                delay = retry_delay(row.retry_count, inst.host.settings.alarm_retry_base)
-                await storage.write_alarm(AlarmRow(row.scheduled_ms, now_ms() + int(delay * 1000),
-                                                   new_generation(), row.retry_count + 1))
+        name = f"{inst.cls.__name__} {inst.object_id}"
+        if storage.closed is not None:
+            log.warning("alarm of %s reset the object (%s); it stays due", name, exc)
+        elif touched:  # a new alarm set (or deleted) by the failed run replaces the retry (Cloudflare)
+            log.warning("alarm of %s failed (%s: %s); not retried: it changed its alarm", name,
+                        type(exc).__name__, exc)
+        elif row.retry_count >= MAX_RETRIES:
+            log.warning("alarm of %s failed %d times; abandoned: %s: %s", name, row.retry_count + 1,
+                        type(exc).__name__, exc)
+            inst.host.alarms.abandoned += 1
+            await storage.write_alarm(None)
+        else:
+            delay = retry_delay(row.retry_count, inst.host.settings.alarm_retry_base)
+            log.warning("alarm of %s failed (%s: %s); retry %d in %.1f s", name, type(exc).__name__, exc,
+                        row.retry_count + 1, delay)
+            await storage.write_alarm(AlarmRow(row.scheduled_ms, now_ms() + int(delay * 1000),
+                                               new_generation(), row.retry_count + 1))
+        return "failed"
+    except BaseException:
+        storage.end_alarm()
         raise
     inst.host.alarms.fired += 1
     if not storage.end_alarm():

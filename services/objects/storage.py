@@ -347,6 +347,10 @@ class Storage:
         self._write_seq += 1
         self._instance.host.flusher.mark_dirty(self)
 
+    def alarm_changed_since(self, generation: int) -> bool:
+        """This instance knows of a newer alarm (or none) than the stored ``generation``."""
+        return self._alarm_known and (self._alarm is None or self._alarm.generation != generation)
+
     def begin_alarm(self) -> None:
         self.alarm_running = True
         self._alarm_touched = False
