@@ -226,3 +226,37 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+async def test_a_stale_or_duplicate_wake_up_is_acknowledged_and_ignored(worker: Worker, env: Env,
+                                                                        settings: Settings) -> None:
+    """Wake-ups published by hand on the fire subject: a wrong generation runs nothing, the right
+    one runs the alarm, a duplicate of it runs nothing again; every one is acknowledged."""
+    from services.core import codec
+    from services.objects.alarms import AlarmStream
+
+    a = env.ALARMERS.get_by_name("stale-fire")
+    await a.arm(120_000)
+    row = await alarm_row(settings, a.id.hex)
+    stream = AlarmStream(worker.nc, settings)
+    subject = stream.fire_subject(row["partition"], a.id.hex)
+    js = worker.nc.jetstream()
+
+    async def fire(generation: int) -> None:
+        await js.publish(subject, codec.dumps({"ns": "Alarmer", "gen": generation}, False))
+
+    async def drained() -> bool:
+        info = await js.stream_info(stream.name, subjects_filter=subject)
+        return not (info.state.subjects or {}).get(subject)
+
+    await fire(row["generation"] + 1)
+    await assert_eventually(drained, timeout=10)
+    assert await a.runs() == [] and await a.get_alarm() == row["scheduled_ms"]
+    await fire(row["generation"])
+    runs = await runs_of(a, 1)
+    assert runs[0]["scheduled"] == row["scheduled_ms"]
+    await assert_eventually(drained, timeout=10)
+    await fire(row["generation"])
+    await assert_eventually(drained, timeout=10)
+    await _stays(a, 1, 0.5)
+    assert await a.get_alarm() is None
