@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import asyncpg
@@ -68,6 +69,9 @@ async def collect(settings: Settings) -> dict[str, Any]:
             "SELECT objid::int FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = $1::int::oid "
             "AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             settings.deployment_key)}
+        alarms = dict(await conn.fetchrow(
+            "SELECT count(*) AS pending, count(*) FILTER (WHERE due_ms < $1) AS overdue FROM do_alarms",
+            int(time.time() * 1000) - 60_000))
     finally:
         await conn.close()
     try:
@@ -92,6 +96,7 @@ async def collect(settings: Settings) -> dict[str, Any]:
             "partitions": owned,
             "epochs": {str(p["partition"]): p["epoch"] for p in partitions if p["partition"] in owned},
             "live_objects": int(s.get("metadata", {}).get("live_objects", 0)) if s else None,
+            "alarms_run": int(s.get("metadata", {}).get("alarms_run", 0)) if s else None,
             "requests": requests if s else None,
             "errors": sum(e["num_errors"] for e in endpoints) if s else None,
             "avg_latency_ms": round(busy_ns / requests / 1e6, 3) if requests else None,
@@ -101,6 +106,8 @@ async def collect(settings: Settings) -> dict[str, Any]:
         "partitions_owned": len(held),
         "unowned_partitions": sorted(set(range(settings.partitions)) - held),
         "workers": out_workers,
+        "alarms_pending": alarms["pending"],
+        "alarms_overdue": alarms["overdue"],
         "nats_error": nats_error,
     }
 
@@ -121,6 +128,10 @@ def render(status: dict[str, Any]) -> str:
         epochs = sorted(set(w["epochs"].values()))
         span = f"epochs {epochs[0]}..{epochs[-1]}" if epochs else "no epochs"
         lines.append(f"  {w['worker_id'][:36]}: partitions {_ranges(w['partitions']) or '-'} ({span})")
+    lines.append(f"alarms: {status['alarms_pending']} pending, {status['alarms_overdue']} overdue by over a "
+                 f"minute; run since start: "
+                 + ", ".join(f"{w['worker_id'][:36]} {'-' if w['alarms_run'] is None else w['alarms_run']}"
+                             for w in status["workers"]))
     if status["unowned_partitions"]:
         lines.append(f"unowned partitions: {_ranges(status['unowned_partitions'])}")
     if status["nats_error"]:

@@ -124,7 +124,9 @@ async def test_durable_status_shows_workers_partitions_and_live_objects(
     await assert_eventually(balanced, 15, "balance")
     await env.COUNTERS.get_by_name("status-1").increment()
     await env.COUNTERS.get_by_name("status-2").increment()
+    await env.ALARMERS.get_by_name("status-alarm").arm(600_000)
     result = await status.collect(settings)
+    assert result["alarms_pending"] == 1 and result["alarms_overdue"] == 0
     assert result["partitions_owned"] == PARTITIONS and result["unowned_partitions"] == []
     by_id = {w["worker_id"]: w for w in result["workers"]}
     assert set(by_id) == {a.worker_id, b.worker_id}
@@ -133,7 +135,8 @@ async def test_durable_status_shows_workers_partitions_and_live_objects(
         assert sorted(row["partitions"]) == sorted(w.parts)
         assert {int(p): e for p, e in row["epochs"].items()} == {p: s.epoch for p, s in w.parts.items()}
         assert row["live_objects"] == w.live_objects()
-    assert sum(r["live_objects"] for r in result["workers"]) == 2
+    assert sum(r["live_objects"] for r in result["workers"]) == 3
     text = status.render(result)
+    assert "alarms: 1 pending, 0 overdue" in text
     assert f"2 worker(s), {PARTITIONS}/{PARTITIONS} partitions owned" in text
     assert a.worker_id[:36] in text and b.worker_id[:36] in text

@@ -58,6 +58,8 @@ class MicroService:
             "partitions_owned": str(len(self.worker.parts)),
             "partitions_total": str(self.worker.settings.partitions),
             "live_objects": str(self.worker.live_objects()),
+            "alarms_run": str(self.worker.alarms.fired),
+            "alarms_abandoned": str(self.worker.alarms.abandoned),
         }
 
     def _identity(self, kind: str) -> dict[str, Any]:
