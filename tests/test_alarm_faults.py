@@ -333,8 +333,9 @@ async def test_a_worker_refuses_a_nats_server_without_jetstream(
         message = err.value.message
         assert "JetStream" in message and version in message, message
         conn = await asyncpg.connect(database_url)
-        try:  # it took no partition on its way out
-            assert await conn.fetchval("SELECT count(*) FROM do_partitions WHERE owner IS NOT NULL") == 0
+        try:  # it took no partition on its way out (it stops before even creating the schema)
+            if await conn.fetchval("SELECT to_regclass('do_partitions')") is not None:
+                assert await conn.fetchval("SELECT count(*) FROM do_partitions WHERE owner IS NOT NULL") == 0
         finally:
             await conn.close()
 

@@ -260,3 +260,22 @@ async def test_a_stale_or_duplicate_wake_up_is_acknowledged_and_ignored(worker: 
     await assert_eventually(drained, timeout=10)
     await _stays(a, 1, 0.5)
     assert await a.get_alarm() is None
+
+
+@pytest.mark.parametrize(("version", "jetstream", "expect"), [
+    ("2.15.1", True, None),
+    ("2.12.0", True, None),
+    ("3.0.0-beta.1", True, None),
+    ("2.11.9", True, "need nats-server 2.12 or later"),
+    ("2.10.24", False, "need nats-server 2.12 or later"),
+    ("2.15.1", False, "runs without JetStream"),
+    ("weird", True, "not a version number"),
+])
+def test_the_start_up_check_names_the_version_found(version: str, jetstream: bool, expect: str | None) -> None:
+    from services.objects.alarms import schedule_support_problem
+
+    problem = schedule_support_problem(version, jetstream)
+    if expect is None:
+        assert problem is None
+    else:
+        assert problem is not None and expect in problem and version in problem

@@ -110,17 +110,27 @@ def at_header(ms: int) -> str:
     return "@at " + stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 
+def schedule_support_problem(version: str, jetstream: bool) -> str | None:
+    """Why a nats-server of ``version`` (with or without JetStream) cannot run alarms, or None."""
+    try:
+        major, minor = (int(part) for part in version.split("-")[0].split(".")[:2])
+    except ValueError:
+        return f"the NATS server reports version {version!r}, which is not a version number"
+    if (major, minor) < SCHEDULES_SINCE:
+        return (f"the NATS server is version {version}; durable's alarms need message schedules, which "
+                f"need nats-server {SCHEDULES_SINCE[0]}.{SCHEDULES_SINCE[1]} or later")
+    if not jetstream:
+        return (f"the NATS server (version {version}) runs without JetStream; durable's alarms need it: "
+                "start nats-server with -js (or a jetstream {} block in its config)")
+    return None
+
+
 def check_server(nc: nats.NATS) -> None:
     """Alarms need message schedules: nats-server 2.12 or later with JetStream enabled."""
-    version = nc.connected_server_version
-    found = f"{version.major}.{version.minor}.{version.patch}"
-    if (version.major, version.minor) < SCHEDULES_SINCE:
-        raise ConfigError(f"the NATS server at {nc.connected_url.netloc if nc.connected_url else '?'} is "
-                          f"version {found}; durable's alarms need message schedules, which need "
-                          f"nats-server {SCHEDULES_SINCE[0]}.{SCHEDULES_SINCE[1]} or later")
-    if not nc._server_info.get("jetstream"):
-        raise ConfigError(f"the NATS server (version {found}) runs without JetStream; durable's alarms need "
-                          "it: start nats-server with -js (or a jetstream {} block in its config)")
+    info = nc._server_info
+    problem = schedule_support_problem(str(info.get("version", "?")), bool(info.get("jetstream")))
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 class AlarmStream:
@@ -201,7 +211,6 @@ class Alarms:
         self.abandoned = 0
 
     async def start(self) -> None:
-        check_server(self.worker.nc)
         self.stream = AlarmStream(self.worker.nc, self.worker.settings)
         try:
             await self.stream.ensure_stream()

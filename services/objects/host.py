@@ -40,7 +40,7 @@ from ..core.http import Request, Response
 from ..core.ids import IdFactory, ObjectId, namespace_key
 from ..core.settings import Settings
 from ..core.subjects import partition_filter, partition_of, partition_queue
-from .alarms import AlarmRow, Alarms
+from .alarms import AlarmRow, Alarms, check_server
 from .base import DurableObject
 from .flusher import Flusher
 from .instance import Instance
@@ -159,6 +159,11 @@ class Worker:
     async def start(self) -> None:
         self.nc = await nats.connect(servers=self.settings.nats_servers, name=f"durable-worker:{self.worker_id}",
                                      max_reconnect_attempts=-1, pending_size=8 * 1024 * 1024)
+        try:
+            check_server(self.nc)  # alarms need JetStream message schedules: refuse to start without
+        except BaseException:
+            await close_nats(self.nc)
+            raise
         self.pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=8,
                                               reset=_keep_session, command_timeout=self.settings.lease_ttl)
         async with self.pool.acquire() as conn:
