@@ -88,6 +88,13 @@ class UnknownNamespace(DurableError, LookupError):
     status = 404
 
 
+class UnknownSocket(DurableError):
+    """A WebSocket event names a socket this object has not accepted, or has closed."""
+
+    code = "unknown_socket"
+    status = 410
+
+
 class UnknownMethod(DurableError, AttributeError):
     """The method does not exist on the class, or is private (starts with ``_``)."""
 

@@ -62,13 +62,15 @@ def _body_bytes(body: Any) -> bytes:
 class Request:
     """An HTTP request as an object's ``fetch`` sees it."""
 
-    __slots__ = ("method", "url", "headers", "body")
+    __slots__ = ("method", "url", "headers", "body", "websocket")
 
     def __init__(self, url: str, method: str = "GET", headers: Any = None, body: Any = None) -> None:
         self.url = url
         self.method = method.upper()
         self.headers = Headers(headers)
         self.body = _body_bytes(body)
+        #: in an object's fetch of a WebSocket upgrade: the socket to pass to ctx.accept_websocket()
+        self.websocket: Any = None
 
     @property
     def path(self) -> str:

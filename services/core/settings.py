@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     alarm_sweep_interval: float = Field(default=5.0, gt=0)
     #: First retry delay of a failed alarm; each further retry doubles it (Cloudflare: 2 s).
     alarm_retry_base: float = Field(default=2.0, gt=0)
+    #: WebSocket gateways announce themselves this often; silent this long, their sockets are
+    #: closed (1006) for the objects that had them.
+    gateway_heartbeat_interval: float = Field(default=1.0, gt=0)
+    gateway_timeout: float = Field(default=3.0, gt=0)
+    gateway_port: int = 8788
 
     http_host: str = "127.0.0.1"
     http_port: int = 8787

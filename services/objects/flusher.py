@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..core.errors import ObjectReset
 
@@ -27,7 +27,8 @@ log = logging.getLogger("durable.flusher")
 BatchItem = tuple["Storage", "Batch"]
 
 #: one round trip: fence + every write, as one transaction (infra/migrations/003_alarms.sql)
-_FLUSH = "SELECT do_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+_FLUSH = ("SELECT do_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, "
+          "$20, $21, $22, $23, $24, $25, $26, $27, $28)")
 
 
 class _Fenced(Exception):
@@ -187,6 +188,8 @@ class Flusher:
         alarm_due: list[int] = []
         alarm_gen: list[int] = []
         alarm_retry: list[int] = []
+        sock_del: list[str] = []
+        sock: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
         for storage, b in batch:
             inst = storage._instance
             epochs[inst.partition] = inst.epoch
@@ -204,6 +207,13 @@ class Flusher:
                     alarm_due.append(row.due_ms)
                     alarm_gen.append(row.generation)
                     alarm_retry.append(row.retry_count)
+            for socket_id, srow in b.sockets.items():
+                if srow is None:
+                    sock_del.append(socket_id)
+                else:
+                    for column, value in zip(sock, (socket_id, inst.object_id, inst.namespace, inst.partition,
+                                                    *srow), strict=True):
+                        column.append(value)
             for k, v in b.writes.items():
                 if v is None:
                     del_o.append(inst.object_id)
@@ -218,8 +228,9 @@ class Flusher:
         async with self.worker.pool.acquire() as conn:
             ok = await conn.fetchval(_FLUSH, parts, eps, wiped, del_o, del_k, up_o, up_k, up_ns, up_v,
                                      alarm_del, alarm_o, alarm_ns, alarm_p, alarm_sched, alarm_due, alarm_gen,
-                                     alarm_retry, self.worker.worker_id if self.worker.audit_commits else None)
+                                     alarm_retry, sock_del, *sock,
+                                     self.worker.worker_id if self.worker.audit_commits else None)
         if len(ok) != len(parts):
             raise _Fenced(set(parts) - set(ok))
         self.commits += 1
-        self.rows += len(up_o) + len(del_o) + len(alarm_o) + len(alarm_del)
+        self.rows += len(up_o) + len(del_o) + len(alarm_o) + len(alarm_del) + len(sock_del) + len(sock[0])

@@ -35,6 +35,7 @@ from ..core.errors import (
     StorageUnavailable,
     UnknownMethod,
     UnknownNamespace,
+    UnknownSocket,
 )
 from ..core.http import Request, Response
 from ..core.ids import IdFactory, ObjectId, namespace_key
@@ -46,6 +47,17 @@ from .flusher import Flusher
 from .instance import Instance
 from .micro import MicroService
 from .ownership import Ownership
+from .websockets import (
+    AUTO_RESPONSE_HEADER,
+    GATEWAY_HEADER,
+    OBJECT_HEADER,
+    SOCKET_ID_HEADER,
+    GatewayWatch,
+    gateway_query_subject,
+    gateway_subject,
+    parse_event,
+    split_ops,
+)
 
 log = logging.getLogger("durable.worker")
 
@@ -53,6 +65,10 @@ log = logging.getLogger("durable.worker")
 HANDOVER_LINGER = 0.5
 
 _READ_KEYS = "SELECT key, value FROM do_storage WHERE object_id = $1 AND key = ANY($2::bytea[])"
+_READ_SOCKETS = (
+    "SELECT socket_id, gateway, tags, attachment, auto_request, auto_response FROM do_sockets "
+    "WHERE object_id = $1 ORDER BY accepted_at, socket_id"
+)
 _READ_ALARM = "SELECT scheduled_ms, due_ms, generation, retry_count FROM do_alarms WHERE object_id = $1"
 _READ_RANGE = (
     "SELECT key, value FROM do_storage WHERE object_id = $1 AND key >= $2 "
@@ -146,6 +162,7 @@ class Worker:
         self.ownership = Ownership(settings, self.worker_id, self._on_acquired, self._on_lost, self._hand_over)
         self.micro = MicroService(self)
         self.alarms = Alarms(self)
+        self.gateways = GatewayWatch(self)
         self.nc: nats.NATS
         self.pool: asyncpg.Pool
         self.env: Env
@@ -173,6 +190,7 @@ class Worker:
         self.flusher.start()
         await self.micro.start()
         await self.alarms.start()
+        await self.gateways.start()
         await self.ownership.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="sweeper")
 
@@ -206,6 +224,7 @@ class Worker:
         while self._tasks and time.monotonic() < deadline:  # the last refusals go out
             await asyncio.sleep(0.005)
         await self.alarms.stop()
+        await self.gateways.stop()
         await self.micro.stop()
         await self.pool.close()
         await close_nats(self.nc)
@@ -331,6 +350,9 @@ class Worker:
         r = rows[0]
         return AlarmRow(r["scheduled_ms"], r["due_ms"], r["generation"], r["retry_count"])
 
+    async def read_sockets(self, object_id: str) -> list[Any]:
+        return await self._read(_READ_SOCKETS, object_id)
+
     async def read_range(self, object_id: str, lo: bytes, hi: bytes | None, reverse: bool,
                          limit: int | None) -> list[Any]:
         return await self._read(_READ_RANGE.format(order="DESC" if reverse else "ASC"), object_id, lo, hi, limit)
@@ -375,12 +397,42 @@ class Worker:
         state.instances[oid] = inst
         return inst
 
+    # ----- WebSockets: frames out to gateways ----------------------------------------------
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def send_to_gateways(self, outbox: dict[str, list[list[Any]]]) -> None:
+        """Frames an object sent, past its output gate: one NATS message per gateway."""
+        for gateway, ops in outbox.items():
+            for chunk in split_ops(ops):
+                try:
+                    await self.nc.publish(gateway_subject(self.settings.deployment_key, gateway),
+                                          codec.dumps({"ops": chunk}, False))
+                except Exception as exc:  # noqa: BLE001 - a gateway we cannot reach has lost its sockets
+                    log.warning("could not send to gateway %s: %s: %s", gateway, type(exc).__name__, exc)
+
+    async def auto_response_timestamp(self, gateway: str, socket_id: str) -> int | None:
+        try:
+            msg = await self.nc.request(gateway_query_subject(self.settings.deployment_key, gateway),
+                                        codec.dumps({"sid": socket_id}, False), timeout=2.0)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return None  # the gateway is gone, and the socket with it
+        value = codec.loads(msg.data, False)
+        return value if isinstance(value, int) else None
+
     def instance_for(self, state: PartitionState, namespace: str, object_id: str) -> Instance:
         """The live instance of an object in ``state``'s partition (made if needed), for events
         the runtime delivers itself (alarms)."""
         return self._instance(state, namespace, object_id, None)
 
-    def _handler(self, cls: type, verb: list[str], payload: Any) -> Callable[[Any], Awaitable[Any]]:
+    def _handler(self, inst: Instance, verb: list[str], payload: Any,
+                 headers: dict[str, str]) -> Callable[[Any], Awaitable[Any]]:
+        cls = inst.cls
+        if len(verb) == 2 and verb[0] == "ws":
+            return self._socket_event(inst, verb[1], payload)
         if len(verb) == 2 and verb[0] == "rpc":
             method = verb[1]
             if method.startswith("_"):
@@ -401,22 +453,79 @@ class Worker:
 
             return rpc
         if verb == ["fetch"]:
-            fetch = getattr(cls, "fetch", None)
-            if fetch is None:
-                raise UnknownMethod(f"{cls.__name__} does not define fetch()")
-            try:
-                request = Request.from_wire(payload)
-            except (ValueError, TypeError) as exc:
-                raise InvalidRequest(f"malformed fetch request: {exc}") from None
-
-            async def do_fetch(obj: Any) -> Any:
-                response = await obj.fetch(request)
-                if not isinstance(response, Response):
-                    raise TypeError(f"fetch() must return a Response, not {type(response).__name__}")
-                return response.to_wire()
-
-            return do_fetch
+            return self._fetch_handler(inst, payload)
         raise InvalidRequest(f"unknown verb {'.'.join(verb)!r}: expected rpc.<method> or fetch")
+
+    def _fetch_handler(self, inst: Instance, payload: Any) -> Callable[[Any], Awaitable[Any]]:
+        """fetch(request); for a WebSocket upgrade from a gateway, request.websocket is the socket
+        offered, and a 101 answer carries the accepting object's address back to the gateway."""
+        cls = inst.cls
+        fetch = getattr(cls, "fetch", None)
+        if fetch is None:
+            raise UnknownMethod(f"{cls.__name__} does not define fetch()")
+        try:
+            request = Request.from_wire(payload)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"malformed fetch request: {exc}") from None
+
+        socket_id, gateway = request.headers.get(SOCKET_ID_HEADER), request.headers.get(GATEWAY_HEADER)
+        if socket_id and gateway:
+            request.websocket = inst.sockets.offered(socket_id, gateway)
+
+        async def do_fetch(obj: Any) -> Any:
+            if request.websocket is not None:
+                await inst.sockets.load()  # the auto-response pair goes back with an accept
+            response = await obj.fetch(request)
+            if not isinstance(response, Response):
+                raise TypeError(f"fetch() must return a Response, not {type(response).__name__}")
+            ws = request.websocket
+            if response.status == 101:
+                if ws is None or ws.state != "open":
+                    raise RemoteError("fetch() answered 101 without ctx.accept_websocket(request.websocket)"
+                                      if ws is not None else
+                                      "fetch() answered 101 to a request that is not a WebSocket upgrade",
+                                      remote_type="TypeError")
+                response.headers.set(OBJECT_HEADER, f"{inst.namespace}.{inst.object_id}")
+                if inst.sockets.auto is not None:
+                    response.headers.set(AUTO_RESPONSE_HEADER, codec.dumps(list(inst.sockets.auto), True).decode())
+            elif ws is not None and ws.state == "open":
+                inst.sockets.closed(ws.id)  # accepted, then refused: the client never connected
+            return response.to_wire()
+
+        return do_fetch
+
+    def _socket_event(self, inst: Instance, kind: str, payload: Any) -> Callable[[Any], Awaitable[Any]]:
+        """A gateway's event for one of this object's sockets: message, close or error."""
+        if kind == "message":
+            event = parse_event(payload, {"sid": str, "data": (str, bytes)})
+        elif kind == "close":
+            event = parse_event(payload, {"sid": str, "code": int, "reason": str, "clean": bool})
+        elif kind == "error":
+            event = parse_event(payload, {"sid": str, "error": str})
+        else:
+            raise InvalidRequest(f"unknown WebSocket event {kind!r}: expected ws.message, ws.close or ws.error")
+        sid = event["sid"]
+
+        async def deliver(obj: Any) -> Any:
+            await inst.sockets.load()
+            if kind == "close":
+                ws = inst.sockets.closed(sid)
+                handler = getattr(obj, "websocket_close", None)
+                if ws is not None and handler is not None:
+                    await handler(ws, event["code"], event["reason"], event["clean"])
+                return None
+            ws = inst.sockets.by_id.get(sid)
+            if ws is None:
+                raise UnknownSocket(f"socket {sid[:80]} is not an open WebSocket of this object")
+            handler = getattr(obj, f"websocket_{kind}", None)
+            if handler is None:
+                if kind == "error":
+                    return None
+                raise UnknownMethod(f"{inst.cls.__name__} has no websocket_message() handler")
+            await handler(ws, event["data"] if kind == "message" else event["error"])
+            return None
+
+        return deliver
 
     async def _handle(self, state: PartitionState, msg: Msg) -> None:
         try:
@@ -442,7 +551,7 @@ class Worker:
                                       f"{self.settings.max_request_bytes} bytes")
             payload = codec.loads(msg.data, as_json)
             inst = self._instance(state, namespace, tokens[3], _claimed_name(payload, headers))
-            handler = self._handler(inst.cls, tokens[4:], payload)
+            handler = self._handler(inst, tokens[4:], payload, headers)
             trace_context = telemetry.extract(headers)
             if trace_context is None:
                 ok, value, seq = await inst.run_event(handler)

@@ -22,6 +22,7 @@ from ..core.context import current_event
 from ..core.errors import NotOwner, ObjectReset, RemoteError
 from ..core.ids import ObjectId
 from .storage import Storage
+from .websockets import Sockets, WebSocket
 
 if TYPE_CHECKING:
     from .host import Worker
@@ -47,6 +48,36 @@ class Context:
             inst.init_fns.append((fn, fut))
             return fut
         return inst.run_blocking(fn)
+
+    # ----- WebSockets (Cloudflare's hibernation API) -------------------------------------
+
+    def accept_websocket(self, ws: WebSocket, tags: list[str] | None = None) -> None:
+        """Accept the socket of an upgrade request (``request.websocket``), then return
+        ``Response(status=101)`` from fetch. At most 10 tags of at most 256 characters."""
+        self._instance.sockets.accept(ws, tags)
+
+    async def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
+        """Every open socket of this object (or those with ``tag``), also after hibernation."""
+        await self._instance.sockets.load()
+        return self._instance.sockets.all(tag)
+
+    def get_tags(self, ws: WebSocket) -> list[str]:
+        self._instance.sockets.check_usable(ws, "get_tags")
+        return list(ws.tags)
+
+    def set_websocket_auto_response(self, request: str | None = None, response: str | None = None) -> None:
+        """Frames equal to ``request`` are answered with ``response`` by the gateway, without waking
+        the object (each at most 2048 characters); no arguments clears it."""
+        self._instance.sockets.set_auto_response(request, response)
+
+    async def get_websocket_auto_response(self) -> tuple[str, str] | None:
+        await self._instance.sockets.load()
+        return self._instance.sockets.auto
+
+    async def get_websocket_auto_response_timestamp(self, ws: WebSocket) -> int | None:
+        """Epoch ms of the last auto-response the gateway sent on ``ws``, or None."""
+        self._instance.sockets.check_usable(ws, "get_websocket_auto_response_timestamp")
+        return await self._instance.host.auto_response_timestamp(ws.gateway, ws.id)
 
     def abort(self, reason: str = "Application called abort() to reset Durable Object.") -> None:
         error = ObjectReset(reason)
@@ -109,6 +140,7 @@ class Instance:
         self.turn = asyncio.Lock()
         self.blocking = 0
         self.storage = Storage(self)
+        self.sockets = Sockets(self)
         self.ctx = Context(self, object_id)
         self.obj: Any = None
         self.constructing = False

@@ -29,20 +29,25 @@ MAX_BATCH = 128
 
 _ABSENT = None  # cache marker: the key is known not to exist
 
+#: a socket registration as written: (gateway, tags as JSON, attachment, auto request, auto response)
+SocketRow = tuple[str, str, bytes | None, str | None, str | None]
+
 
 class Batch:
     """One object's pending writes, handed to the flusher as a unit (atomic in one commit)."""
 
-    __slots__ = ("delete_all", "writes", "alarm_changed", "alarm", "seq")
+    __slots__ = ("delete_all", "writes", "alarm_changed", "alarm", "sockets", "seq")
 
     def __init__(self, delete_all: bool, writes: dict[bytes, bytes | None], alarm_changed: bool,
-                 alarm: AlarmRow | None, seq: int) -> None:
+                 alarm: AlarmRow | None, sockets: dict[str, SocketRow | None], seq: int) -> None:
         self.delete_all = delete_all
         #: key -> encoded value, or None for a delete
         self.writes = writes
         #: the alarm row is written (``alarm``) or deleted (None) after the keys
         self.alarm_changed = alarm_changed
         self.alarm = alarm
+        #: socket id -> its registration (gateway, tags JSON, attachment, auto pair) or None: gone
+        self.sockets = sockets
         self.seq = seq
 
 #: sends one event's reply; called with None once its writes are durable, or with the error
@@ -161,6 +166,7 @@ class Storage:
         #: an alarm handler is running / it (or anything else) set or deleted the alarm meanwhile
         self.alarm_running = False
         self._alarm_touched = False
+        self._pending_sockets: dict[str, SocketRow | None] = {}
 
     # ----- reading -----------------------------------------------------------------------
 
@@ -351,6 +357,13 @@ class Storage:
         """This instance knows of a newer alarm (or none) than the stored ``generation``."""
         return self._alarm_known and (self._alarm is None or self._alarm.generation != generation)
 
+    def stage_socket(self, socket_id: str, row: SocketRow | None) -> None:
+        """A socket registration (None: removal) written with the current event's writes."""
+        self._check_open()
+        self._pending_sockets[socket_id] = row
+        self._write_seq += 1
+        self._instance.host.flusher.mark_dirty(self)
+
     def begin_alarm(self) -> None:
         self.alarm_running = True
         self._alarm_touched = False
@@ -399,7 +412,8 @@ class Storage:
         if self._inflight or self.closed is not None or self._durable_seq >= self._write_seq:
             return None
         batch = Batch(self._pending_delete_all, self._pending, self._pending_alarm_changed, self._alarm,
-                      self._write_seq)
+                      self._pending_sockets, self._write_seq)
+        self._pending_sockets = {}
         self._pending = {}
         self._pending_delete_all = False
         self._pending_alarm_changed = False
