@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import uvicorn
@@ -51,11 +52,20 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def _serve_router(settings: Settings, config: AppConfig, stop: asyncio.Event) -> None:
+def server_config(app: Any, host: str, port: int) -> uvicorn.Config:
+    """uvicorn for the router and gateway: WebSocket frames up to 1 MiB (larger: close 1009), and
+    pings every 5 s, so a client that vanished without a close frame is noticed (1006) in ~10 s."""
+    from .objects.websockets import MAX_MESSAGE_BYTES  # noqa: PLC0415
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                          ws_max_size=MAX_MESSAGE_BYTES, ws_ping_interval=5.0, ws_ping_timeout=5.0)
+
+
+async def _serve_router(settings: Settings, config: AppConfig, stop: asyncio.Event, http: bool = True) -> None:
     from .router.app import create_app  # noqa: PLC0415 - the worker process does not need it
 
-    server = _Server(uvicorn.Config(create_app(settings, config), host=settings.http_host,
-                                    port=settings.http_port, log_level="warning", lifespan="on"))
+    port = settings.http_port if http else settings.gateway_port
+    server = _Server(server_config(create_app(settings, config, http=http), settings.http_host, port))
     task = asyncio.create_task(server.serve())
     await stop.wait()
     server.should_exit = True
@@ -148,6 +158,14 @@ async def _worker() -> None:
     await worker.stop()
 
 
+async def _gateway() -> None:
+    settings, config = _load({})
+    if not settings.nats_url:
+        raise ConfigError("durable gateway needs DURABLE_NATS_URL")
+    print(f"gateway         ws://{settings.http_host}:{settings.gateway_port} (WebSockets only)", flush=True)
+    await _serve_router(settings, config, _stop_event(), http=False)
+
+
 async def _router() -> None:
     settings, config = _load({})
     if not settings.nats_url:
@@ -194,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--workers", type=int, default=1, metavar="N",
                      help="run N workers (one in this process, N-1 as child processes)")
     sub.add_parser("worker", help="run an object host against DURABLE_NATS_URL / DURABLE_DATABASE_URL")
-    sub.add_parser("router", help="run the HTTP router against DURABLE_NATS_URL")
+    sub.add_parser("router", help="run the HTTP router (and WebSocket gateway) against DURABLE_NATS_URL")
+    sub.add_parser("gateway", help="run a WebSocket gateway alone against DURABLE_NATS_URL")
     status_cmd = sub.add_parser("status", help="workers, their partitions and epochs, live objects")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     id_cmd = sub.add_parser("id", help="print the id of a named object, e.g. `durable id Counter demo`")
@@ -214,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_status(args.json))
         elif args.command == "id":
             _print_id(args.target, args.name)
+        elif args.command == "gateway":
+            asyncio.run(_gateway())
         else:
             asyncio.run(_router())
     except ConfigError as exc:

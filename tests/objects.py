@@ -432,3 +432,93 @@ class QuickLimiter(RateLimiter):
 
     async def alarm_at(self) -> int | None:
         return await self.ctx.storage.get_alarm()
+
+
+class Sock(DurableObject):
+    """WebSockets under test: its fetch accepts an upgrade (``?tags=a,b``, ``?refuse=403``), and
+    each text frame is a JSON command; every websocket_close it sees is recorded in storage."""
+
+    async def fetch(self, request: Request) -> Response:
+        refuse = request.query_param("refuse")
+        if refuse:
+            return Response(f"refused by the object: {refuse}", int(refuse))
+        if request.websocket is None:
+            return Response("expected a WebSocket upgrade", 426)
+        raw_tags = request.query_param("tags")
+        tags = raw_tags.split(",") if raw_tags else []
+        if request.query_param("many_tags"):
+            tags = [f"t{i}" for i in range(int(request.query_param("many_tags") or 0))]
+        self.ctx.accept_websocket(request.websocket, tags)
+        user = request.query_param("user")
+        if user:
+            request.websocket.serialize_attachment({"user": user})
+        await self.ctx.storage.put("accepted", (await self.ctx.storage.get("accepted") or 0) + 1)
+        return Response(None, 101)
+
+    async def websocket_message(self, ws: Any, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            ws.send(message)
+            return
+        import json
+
+        cmd = json.loads(message)
+        op = cmd["op"]
+        if op == "echo":
+            ws.send(json.dumps({"echo": cmd.get("v")}))
+        elif op == "seq":  # ordering: the object checks each frame follows the last
+            last = await self.ctx.storage.get("seq") or 0
+            await self.ctx.storage.put("seq", cmd["n"])
+            if cmd["n"] != last + 1:
+                await self.ctx.storage.put("out_of_order", True)
+            if cmd.get("ack"):
+                ws.send(json.dumps({"seq": cmd["n"]}))
+        elif op == "broadcast":
+            payload = json.dumps({"broadcast": cmd.get("v")})
+            for other in await self.ctx.get_websockets(cmd.get("tag")):
+                other.send(payload)
+        elif op == "whoami":
+            sockets = await self.ctx.get_websockets()
+            ws.send(json.dumps({"tags": self.ctx.get_tags(ws), "attachment": ws.deserialize_attachment(),
+                                "count": len(sockets), "instance": id(self)}))
+        elif op == "attach":
+            try:
+                ws.serialize_attachment(cmd["v"])
+                ws.send(json.dumps({"attached": True}))
+            except ValueError as exc:
+                ws.send(json.dumps({"error": str(exc)}))
+        elif op == "close":
+            ws.close(cmd.get("code", 1000), cmd.get("reason", ""))
+        elif op == "auto":
+            self.ctx.set_websocket_auto_response(cmd["req"], cmd["res"])
+            ws.send(json.dumps({"auto": True}))
+        elif op == "auto_ts":
+            ws.send(json.dumps({"auto_ts": await self.ctx.get_websocket_auto_response_timestamp(ws)}))
+        elif op == "fail":
+            raise RuntimeError("websocket_message failed on purpose")
+        elif op == "send_error":
+            try:
+                ws.send(cmd.get("v") if cmd.get("kind") != "int" else 5)
+            except (TypeError, ValueError) as exc:
+                ws.send(json.dumps({"error": str(exc)}))
+
+    async def websocket_close(self, ws: Any, code: int, reason: str, was_clean: bool) -> None:
+        closes = await self.ctx.storage.get("closes") or []
+        closes.append({"code": code, "reason": reason, "clean": was_clean, "tags": self.ctx.get_tags(ws)
+                       if ws.state != "closed" else list(ws.tags)})
+        await self.ctx.storage.put("closes", closes)
+
+    async def closes(self) -> list[dict[str, Any]]:
+        return await self.ctx.storage.get("closes") or []
+
+    async def sockets(self) -> list[dict[str, Any]]:
+        return [{"tags": list(ws.tags), "attachment": ws.deserialize_attachment()}
+                for ws in await self.ctx.get_websockets()]
+
+    async def broadcast(self, text: str, tag: str | None = None) -> int:
+        sockets = await self.ctx.get_websockets(tag)
+        for ws in sockets:
+            ws.send(text)
+        return len(sockets)
+
+    async def get(self, key: str) -> Any:
+        return await self.ctx.storage.get(key)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse
 from starlette.responses import Response as StarletteResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from ..client import Client, Env
 from ..core import telemetry
@@ -23,6 +25,7 @@ from ..core.config import AppConfig
 from ..core.errors import DurableError
 from ..core.http import Request, Response
 from ..core.settings import Settings
+from ..gateway import Gateway
 from . import routes
 
 log = logging.getLogger("durable.router")
@@ -32,25 +35,39 @@ UserFetch = Callable[[Request, Env], Awaitable[Response]]
 
 
 def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch = routes.fetch,
-               client: Client | None = None) -> Starlette:
-    state: dict[str, Env] = {}
+               client: Client | None = None, http: bool = True, websockets: bool = True) -> Starlette:
+    """The router: HTTP requests (``http``) and WebSocket upgrades (``websockets``, the gateway)
+    both go to ``user_fetch``. ``durable gateway`` serves only the WebSockets."""
+    state: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own = client is None
         c = client or await Client.connect(settings, config)
         state["env"] = Env(c, config)
+        gateway = Gateway(settings, c, state["env"], user_fetch) if websockets else None
+        app.state.gateway = gateway
+        if gateway is not None:
+            await gateway.start()
         try:
             yield
         finally:
+            if gateway is not None:
+                await gateway.stop()
             if own:
                 await c.close()
+
+    async def handle_websocket(websocket: WebSocket) -> None:
+        gateway = websocket.app.state.gateway
+        await gateway.serve(websocket)
 
     async def handle(request: StarletteRequest) -> StarletteResponse:
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, 413)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() != "cf-connecting-ip"]
+        # headers only the runtime sets: a client must not claim a socket or an address
+        headers = [(k, v) for k, v in request.headers.items()
+                   if k.lower() != "cf-connecting-ip" and not k.lower().startswith("do-websocket-")]
         headers.append(("cf-connecting-ip", request.client.host if request.client else "unknown"))
         req = Request(str(request.url), request.method, headers, body)
         try:
@@ -65,4 +82,9 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch = ro
         return StarletteResponse(response.body, response.status, dict(response.headers.items()))
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-    return Starlette(routes=[Route("/{path:path}", handle, methods=methods)], lifespan=lifespan)
+    app_routes: list[BaseRoute] = []
+    if websockets:
+        app_routes.append(WebSocketRoute("/{path:path}", handle_websocket))
+    if http:
+        app_routes.append(Route("/{path:path}", handle, methods=methods))
+    return Starlette(routes=app_routes, lifespan=lifespan)

@@ -1,0 +1,301 @@
+"""The WebSocket gateway: holds client sockets and bridges them to objects over NATS.
+
+An upgrade request goes through the user's routing code (``routes.fetch``) like any request,
+carrying the socket's id and this gateway's id in ``do-websocket-*`` headers; the object's
+``fetch`` accepts it (``ctx.accept_websocket``, answering 101) or refuses it with a status the
+client sees. After that each client frame is one ``ws.message`` request to the object, sent in
+order (the next frame waits for the object's reply), so frames reach the object in order and
+one at a time under its input gate. Objects hold no sockets: they can be evicted or fail over
+while every client stays connected; the gateway retries through a failover like any caller.
+
+Frames from objects arrive on ``dgw.<key>.<gateway>``, one NATS message per object event and
+gateway, naming every socket a payload goes to. The gateway answers an object's auto-response
+request itself, without waking the object, and announces itself every heartbeat so workers can
+close (1006) the sockets of a gateway that died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from starlette.responses import Response as StarletteResponse
+from starlette.websockets import WebSocket as StarletteWebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from ..client import Client, Env
+from ..core import codec
+from ..core.errors import DurableError, RemoteError, UnknownSocket
+from ..core.http import Request, Response
+from ..core.settings import Settings
+from ..objects.websockets import (
+    AUTO_RESPONSE_HEADER,
+    GATEWAY_HEADER,
+    OBJECT_HEADER,
+    SOCKET_ID_HEADER,
+    gateway_query_subject,
+    gateway_subject,
+    heartbeat_subject,
+)
+
+log = logging.getLogger("durable.gateway")
+
+UserFetch = Callable[[Request, Env], Awaitable[Response]]
+#: frames queued for one slow client before the gateway gives up on it (close 1013, try again later)
+MAX_QUEUED_FRAMES = 10_000
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(eq=False)
+class Conn:
+    """One client socket held by this gateway."""
+
+    socket_id: str
+    ws: StarletteWebSocket
+    namespace: str
+    object_id: str
+    auto: tuple[str, str] | None
+    auto_ts: int | None = None
+    queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    #: the object closed it: it gets no websocket_close for that
+    closed_by_object: bool = False
+    writer: asyncio.Task[None] | None = None
+
+
+def _client_headers(ws: StarletteWebSocket) -> list[tuple[str, str]]:
+    """The upgrade request's headers, minus those only the gateway may set."""
+    headers = [(k, v) for k, v in ws.headers.items()
+               if k.lower() != "cf-connecting-ip" and not k.lower().startswith("do-websocket-")]
+    headers.append(("cf-connecting-ip", ws.client.host if ws.client else "unknown"))
+    return headers
+
+
+class Gateway:
+    def __init__(self, settings: Settings, client: Client, env: Env, user_fetch: UserFetch) -> None:
+        self.settings = settings
+        self.client = client
+        self.env = env
+        self.user_fetch = user_fetch
+        self.id = _UNSAFE.sub("-", f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.conns: dict[str, Conn] = {}
+        self._subs: list[Subscription] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.auto_responses = 0
+
+    @property
+    def nc(self) -> Any:
+        return self.client.nc
+
+    async def start(self) -> None:
+        key = self.settings.deployment_key
+        self._subs = [
+            await self.nc.subscribe(gateway_subject(key, self.id), cb=self._on_ops,
+                                    pending_msgs_limit=500_000, pending_bytes_limit=512 * 1024 * 1024),
+            await self.nc.subscribe(gateway_query_subject(key, self.id), cb=self._on_query),
+        ]
+        await self._beat()
+        self._heartbeat = asyncio.create_task(self._heartbeats(), name="gateway-heartbeat")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Going away: close every client socket (1001) and tell the objects, cleanly."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        shutting = [asyncio.create_task(self._shut(c)) for c in list(self.conns.values())]
+        if shutting:
+            await asyncio.wait(shutting, timeout=grace)
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may be gone already
+                pass
+
+    async def _shut(self, conn: Conn) -> None:
+        try:
+            await conn.ws.close(1001, "the gateway is shutting down")
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+
+    async def _beat(self) -> None:
+        await self.nc.publish(heartbeat_subject(self.settings.deployment_key),
+                              codec.dumps({"gw": self.id, "sockets": len(self.conns)}, False))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.gateway_heartbeat_interval)
+            try:
+                await self._beat()
+            except Exception as exc:  # noqa: BLE001 - NATS reconnecting: next beat
+                log.debug("heartbeat failed: %s", exc)
+
+    # ----- client sockets ------------------------------------------------------------------
+
+    async def serve(self, ws: StarletteWebSocket) -> None:
+        """One client socket, from the upgrade request to its close."""
+        socket_id = uuid.uuid4().hex
+        url = str(ws.url)
+        url = "http" + url[2:] if url.startswith("ws") else url
+        headers = _client_headers(ws)
+        headers += [(SOCKET_ID_HEADER, socket_id), (GATEWAY_HEADER, self.id)]
+        try:
+            response = await self.user_fetch(Request(url, "GET", headers), self.env)
+        except DurableError as exc:
+            status = 503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
+            await self._deny(ws, Response.json_response({"error": exc.to_wire()}, status))
+            return
+        address = response.headers.get(OBJECT_HEADER)
+        if response.status != 101 or address is None:
+            if response.status == 101:  # routing code answered 101 itself: no object took the socket
+                response = Response.json_response({"error": "no object accepted this WebSocket"}, 500)
+            await self._deny(ws, response)
+            return
+        namespace, object_id = address.split(".", 1)
+        raw_auto = response.headers.get(AUTO_RESPONSE_HEADER)
+        auto = tuple(json.loads(raw_auto)) if raw_auto else None
+        conn = Conn(socket_id, ws, namespace, object_id, auto)  # type: ignore[arg-type]
+        self.conns[socket_id] = conn
+        await ws.accept()
+        conn.writer = asyncio.create_task(self._write(conn))
+        code, reason, clean = 1006, "", False
+        try:
+            code, reason, clean = await self._read(conn)
+        finally:
+            self.conns.pop(socket_id, None)
+            conn.writer.cancel()
+            if not conn.closed_by_object:
+                await self._tell(conn, "close", {"sid": socket_id, "code": code, "reason": reason, "clean": clean})
+
+    async def _deny(self, ws: StarletteWebSocket, response: Response) -> None:
+        """Refuse the upgrade with the object's (or routing code's) HTTP status and body."""
+        try:
+            await ws.send_denial_response(StarletteResponse(response.body, response.status,
+                                                            dict(response.headers.items())))
+        except RuntimeError:  # the server cannot send an HTTP response here: close before accepting
+            await ws.close(1008, f"refused: HTTP {response.status}")
+
+    async def _read(self, conn: Conn) -> tuple[int, str, bool]:
+        """Client frames to the object, in order; returns how the socket closed."""
+        ws = conn.ws
+        while True:
+            try:
+                message = await ws.receive()
+            except (RuntimeError, WebSocketDisconnect):
+                return 1006, "", False
+            if message["type"] == "websocket.disconnect":
+                code = int(message.get("code") or 1005)
+                return code, str(message.get("reason") or ""), code not in (1006, 1005)
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes")
+            if data is None:
+                continue
+            self.frames_in += 1
+            if conn.auto is not None and isinstance(data, str) and data == conn.auto[0]:
+                conn.auto_ts = int(time.time() * 1000)
+                self.auto_responses += 1
+                self._enqueue(conn, "text", conn.auto[1])
+                continue
+            try:
+                await self.client.call(conn.namespace, conn.object_id, "ws.message",
+                                           codec.dumps({"sid": conn.socket_id, "data": data}, False))
+            except RemoteError as exc:  # the object's handler raised: the socket stays open
+                log.info("websocket_message of %s/%s raised: %s", conn.namespace, conn.object_id, exc)
+            except UnknownSocket:
+                conn.closed_by_object = True
+                await self._close(conn, 1011, "the object no longer knows this WebSocket")
+                return 1011, "", True
+            except DurableError as exc:  # unavailable, reset, timed out: the client should reconnect
+                log.warning("frame to %s/%s failed: %s", conn.namespace, conn.object_id, exc)
+                await self._close(conn, 1011, f"the object is unavailable ({exc.code}); reconnect")
+                return 1011, exc.code, False
+
+    async def _close(self, conn: Conn, code: int, reason: str) -> None:
+        try:
+            if conn.ws.application_state != WebSocketState.DISCONNECTED:
+                await conn.ws.close(code, reason[:120])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    async def _tell(self, conn: Conn, kind: str, event: dict[str, Any]) -> None:
+        try:
+            await self.client.call(conn.namespace, conn.object_id, f"ws.{kind}", codec.dumps(event, False))
+        except Exception as exc:  # noqa: BLE001 - the object's sweep of lost sockets is the backstop
+            log.info("could not deliver ws.%s to %s/%s: %s", kind, conn.namespace, conn.object_id, exc)
+
+    # ----- frames from objects -------------------------------------------------------------
+
+    def _enqueue(self, conn: Conn, kind: str, value: Any) -> None:
+        if conn.queue.qsize() >= MAX_QUEUED_FRAMES:
+            log.warning("client of socket %s is too slow; closing it", conn.socket_id)
+            conn.queue = asyncio.Queue()
+            conn.queue.put_nowait(("close", (1013, "too many frames queued: the client is too slow")))
+            return
+        conn.queue.put_nowait((kind, value))
+
+    async def _write(self, conn: Conn) -> None:
+        """One writer per socket: frames leave in the order the objects sent them."""
+        ws = conn.ws
+        try:
+            while True:
+                kind, value = await conn.queue.get()
+                if kind == "close":
+                    conn.closed_by_object = True
+                    await self._close(conn, *value)
+                    return
+                if kind == "text":
+                    await ws.send_text(value)
+                else:
+                    await ws.send_bytes(value)
+                self.frames_out += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the client went away; the reader sees it
+            log.debug("write to socket %s failed: %s", conn.socket_id, exc)
+
+    async def _on_ops(self, msg: Msg) -> None:
+        try:
+            ops = codec.loads(msg.data, False)["ops"]
+        except Exception as exc:  # noqa: BLE001 - not ours
+            log.warning("dropping a malformed gateway message: %s", exc)
+            return
+        for op in ops:
+            try:
+                if op[0] == "send":
+                    kind = "text" if isinstance(op[2], str) else "bytes"
+                    for sid in op[1]:
+                        conn = self.conns.get(sid)
+                        if conn is not None:
+                            self._enqueue(conn, kind, op[2])
+                elif op[0] == "close":
+                    conn = self.conns.get(op[1])
+                    if conn is not None:
+                        conn.closed_by_object = True
+                        self._enqueue(conn, "close", (op[2], op[3]))
+                elif op[0] == "auto":
+                    pair = None if op[2] is None else (op[2], op[3])
+                    for sid in op[1]:
+                        conn = self.conns.get(sid)
+                        if conn is not None:
+                            conn.auto = pair
+            except (IndexError, TypeError) as exc:
+                log.warning("dropping a malformed gateway operation: %s", exc)
+
+    async def _on_query(self, msg: Msg) -> None:
+        try:
+            conn = self.conns.get(codec.loads(msg.data, False)["sid"])
+            await msg.respond(codec.dumps(None if conn is None else conn.auto_ts, False))
+        except Exception as exc:  # noqa: BLE001 - the asker times out
+            log.debug("bad gateway query: %s", exc)

@@ -1,0 +1,197 @@
+"""WebSockets through a real gateway (uvicorn + the router app) to objects on a real worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from services.cli import _Server, server_config
+from services.client import Env
+from services.core.config import AppConfig
+from services.core.http import Request, Response
+from services.core.settings import Settings
+from services.objects import Worker
+from services.router.app import create_app
+
+from .conftest import WorkerFactory, assert_eventually
+
+
+async def test_fetch(request: Request, env: Env) -> Response:
+    """The routing code the gateway tests use: /sock/<name> -> the Sock named <name>."""
+    segments = [s for s in request.path.split("/") if s]
+    if len(segments) == 2 and segments[0] == "sock":
+        return await env.SOCKS.get_by_name(segments[1]).fetch(request)
+    return Response("no such route", 404)
+
+
+test_fetch.__test__ = False  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def gateway(settings: Settings, config: AppConfig) -> AsyncIterator[str]:
+    """A gateway (the router app with WebSockets) on a free port; yields its ws:// base URL."""
+    app = create_app(settings, config, user_fetch=test_fetch)
+    server = _Server(server_config(app, "127.0.0.1", 0))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def gw(worker: Worker, settings: Settings, config: AppConfig) -> AsyncIterator[str]:
+    async with gateway(settings, config) as url:
+        yield url
+
+
+async def ask(ws: ClientConnection, cmd: dict[str, Any], timeout: float = 5.0) -> Any:
+    await ws.send(json.dumps(cmd))
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def test_an_accepted_socket_exchanges_frames_with_its_object(gw: str, env: Env) -> None:
+    async with connect(f"{gw}/sock/basic?tags=a,b&user=ada") as ws:
+        assert await ask(ws, {"op": "echo", "v": "hi"}) == {"echo": "hi"}
+        await ws.send(b"\x00\x01binary")
+        assert await asyncio.wait_for(ws.recv(), 5) == b"\x00\x01binary"
+        me = await ask(ws, {"op": "whoami"})
+        assert me["tags"] == ["a", "b"] and me["attachment"] == {"user": "ada"} and me["count"] == 1
+    sock = env.SOCKS.get_by_name("basic")
+
+    async def closed() -> bool:
+        return len(await sock.closes()) == 1
+
+    await assert_eventually(closed, timeout=5)
+    assert (await sock.closes())[0] == {"code": 1000, "reason": "", "clean": True, "tags": ["a", "b"]}
+    assert await sock.sockets() == []
+
+
+async def test_a_refused_upgrade_gets_the_objects_status(gw: str, env: Env) -> None:
+    with pytest.raises(InvalidStatus) as err:
+        async with connect(f"{gw}/sock/refused?refuse=403"):
+            pass
+    assert err.value.response.status_code == 403
+    assert b"refused by the object: 403" in err.value.response.body
+    with pytest.raises(InvalidStatus) as err:
+        async with connect(f"{gw}/nowhere"):
+            pass
+    assert err.value.response.status_code == 404
+    # the object still serves others
+    async with connect(f"{gw}/sock/refused") as ws:
+        assert await ask(ws, {"op": "echo", "v": 1}) == {"echo": 1}
+
+
+async def test_frames_from_one_client_arrive_in_order(gw: str, env: Env) -> None:
+    async with connect(f"{gw}/sock/order") as ws:
+        for n in range(1, 1001):
+            await ws.send(json.dumps({"op": "seq", "n": n, "ack": n == 1000}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 30)) == {"seq": 1000}
+    sock = env.SOCKS.get_by_name("order")
+    assert await sock.get("seq") == 1000 and await sock.get("out_of_order") is None
+
+
+async def test_a_broadcast_reaches_every_socket_with_the_tag(gw: str, env: Env) -> None:
+    clients = [await connect(f"{gw}/sock/room?tags={'red' if i % 2 else 'blue'}") for i in range(10)]
+    try:
+        await ask(clients[0], {"op": "whoami"})
+        await clients[0].send(json.dumps({"op": "broadcast", "v": "all"}))
+        for c in clients:
+            assert json.loads(await asyncio.wait_for(c.recv(), 5)) == {"broadcast": "all"}
+        await clients[0].send(json.dumps({"op": "broadcast", "v": "reds", "tag": "red"}))
+        for i, c in enumerate(clients):
+            if i % 2:
+                assert json.loads(await asyncio.wait_for(c.recv(), 5)) == {"broadcast": "reds"}
+        assert await env.SOCKS.get_by_name("room").broadcast("from rpc", "blue") == 5
+        for i, c in enumerate(clients):
+            if not i % 2:
+                assert await asyncio.wait_for(c.recv(), 5) == "from rpc"
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def test_the_object_closes_a_socket_with_its_code(gw: str, env: Env) -> None:
+    async with connect(f"{gw}/sock/closer") as ws:
+        await ws.send(json.dumps({"op": "close", "code": 4001, "reason": "bye"}))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 4001 and ws.close_reason == "bye"
+    await asyncio.sleep(0.3)
+    assert await env.SOCKS.get_by_name("closer").closes() == []  # no event for its own close
+    assert await env.SOCKS.get_by_name("closer").sockets() == []
+
+
+async def test_tag_and_attachment_limits(gw: str, env: Env) -> None:
+    async with connect(f"{gw}/sock/limits?tags=x,x,y") as ws:
+        assert (await ask(ws, {"op": "whoami"}))["tags"] == ["x", "y"]  # duplicates dropped
+        big = "a" * 20_000
+        assert "cannot be larger than 16384 bytes" in (await ask(ws, {"op": "attach", "v": big}))["error"]
+        assert await ask(ws, {"op": "attach", "v": {"ok": 1}}) == {"attached": True}
+        assert (await ask(ws, {"op": "whoami"}))["attachment"] == {"ok": 1}
+        assert "str or bytes" in (await ask(ws, {"op": "send_error", "kind": "int"}))["error"]
+    with pytest.raises(InvalidStatus) as err:
+        async with connect(f"{gw}/sock/limits?many_tags=11"):
+            pass
+    assert err.value.response.status_code == 500
+    async with connect(f"{gw}/sock/limits?many_tags=10") as ws:
+        assert len((await ask(ws, {"op": "whoami"}))["tags"]) == 10
+
+
+async def test_auto_response_is_answered_by_the_gateway(gw: str, env: Env) -> None:
+    async with connect(f"{gw}/sock/auto") as ws:
+        assert await ask(ws, {"op": "auto_ts"}) == {"auto_ts": None}
+        assert await ask(ws, {"op": "auto", "req": "ping", "res": "pong"}) == {"auto": True}
+        await ws.send("ping")
+        assert await asyncio.wait_for(ws.recv(), 5) == "pong"
+        ts = (await ask(ws, {"op": "auto_ts"}))["auto_ts"]
+        assert isinstance(ts, int) and ts > 0
+    async with connect(f"{gw}/sock/auto") as ws:  # a new socket gets the object's pair at accept
+        await ws.send("ping")
+        assert await asyncio.wait_for(ws.recv(), 5) == "pong"
+
+
+async def test_a_handler_error_leaves_the_socket_open(gw: str, env: Env) -> None:
+    async with connect(f"{gw}/sock/errors") as ws:
+        await ws.send(json.dumps({"op": "fail"}))
+        assert await ask(ws, {"op": "echo", "v": "still here"}) == {"echo": "still here"}
+
+
+async def test_an_oversize_frame_closes_with_1009_and_others_are_served(gw: str, env: Env) -> None:
+    async with connect(f"{gw}/sock/big", max_size=None) as ws:
+        await ws.send("x" * (1024 * 1024 + 10))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 5)
+        assert ws.close_code == 1009
+    async with connect(f"{gw}/sock/big") as ws:
+        assert await ask(ws, {"op": "echo", "v": 2}) == {"echo": 2}
+
+
+async def test_sockets_survive_eviction_with_tags_and_attachments(
+        start_worker: WorkerFactory, settings: Settings, config: AppConfig, env: Env) -> None:
+    worker = await start_worker(idle_timeout=0.3)
+    async with gateway(settings, config) as gw:
+        async with connect(f"{gw}/sock/hibernate?tags=t1&user=bob") as a, \
+                connect(f"{gw}/sock/hibernate?tags=t2&user=eve") as b:
+            first = await ask(a, {"op": "whoami"})
+            await asyncio.sleep(1.5)  # idle: the instance is evicted, the sockets stay open
+            assert worker.live_objects() == 0
+            me = await ask(b, {"op": "whoami"})
+            assert me["instance"] != first["instance"]
+            assert me["count"] == 2 and me["tags"] == ["t2"] and me["attachment"] == {"user": "eve"}
+            await b.send(json.dumps({"op": "broadcast", "v": "after"}))
+            for c in (a, b):
+                assert json.loads(await asyncio.wait_for(c.recv(), 5)) == {"broadcast": "after"}
