@@ -455,7 +455,7 @@ class Sock(DurableObject):
         await self.ctx.storage.put("accepted", (await self.ctx.storage.get("accepted") or 0) + 1)
         return Response(None, 101)
 
-    async def websocket_message(self, ws: Any, message: str | bytes) -> None:
+    async def websocket_message(self, ws: Any, message: str | bytes) -> None:  # noqa: C901 - a command table
         if isinstance(message, bytes):
             ws.send(message)
             return
