@@ -15,29 +15,18 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from services.cli import _Server, server_config
 from services.client import Env
 from services.core.config import AppConfig
-from services.core.http import Request, Response
 from services.core.settings import Settings
 from services.objects import Worker
 from services.router.app import create_app
 
+from . import routes
 from .conftest import WorkerFactory, assert_eventually
-
-
-async def test_fetch(request: Request, env: Env) -> Response:
-    """The routing code the gateway tests use: /sock/<name> -> the Sock named <name>."""
-    segments = [s for s in request.path.split("/") if s]
-    if len(segments) == 2 and segments[0] == "sock":
-        return await env.SOCKS.get_by_name(segments[1]).fetch(request)
-    return Response("no such route", 404)
-
-
-test_fetch.__test__ = False  # type: ignore[attr-defined]
 
 
 @asynccontextmanager
 async def gateway(settings: Settings, config: AppConfig) -> AsyncIterator[str]:
     """A gateway (the router app with WebSockets) on a free port; yields its ws:// base URL."""
-    app = create_app(settings, config, user_fetch=test_fetch)
+    app = create_app(settings, config, user_fetch=routes.fetch)
     server = _Server(server_config(app, "127.0.0.1", 0))
     task = asyncio.create_task(server.serve())
     while not server.started:

@@ -101,6 +101,18 @@ def import_class(path: str, where: str) -> type:
     return cls
 
 
+def import_function(path: str, where: str) -> Any:
+    """A function named ``module:function`` (the routing code); a failure names the problem."""
+    module_name, _, attr = path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+        raise ConfigError(f"{where}: {path!r} cannot be imported: {type(exc).__name__}: {exc}") from None
+    if not callable(fn):
+        raise ConfigError(f"{where}: {path!r} is not a function")
+    return fn
+
+
 def _class_name(path: str) -> str:
     return path.partition(":")[2] or path.rpartition(".")[2]
 

@@ -21,7 +21,7 @@ from starlette.websockets import WebSocket
 
 from ..client import Client, Env
 from ..core import telemetry
-from ..core.config import AppConfig
+from ..core.config import AppConfig, import_function
 from ..core.errors import DurableError
 from ..core.http import Request, Response
 from ..core.settings import Settings
@@ -34,18 +34,23 @@ MAX_BODY_BYTES = 1024 * 1024
 UserFetch = Callable[[Request, Env], Awaitable[Response]]
 
 
-def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch = routes.fetch,
+def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | None = None,
                client: Client | None = None, http: bool = True, websockets: bool = True) -> Starlette:
     """The router: HTTP requests (``http``) and WebSocket upgrades (``websockets``, the gateway)
-    both go to ``user_fetch``. ``durable gateway`` serves only the WebSockets."""
+    both go to ``user_fetch`` (by default the function ``DURABLE_ROUTES`` names).
+    ``durable gateway`` serves only the WebSockets."""
     state: dict[str, Any] = {}
+    if user_fetch is None:
+        user_fetch = routes.fetch if settings.routes == "services.router.routes:fetch" else \
+            import_function(settings.routes, "DURABLE_ROUTES")
+    fetch_fn: UserFetch = user_fetch
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own = client is None
         c = client or await Client.connect(settings, config)
         state["env"] = Env(c, config)
-        gateway = Gateway(settings, c, state["env"], user_fetch) if websockets else None
+        gateway = Gateway(settings, c, state["env"], fetch_fn) if websockets else None
         app.state.gateway = gateway
         if gateway is not None:
             await gateway.start()
@@ -75,7 +80,7 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch = ro
                 f"{request.method} {request.url.path}", context=telemetry.extract(request.headers),
                 kind=SpanKind.SERVER,
             ):
-                response = await user_fetch(req, state["env"])
+                response = await fetch_fn(req, state["env"])
         except DurableError as exc:
             status = 503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
             return JSONResponse({"error": exc.to_wire()}, status)

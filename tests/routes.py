@@ -1,0 +1,17 @@
+"""The routing code of the tests' gateways (``DURABLE_ROUTES=tests.routes:fetch`` for subprocesses)."""
+
+from __future__ import annotations
+
+from services.client import Env
+from services.core.http import Request, Response
+from services.router import routes
+
+
+async def fetch(request: Request, env: Env) -> Response:
+    """/sock/<name> -> the Sock named <name>; everything else as the default routes."""
+    segments = [s for s in request.path.split("/") if s]
+    if len(segments) == 2 and segments[0] == "sock":
+        return await env.SOCKS.get_by_name(segments[1]).fetch(request)
+    if segments and segments[0] in ("counter", "session", "api"):
+        return await routes.fetch(request, env)
+    return Response("no such route", 404)
