@@ -12,6 +12,6 @@ async def fetch(request: Request, env: Env) -> Response:
     segments = [s for s in request.path.split("/") if s]
     if len(segments) == 2 and segments[0] == "sock":
         return await env.SOCKS.get_by_name(segments[1]).fetch(request)
-    if segments and segments[0] in ("counter", "session", "api"):
+    if not segments or segments[0] in ("counter", "session", "api", "room", "static", "index.html"):
         return await routes.fetch(request, env)
     return Response("no such route", 404)

@@ -63,9 +63,9 @@ class Conn:
 
     socket_id: str
     ws: StarletteWebSocket
-    namespace: str
-    object_id: str
-    auto: tuple[str, str] | None
+    namespace: str = ""
+    object_id: str = ""
+    auto: tuple[str, str] | None = None
     auto_ts: int | None = None
     queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     #: the object closed it: it gets no websocket_close for that
@@ -150,23 +150,32 @@ class Gateway:
         url = "http" + url[2:] if url.startswith("ws") else url
         headers = _client_headers(ws)
         headers += [(SOCKET_ID_HEADER, socket_id), (GATEWAY_HEADER, self.id)]
+        # registered before the object sees it: frames it sends while accepting (a welcome) may
+        # arrive before its 101 does, and wait in the queue until the socket is open
+        conn = Conn(socket_id, ws)
+        self.conns[socket_id] = conn
         try:
             response = await self.user_fetch(Request(url, "GET", headers), self.env)
         except DurableError as exc:
+            self.conns.pop(socket_id, None)
             status = 503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
             await self._deny(ws, Response.json_response({"error": exc.to_wire()}, status))
             return
+        except BaseException:
+            self.conns.pop(socket_id, None)
+            raise
         address = response.headers.get(OBJECT_HEADER)
         if response.status != 101 or address is None:
+            self.conns.pop(socket_id, None)
             if response.status == 101:  # routing code answered 101 itself: no object took the socket
                 response = Response.json_response({"error": "no object accepted this WebSocket"}, 500)
             await self._deny(ws, response)
             return
-        namespace, object_id = address.split(".", 1)
+        conn.namespace, conn.object_id = address.split(".", 1)
         raw_auto = response.headers.get(AUTO_RESPONSE_HEADER)
-        auto = tuple(json.loads(raw_auto)) if raw_auto else None
-        conn = Conn(socket_id, ws, namespace, object_id, auto)  # type: ignore[arg-type]
-        self.conns[socket_id] = conn
+        if raw_auto:
+            request_text, response_text = json.loads(raw_auto)
+            conn.auto = (request_text, response_text)
         await ws.accept()
         conn.writer = asyncio.create_task(self._write(conn))
         code, reason, clean = 1006, "", False

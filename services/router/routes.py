@@ -7,10 +7,19 @@ from __future__ import annotations
 
 from ..client import Env
 from ..core.http import Request, Response
+from . import static
 
 
 async def fetch(request: Request, env: Env) -> Response:
     segments = [s for s in request.path.split("/") if s]
+
+    # / -> the chat page; /static/<file> -> its script and styles
+    if request.path in ("/", "/index.html") or (segments and segments[0] == "static"):
+        return static.serve(request.path)
+
+    # /room/<name> (WebSocket), /room/<name>/messages, /room/<name>/users -> the ChatRoom <name>
+    if len(segments) >= 2 and segments[0] == "room":
+        return await env.ROOMS.get_by_name(segments[1]).fetch(request)
 
     # /counter/<name>[/increment] -> the Counter named <name>
     if len(segments) >= 2 and segments[0] == "counter":
