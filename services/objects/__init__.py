@@ -5,5 +5,6 @@ from .base import AlarmInfo, DurableObject
 from .host import Worker
 from .instance import Context
 from .storage import Storage, Transaction
+from .websockets import WebSocket
 
-__all__ = ["AlarmInfo", "Context", "DurableObject", "Request", "Response", "Storage", "Transaction", "Worker"]
+__all__ = ["AlarmInfo", "Context", "DurableObject", "Request", "Response", "Storage", "Transaction", "WebSocket", "Worker"]
