@@ -72,6 +72,9 @@ async def collect(settings: Settings) -> dict[str, Any]:
         alarms = dict(await conn.fetchrow(
             "SELECT count(*) AS pending, count(*) FILTER (WHERE due_ms < $1) AS overdue FROM do_alarms",
             int(time.time() * 1000) - 60_000))
+        sockets = dict(await conn.fetchrow(
+            "SELECT count(*) AS sockets, count(DISTINCT gateway) AS gateways, count(DISTINCT object_id) AS objects "
+            "FROM do_sockets"))
     finally:
         await conn.close()
     try:
@@ -106,6 +109,9 @@ async def collect(settings: Settings) -> dict[str, Any]:
         "partitions_owned": len(held),
         "unowned_partitions": sorted(set(range(settings.partitions)) - held),
         "workers": out_workers,
+        "websockets": sockets["sockets"],
+        "websocket_gateways": sockets["gateways"],
+        "websocket_objects": sockets["objects"],
         "alarms_pending": alarms["pending"],
         "alarms_overdue": alarms["overdue"],
         "nats_error": nats_error,
@@ -132,6 +138,8 @@ def render(status: dict[str, Any]) -> str:
                  f"minute; run since start: "
                  + ", ".join(f"{w['worker_id'][:36]} {'-' if w['alarms_run'] is None else w['alarms_run']}"
                              for w in status["workers"]))
+    lines.append(f"websockets: {status['websockets']} open on {status['websocket_gateways']} gateway(s), "
+                 f"held by {status['websocket_objects']} object(s)")
     if status["unowned_partitions"]:
         lines.append(f"unowned partitions: {_ranges(status['unowned_partitions'])}")
     if status["nats_error"]:
