@@ -7,4 +7,5 @@ from .instance import Context
 from .storage import Storage, Transaction
 from .websockets import WebSocket
 
-__all__ = ["AlarmInfo", "Context", "DurableObject", "Request", "Response", "Storage", "Transaction", "WebSocket", "Worker"]
+__all__ = ["AlarmInfo", "Context", "DurableObject", "Request", "Response", "Storage", "Transaction", "WebSocket",
+           "Worker"]
