@@ -493,6 +493,9 @@ class Sock(DurableObject):
             ws.send(json.dumps({"auto": True}))
         elif op == "auto_ts":
             ws.send(json.dumps({"auto_ts": await self.ctx.get_websocket_auto_response_timestamp(ws)}))
+        elif op == "put_then_send":  # the frame must wait for the write (output gate)
+            await self.ctx.storage.put(cmd["key"], cmd["v"])
+            ws.send(json.dumps({"sent": cmd["key"]}))
         elif op == "fail":
             raise RuntimeError("websocket_message failed on purpose")
         elif op == "send_error":

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -184,3 +185,17 @@ async def test_sockets_survive_eviction_with_tags_and_attachments(
             await b.send(json.dumps({"op": "broadcast", "v": "after"}))
             for c in (a, b):
                 assert json.loads(await asyncio.wait_for(c.recv(), 5)) == {"broadcast": "after"}
+
+
+async def test_a_frame_an_object_sends_waits_for_its_writes(gw: str, settings: Settings) -> None:
+    """Output gate: when the client has the frame, the write made before it is in Postgres."""
+    async with connect(f"{gw}/sock/gate") as ws:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            for i in range(20):
+                key = f"k{i}"
+                assert await ask(ws, {"op": "put_then_send", "key": key, "v": i}) == {"sent": key}
+                count = await conn.fetchval("SELECT count(*) FROM do_storage WHERE key = $1", key.encode())
+                assert count == 1, f"frame for {key} arrived before its write was durable"
+        finally:
+            await conn.close()
