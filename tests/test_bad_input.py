@@ -84,7 +84,7 @@ async def test_payloads_of_the_wrong_shape(worker: Worker, env: Env, raw_nc: Nat
 
 
 async def test_unknown_verb(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
-    for verb in ("bogus", "rpc", "rpc.increment.extra", "alarm", "ws.message"):
+    for verb in ("bogus", "rpc", "rpc.increment.extra", "alarm", "ws", "ws.message.extra"):
         await _expect(raw_nc, env, _subject(env, "COUNTERS", verb), b"", "invalid_request", 400,
                       f"unknown verb '{verb}'")
 

@@ -12,9 +12,8 @@ gateways (in-process, or ``durable gateway`` subprocesses) and real ``websockets
 4. A text frame of invalid UTF-8 closes that socket with 1007; the object serves the others.
 5. A client that vanishes without a close frame (TCP reset, a client process killed -9, or a
    frozen client that only the gateway's pings can find out): the object gets
-   ``websocket_close`` with was_clean False within ~15 s, and should get code 1006 (xfail: the
-   gateway passes on the 1005 uvicorn reports). A close frame without a status code should be a
-   clean 1005 (xfail: the gateway calls every 1005 unclean).
+   ``websocket_close(1006)`` with was_clean False within ~15 s. A close frame without a status
+   code is a clean 1005.
 """
 
 from __future__ import annotations
@@ -374,10 +373,6 @@ class WrongCloseEvent(AssertionError):
     # keepalive pings (every 5 s, 5 s timeout) find it gone
     "frozen",
 ])
-@pytest.mark.xfail(strict=True, raises=WrongCloseEvent,
-                   reason="services bug: the gateway passes on uvicorn's 1005 for a connection lost without a "
-                          "close frame (uvicorn's websockets-sansio protocol reports code 1005 from connection_lost "
-                          "after the handshake), so the object gets websocket_close(1005, was_clean=False), not 1006")
 async def test_a_client_gone_without_a_close_frame_is_closed_1006_for_the_object(
         how: str, worker: Any, settings: Settings, config: AppConfig, env: Env) -> None:
     name = f"vanish-{how}"
@@ -422,11 +417,6 @@ async def test_a_client_gone_without_a_close_frame_is_closed_1006_for_the_object
                     await proc.wait()
 
 
-@pytest.mark.xfail(strict=True, raises=WrongCloseEvent,
-                   reason="services bug: the gateway reports every ASGI disconnect with code 1005 as unclean "
-                          "(clean = code not in (1006, 1005)), so a client's close frame without a status code "
-                          "gives websocket_close(1005, was_clean=False); the closing handshake completed, so "
-                          "RFC 6455 (and the browser API) say clean")
 async def test_a_close_frame_without_a_code_is_a_clean_1005_for_the_object(
         worker: Any, settings: Settings, config: AppConfig, env: Env) -> None:
     async with inproc_gateway(settings, config) as (gw, _):

@@ -205,7 +205,11 @@ class Gateway:
                 return 1006, "", False
             if message["type"] == "websocket.disconnect":
                 code = int(message.get("code") or 1005)
-                return code, str(message.get("reason") or ""), code not in (1006, 1005)
+                if "reason" not in message and code in (1005, 1006):
+                    # uvicorn (websockets-sansio) reports a connection lost without a close frame
+                    # as 1005 with no reason; a close frame always comes with one
+                    return 1006, "", False
+                return code, str(message.get("reason") or ""), code != 1006
             data = message.get("text")
             if data is None:
                 data = message.get("bytes")
