@@ -8,12 +8,14 @@ the stub's inbox get theirs as usual, so nothing in the path is replaced or slow
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import nats
@@ -23,9 +25,11 @@ from nats.aio.client import Client as NatsClient
 from services.client import Env
 from services.client.client import ERROR_HEADER, NAME_HEADER
 from services.core import codec
+from services.core.config import AppConfig
 from services.core.embedded import EmbeddedNats
 from services.core.errors import _REGISTRY, RemoteError, UnknownMethod
 from services.core.http import Request
+from services.core.settings import Settings
 from services.core.subjects import partition_of
 from services.objects import Worker
 
@@ -233,3 +237,58 @@ async def test_error_replies_match_schemas(worker: Worker, env: Env, raw_nc: Nat
         assert_error(msg, code, status, fragment, json_reply=json_request)
         body = decode_payload(msg.data, msg.headers)
         assert body["error"]["retryable"] is False and body["error"]["overloaded"] is False
+
+
+async def _drain(sub: Any, quiet: float = 0.5) -> list[Any]:
+    """Every message the tap got until it has been quiet for ``quiet`` seconds."""
+    got = []
+    while True:
+        try:
+            got.append(await sub.next_msg(timeout=quiet))
+        except nats.errors.TimeoutError:
+            return got
+
+
+async def test_websocket_and_alarm_traffic_matches_schemas(worker: Worker, env: Env, tap: NatsClient,
+                                                           settings: Settings, config: AppConfig) -> None:
+    from websockets.asyncio.client import connect
+
+    from .test_websockets import ask, gateway
+
+    key = settings.deployment_key
+    events = await tap.subscribe("dop.*.Sock.*.ws.>")
+    frames = await tap.subscribe(f"dgw.{key}.*")
+    beats = await tap.subscribe(f"dgwhb.{key}")
+    schedules = await tap.subscribe(f"dal.{key}.s.>")
+    await tap.flush()
+    async with gateway(settings, config) as gw:
+        async with connect(f"{gw}/sock/schemas?tags=a") as ws:
+            assert await ask(ws, {"op": "echo", "v": "x"}) == {"echo": "x"}
+            await ws.send(b"\x00binary")
+            assert await ws.recv() == b"\x00binary"
+            assert await ask(ws, {"op": "auto", "req": "ping", "res": "pong"}) == {"auto": True}
+            await ws.send(json.dumps({"op": "broadcast", "v": "all"}))
+            await ws.recv()
+        await env.ALARMERS.get_by_name("schemas").arm(60_000)
+        await asyncio.sleep(settings.gateway_heartbeat_interval + 0.2)
+    kinds = set()
+    for msg in await _drain(events):
+        kinds.add(msg.subject.rsplit(".", 1)[1])
+        validate("ws_event.json", decode_payload(msg.data, msg.headers))
+    assert kinds == {"message", "close"}
+    ops = set()
+    for msg in await _drain(frames):
+        body = decode_payload(msg.data, None)
+        validate("gateway_message.json", body)
+        ops.update(op[0] for op in body["ops"])
+    assert ops == {"send", "auto"}
+    heartbeats = await _drain(beats)
+    assert heartbeats
+    for msg in heartbeats:
+        validate("gateway_heartbeat.json", decode_payload(msg.data, None))
+    scheduled = await _drain(schedules)
+    assert len(scheduled) == 1
+    msg = scheduled[0]
+    validate("alarm_wakeup.json", decode_payload(msg.data, None))
+    assert re.fullmatch(r"@at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", msg.headers["Nats-Schedule"])
+    assert msg.headers["Nats-Schedule-Target"] == msg.subject.replace(f"dal.{key}.s.", f"dal.{key}.f.", 1)
