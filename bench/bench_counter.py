@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,6 +95,7 @@ async def wait_line(proc: subprocess.Popen[str], text: str, timeout: float = 30)
 
 async def main(seconds: float, rounds: int, workers: int) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="durable-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the servers' data: gone when the run ends
     tmp.chmod(0o755)
     procs: list[subprocess.Popen[str]] = []
     async with EmbeddedNats(tmp / "nats", partitions=PARTITIONS) as ns, EmbeddedPostgres(tmp / "pg") as pg:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,7 @@ def postgres_cpu_seconds() -> float:
 
 async def main(inflight: int, seconds: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="durable-cpu-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the servers' data: gone when the run ends
     tmp.chmod(0o755)
     async with EmbeddedNats(tmp / "nats") as ns, EmbeddedPostgres(tmp / "pg") as pg:
         env = {**os.environ, "DURABLE_NATS_URL": ns.url, "DURABLE_DATABASE_URL": pg.url,

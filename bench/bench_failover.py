@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -144,6 +146,7 @@ def report(kind: str, trials: list[Trial]) -> None:
 
 async def main(trials: int, lease_ttl: float, heartbeat: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="durable-failover-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the servers' data: gone when the run ends
     tmp.chmod(0o755)
     async with EmbeddedNats(tmp / "nats", partitions=PARTITIONS) as ns, EmbeddedPostgres(tmp / "pg") as pg:
         settings = Settings(nats_url=ns.url, database_url=pg.url, partitions=PARTITIONS,
