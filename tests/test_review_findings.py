@@ -1,6 +1,6 @@
-"""Review findings on alarms / WebSockets / the gateway: each test shows one bug, on a real
-nats-server, a real Postgres, a real uvicorn gateway and real ``websockets`` clients. They are
-``xfail(strict=True)``: when a bug is fixed its test starts passing and must lose the marker.
+"""Regression tests for review findings on WebSockets and the gateway (each showed a bug, now
+fixed), on a real nats-server, a real Postgres, a real uvicorn gateway and real ``websockets``
+clients.
 
 The worker here binds ``Sock`` to :class:`ReviewSock` (``Sock`` plus a few behaviours the
 findings need: a fetch that raises after accepting, a slow accept, an RPC that sets the
@@ -143,9 +143,6 @@ class FreezableProxy:
 
 # ----- 1. the lost-gateway watch closes the sockets of a live gateway ---------------------------
 
-@pytest.mark.xfail(strict=True, reason="GatewayWatch treats 'this worker heard no heartbeat' as 'the gateway "
-                   "died': a worker whose own NATS path stalls for gateway_timeout closes (1006) every socket of "
-                   "every live gateway in its partitions (services/objects/websockets.py:345-369)")
 async def test_a_worker_side_nats_stall_does_not_close_the_sockets_of_a_live_gateway(
         settings: Settings, config: AppConfig, env: Env) -> None:
     fast = settings.model_copy(update={"gateway_heartbeat_interval": 0.2, "gateway_timeout": 1.0})
@@ -177,9 +174,6 @@ async def test_a_worker_side_nats_stall_does_not_close_the_sockets_of_a_live_gat
 
 # ----- 2. a fetch that fails after accept_websocket leaves a phantom socket ----------------------
 
-@pytest.mark.xfail(strict=True, reason="a socket accepted by a fetch that then raises is registered durably "
-                   "(do_sockets) although the upgrade was refused: get_websockets() lists it forever, and no "
-                   "close ever comes for it (services/objects/host.py:475-493)")
 async def test_a_fetch_that_raises_after_accepting_leaves_no_registered_socket(
         review_worker: StartWorker, settings: Settings, config: AppConfig, env: Env) -> None:
     await review_worker()
@@ -195,9 +189,6 @@ async def test_a_fetch_that_raises_after_accepting_leaves_no_registered_socket(
 
 # ----- 3. a client gone while the object accepts: leaked Conn + phantom socket --------------------
 
-@pytest.mark.xfail(strict=True, reason="Gateway.serve: ws.accept() raises when the client left while the "
-                   "object was accepting; it is outside the try/finally, so the Conn stays in gateway.conns "
-                   "forever and the object never gets websocket_close (services/gateway/gateway.py:179)")
 async def test_a_client_gone_during_a_slow_accept_is_closed_for_the_object(
         review_worker: StartWorker, settings: Settings, config: AppConfig, env: Env) -> None:
     await review_worker()
@@ -220,10 +211,6 @@ async def test_a_client_gone_during_a_slow_accept_is_closed_for_the_object(
 
 # ----- 4. set_websocket_auto_response before the sockets were loaded ------------------------------
 
-@pytest.mark.xfail(strict=True, reason="Sockets.set_auto_response does not load() the registry: called by an "
-                   "event of a fresh instance (after eviction) it neither persists the pair nor tells the "
-                   "gateways of the existing sockets (services/objects/websockets.py:206-217, "
-                   "instance.py:68-71)")
 async def test_an_auto_response_set_after_eviction_reaches_existing_sockets(
         review_worker: StartWorker, settings: Settings, config: AppConfig, env: Env) -> None:
     worker = await review_worker(idle_timeout=0.3)
@@ -241,9 +228,6 @@ async def test_an_auto_response_set_after_eviction_reaches_existing_sockets(
 
 # ----- 5. a socket the gateway closes itself (slow client, 1013) is never closed for the object ---
 
-@pytest.mark.xfail(strict=True, reason="Gateway._write marks the gateway's own 1013 close (too many queued "
-                   "frames) as closed_by_object, so serve() never sends ws.close: the object keeps the socket "
-                   "registered forever (services/gateway/gateway.py:253-270, 187)")
 async def test_a_socket_the_gateway_gives_up_on_is_closed_for_the_object(
         review_worker: StartWorker, settings: Settings, config: AppConfig, env: Env) -> None:
     await review_worker()
@@ -265,9 +249,6 @@ async def test_a_socket_the_gateway_gives_up_on_is_closed_for_the_object(
 
 # ----- 6. one malformed operation on dgw.<key>.<gateway> kills a socket's writer --------------------
 
-@pytest.mark.xfail(strict=True, reason="Gateway._on_ops enqueues a 'send' whose payload is neither str nor "
-                   "bytes; the socket's writer dies on it (its except Exception returns) and the socket never "
-                   "gets another frame while staying open (services/gateway/gateway.py:289-294, 278-279)")
 async def test_a_malformed_gateway_operation_does_not_silence_a_socket(
         review_worker: StartWorker, settings: Settings, config: AppConfig, env: Env) -> None:
     await review_worker()

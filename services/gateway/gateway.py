@@ -70,6 +70,8 @@ class Conn:
     queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     #: the object closed it: it gets no websocket_close for that
     closed_by_object: bool = False
+    #: the gateway closed it itself (code, reason): the object is told, as of a client's close
+    gateway_close: tuple[int, str] | None = None
     writer: asyncio.Task[None] | None = None
 
 
@@ -91,6 +93,7 @@ class Gateway:
         self.conns: dict[str, Conn] = {}
         self._subs: list[Subscription] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.frames_in = 0
         self.frames_out = 0
         self.auto_responses = 0
@@ -117,6 +120,8 @@ class Gateway:
         shutting = [asyncio.create_task(self._shut(c)) for c in list(self.conns.values())]
         if shutting:
             await asyncio.wait(shutting, timeout=grace)
+        if self._tasks:  # the objects' close events
+            await asyncio.wait(list(self._tasks), timeout=grace)
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
@@ -176,16 +181,24 @@ class Gateway:
         if raw_auto:
             request_text, response_text = json.loads(raw_auto)
             conn.auto = (request_text, response_text)
-        await ws.accept()
-        conn.writer = asyncio.create_task(self._write(conn))
         code, reason, clean = 1006, "", False
         try:
+            # inside the try: a client that left while the object was accepting must still be
+            # closed for the object, which has registered the socket by now
+            await ws.accept()
+            conn.writer = asyncio.create_task(self._write(conn))
             code, reason, clean = await self._read(conn)
+        except (RuntimeError, WebSocketDisconnect, OSError) as exc:
+            log.info("socket %s lost while opening: %s", socket_id, exc)
         finally:
             self.conns.pop(socket_id, None)
-            conn.writer.cancel()
+            if conn.writer is not None:
+                conn.writer.cancel()
+            if conn.gateway_close is not None:  # the gateway gave up on the client (too slow)
+                code, reason, clean = *conn.gateway_close, True
             if not conn.closed_by_object:
-                await self._tell(conn, "close", {"sid": socket_id, "code": code, "reason": reason, "clean": clean})
+                self._spawn(self._tell_close(conn, {"sid": socket_id, "code": code, "reason": reason,
+                                                    "clean": clean}))
 
     async def _deny(self, ws: StarletteWebSocket, response: Response) -> None:
         """Refuse the upgrade with the object's (or routing code's) HTTP status and body."""
@@ -242,69 +255,105 @@ class Gateway:
         except Exception:  # noqa: BLE001 - already gone
             pass
 
-    async def _tell(self, conn: Conn, kind: str, event: dict[str, Any]) -> None:
-        try:
-            await self.client.call(conn.namespace, conn.object_id, f"ws.{kind}", codec.dumps(event, False))
-        except Exception as exc:  # noqa: BLE001 - the object's sweep of lost sockets is the backstop
-            log.info("could not deliver ws.%s to %s/%s: %s", kind, conn.namespace, conn.object_id, exc)
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _tell_close(self, conn: Conn, event: dict[str, Any], attempts: int = 6) -> None:
+        """Tell the object its socket closed; keep trying for about a minute (through a failover),
+        or it would keep a socket nobody holds."""
+        for attempt in range(attempts):
+            try:
+                await self.client.call(conn.namespace, conn.object_id, "ws.close", codec.dumps(event, False))
+                return
+            except RemoteError:
+                return  # delivered; the object's websocket_close raised
+            except Exception as exc:  # noqa: BLE001 - unavailable meanwhile: try again
+                log.info("could not deliver ws.close to %s/%s (attempt %d): %s", conn.namespace, conn.object_id,
+                         attempt + 1, exc)
+                await asyncio.sleep(min(2 ** attempt, 15))
+        log.warning("gave up telling %s/%s that socket %s closed", conn.namespace, conn.object_id, conn.socket_id)
 
     # ----- frames from objects -------------------------------------------------------------
 
     def _enqueue(self, conn: Conn, kind: str, value: Any) -> None:
+        if conn.gateway_close is not None:
+            return  # being closed: nothing more goes out
         if conn.queue.qsize() >= MAX_QUEUED_FRAMES:
             log.warning("client of socket %s is too slow; closing it", conn.socket_id)
+            conn.gateway_close = (1013, "too many frames queued: the client is too slow")
             conn.queue = asyncio.Queue()
-            conn.queue.put_nowait(("close", (1013, "too many frames queued: the client is too slow")))
+            conn.queue.put_nowait(("close", (*conn.gateway_close, False)))
             return
         conn.queue.put_nowait((kind, value))
 
     async def _write(self, conn: Conn) -> None:
         """One writer per socket: frames leave in the order the objects sent them."""
         ws = conn.ws
-        try:
-            while True:
-                kind, value = await conn.queue.get()
-                if kind == "close":
-                    conn.closed_by_object = True
-                    await self._close(conn, *value)
-                    return
+        while True:
+            kind, value = await conn.queue.get()
+            if kind == "close":
+                code, reason, by_object = value
+                conn.closed_by_object = conn.closed_by_object or by_object
+                await self._close(conn, code, reason)
+                return
+            try:
                 if kind == "text":
                     await ws.send_text(value)
                 else:
                     await ws.send_bytes(value)
                 self.frames_out += 1
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the client went away; the reader sees it
-            log.debug("write to socket %s failed: %s", conn.socket_id, exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the client went away (the reader sees it), or a bad frame
+                if ws.application_state == WebSocketState.DISCONNECTED or \
+                        ws.client_state == WebSocketState.DISCONNECTED:
+                    return
+                log.warning("dropped a frame for socket %s: %s: %s", conn.socket_id, type(exc).__name__, exc)
 
     async def _on_ops(self, msg: Msg) -> None:
         try:
             ops = codec.loads(msg.data, False)["ops"]
+            if not isinstance(ops, list):
+                raise TypeError(f"'ops' must be a list, not {type(ops).__name__}")
         except Exception as exc:  # noqa: BLE001 - not ours
             log.warning("dropping a malformed gateway message: %s", exc)
             return
         for op in ops:
             try:
-                if op[0] == "send":
-                    kind = "text" if isinstance(op[2], str) else "bytes"
-                    for sid in op[1]:
-                        conn = self.conns.get(sid)
-                        if conn is not None:
-                            self._enqueue(conn, kind, op[2])
-                elif op[0] == "close":
-                    conn = self.conns.get(op[1])
-                    if conn is not None:
-                        conn.closed_by_object = True
-                        self._enqueue(conn, "close", (op[2], op[3]))
-                elif op[0] == "auto":
-                    pair = None if op[2] is None else (op[2], op[3])
-                    for sid in op[1]:
-                        conn = self.conns.get(sid)
-                        if conn is not None:
-                            conn.auto = pair
-            except (IndexError, TypeError) as exc:
-                log.warning("dropping a malformed gateway operation: %s", exc)
+                self._apply(op)
+            except Exception as exc:  # noqa: BLE001 - one bad operation must not stop the others
+                log.warning("dropping a malformed gateway operation %.200r: %s", op, exc)
+
+    def _apply(self, op: Any) -> None:
+        """One operation of gateway_message.json."""
+        if not isinstance(op, list) or not op:
+            raise TypeError("an operation is a non-empty list")
+        if op[0] == "send":
+            _, sids, data = op
+            if not isinstance(data, str | bytes):
+                raise TypeError(f"a frame is str or bytes, not {type(data).__name__}")
+            kind = "text" if isinstance(data, str) else "bytes"
+            for sid in sids:
+                conn = self.conns.get(sid)
+                if conn is not None:
+                    self._enqueue(conn, kind, data)
+        elif op[0] == "close":
+            _, sid, code, reason = op
+            conn = self.conns.get(sid)
+            if conn is not None:
+                conn.closed_by_object = True
+                self._enqueue(conn, "close", (int(code), str(reason), True))
+        elif op[0] == "auto":
+            _, sids, request_text, response_text = op
+            pair = None if request_text is None else (str(request_text), str(response_text))
+            for sid in sids:
+                conn = self.conns.get(sid)
+                if conn is not None:
+                    conn.auto = pair
+        else:
+            raise ValueError(f"unknown operation {op[0]!r}")
 
     async def _on_query(self, msg: Msg) -> None:
         try:

@@ -275,9 +275,12 @@ class Alarms:
         if not self.stream_ready:
             return  # the sweeper attaches once the stream exists
         p = state.partition
+        if state.alarm_attaching or state.alarm_sub is not None:
+            return  # the acquisition's attach and a sweep's may meet: one subscription only
+        state.alarm_attaching = True
         try:
             await self.stream.ensure_consumer(p)
-            if self.worker.parts.get(p) is not state or state.closing or state.alarm_sub is not None:
+            if self.worker.parts.get(p) is not state or state.closing:
                 return
 
             async def on_fire(msg: Msg) -> None:
@@ -291,6 +294,8 @@ class Alarms:
             await self._reconcile([state], republish=True)
         except Exception as exc:  # noqa: BLE001 - retried by the sweeper
             log.warning("could not attach alarms of partition %d: %s: %s", p, type(exc).__name__, exc)
+        finally:
+            state.alarm_attaching = False
 
     async def detach(self, state: PartitionState) -> None:
         """Stop taking fires of a partition we are giving up; unacknowledged ones go to the next owner."""

@@ -90,6 +90,7 @@ class PartitionState:
     alarm_sub: Subscription | None = None
     #: objects whose overdue alarm a sweep already started
     alarm_sweeping: set[str] = field(default_factory=set)
+    alarm_attaching: bool = False
 
     def busy(self) -> bool:
         return self.pending > 0 or any(i.inflight or (i.storage.has_unflushed and i.broken is None)
@@ -473,12 +474,17 @@ class Worker:
             request.websocket = inst.sockets.offered(socket_id, gateway)
 
         async def do_fetch(obj: Any) -> Any:
-            if request.websocket is not None:
-                await inst.sockets.load()  # the auto-response pair goes back with an accept
-            response = await obj.fetch(request)
-            if not isinstance(response, Response):
-                raise TypeError(f"fetch() must return a Response, not {type(response).__name__}")
             ws = request.websocket
+            if ws is not None:
+                await inst.sockets.load()  # the auto-response pair goes back with an accept
+            try:
+                response = await obj.fetch(request)
+                if not isinstance(response, Response):
+                    raise TypeError(f"fetch() must return a Response, not {type(response).__name__}")
+            except BaseException:
+                if ws is not None and ws.state == "open":
+                    inst.sockets.closed(ws.id)  # accepted, then failed: the client never connects
+                raise
             if response.status == 101:
                 if ws is None or ws.state != "open":
                     raise RemoteError("fetch() answered 101 without ctx.accept_websocket(request.websocket)"

@@ -146,6 +146,8 @@ class Instance:
         self.constructing = False
         self.init_fns: list[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = []
         self.inflight = 0
+        #: tasks an event started that must finish before its reply (see Sockets.set_auto_response)
+        self.before_reply: list[asyncio.Task[Any]] = []
         self.last_active = time.monotonic()
         self.broken: BaseException | None = None
 
@@ -209,6 +211,9 @@ class Instance:
                         await self.host.flusher.settled(self.object_id)
                         await self._start()
                     result = await handler(self.obj)
+                    while self.before_reply:  # work the event started that its reply must follow
+                        await self.before_reply.pop(0)
+                    self.sockets.flush()  # the event's frames are queued ahead of its reply
                     return True, result, self.storage.write_seq
                 except asyncio.CancelledError:
                     task = asyncio.current_task()

@@ -61,11 +61,16 @@ def heartbeat_subject(deployment_key: int) -> str:
     return f"dgwhb.{deployment_key}"
 
 
+def probe_subject(deployment_key: int, worker_id: str) -> str:
+    """A worker's own probe: seeing it come back proves the worker's NATS link carries messages."""
+    return f"dgwprobe.{deployment_key}.{worker_id}"
+
+
 class WebSocket:
     """A client socket held by a gateway, as the object sees it. Handles are stable within one
     instance (use them as dict keys); after hibernation ``get_websockets()`` gives new ones."""
 
-    __slots__ = ("id", "gateway", "tags", "_attachment", "_sockets", "state", "__weakref__")
+    __slots__ = ("id", "gateway", "tags", "_attachment", "_sockets", "state", "stored_auto", "__weakref__")
 
     def __init__(self, sockets: Sockets, socket_id: str, gateway: str, tags: tuple[str, ...] = (),
                  attachment: bytes | None = None, state: str = "open") -> None:
@@ -76,6 +81,8 @@ class WebSocket:
         self._sockets = sockets
         #: pending (offered by an upgrade request) | open (accepted) | closed
         self.state = state
+        #: the auto-response pair its registration row holds (and its gateway knows)
+        self.stored_auto: tuple[str, str] | None = None
 
     def send(self, message: str | bytes) -> None:
         """Send a text (str) or binary (bytes) frame, once the writes before it are durable."""
@@ -153,12 +160,16 @@ class Sockets:
         rows = await self._instance.host.read_sockets(self._instance.object_id)
         if self.loaded:
             return
+        explicit = self.auto is not None
         for r in rows:
+            stored = None if r["auto_request"] is None else (r["auto_request"], r["auto_response"])
             if r["socket_id"] not in self.by_id:
-                self.by_id[r["socket_id"]] = WebSocket(self, r["socket_id"], r["gateway"], tuple(r["tags"]),
-                                                       None if r["attachment"] is None else bytes(r["attachment"]))
-            if self.auto is None and r["auto_request"] is not None:
-                self.auto = (r["auto_request"], r["auto_response"])
+                ws = WebSocket(self, r["socket_id"], r["gateway"], tuple(r["tags"]),
+                               None if r["attachment"] is None else bytes(r["attachment"]))
+                ws.stored_auto = stored
+                self.by_id[r["socket_id"]] = ws
+            if not explicit and self.auto is None and stored is not None:
+                self.auto = stored
         self.loaded = True
 
     def offered(self, socket_id: str, gateway: str) -> WebSocket:
@@ -188,6 +199,7 @@ class Sockets:
     def changed(self, ws: WebSocket) -> None:
         """Its registration changed: written with the event's other writes."""
         if ws.state == "open":
+            ws.stored_auto = self.auto
             self._instance.storage.stage_socket(ws.id, self.row(ws))
 
     def row(self, ws: WebSocket) -> tuple[str, str, bytes | None, str | None, str | None]:
@@ -209,12 +221,32 @@ class Sockets:
         else:
             pair = (_check_auto(request, "request"), _check_auto(response, "response"))
         self.auto = pair
+        if self.loaded:
+            self._apply_auto()
+        else:  # sockets accepted by earlier instances must learn it too: read them first, and
+            # before the event that set it answers (it takes effect for the frames that follow)
+            task = asyncio.get_running_loop().create_task(self._load_then_apply_auto())
+            self._instance.before_reply.append(task)
+
+    async def _load_then_apply_auto(self) -> None:
+        try:
+            await self.load()
+        except Exception as exc:  # noqa: BLE001 - the next load (any socket event) applies it
+            log.warning("could not load sockets to apply an auto-response: %s", exc)
+            return
+        if self._instance.storage.closed is None:
+            self._apply_auto()
+
+    def _apply_auto(self) -> None:
+        """Write the pair to every socket whose row has another, and tell their gateways."""
         by_gateway: dict[str, list[str]] = {}
         for ws in self.all():
+            if ws.stored_auto == self.auto:
+                continue
             self.changed(ws)
             by_gateway.setdefault(ws.gateway, []).append(ws.id)
         for gateway, ids in by_gateway.items():
-            self._queue(gateway, ["auto", ids, *(pair or (None, None))])
+            self._queue(gateway, ["auto", ids, *(self.auto or (None, None))])
 
     # ----- outbound ------------------------------------------------------------------------
 
@@ -306,19 +338,27 @@ _SOCKETS_OF_LOST_GATEWAYS = (
 class GatewayWatch:
     """Finds gateways that died: each announces itself every ``gateway_heartbeat_interval``; the
     sockets of one not heard for ``gateway_timeout`` are closed (1006, not clean) for the objects
-    in this worker's partitions, so presence kept by objects stays honest."""
+    in this worker's partitions, so presence kept by objects stays honest.
+
+    Not hearing a gateway only means it died if this worker's own link was carrying messages all
+    that time: the worker sends itself a probe each interval, and judges gateways only once its
+    probes have come back steadily for a whole ``gateway_timeout`` (after start-up, and again
+    after any stall, pause or reconnect). Closing a live gateway's sockets would cut real users
+    off from their objects."""
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.seen: dict[str, float] = {}
-        self._sub: Subscription | None = None
+        self._subs: list[Subscription] = []
         self._task: asyncio.Task[None] | None = None
-        self._started = 0.0
+        #: since when this worker's own probes have been coming back without a gap (None: not now)
+        self._healthy_since: float | None = None
+        self._last_probe = 0.0
         self._closing: set[str] = set()
         self.closed_lost = 0
 
     async def start(self) -> None:
-        self._started = time.monotonic()
+        key = self.worker.settings.deployment_key
 
         async def on_heartbeat(msg: Msg) -> None:
             try:
@@ -328,17 +368,25 @@ class GatewayWatch:
             if isinstance(gateway, str):
                 self.seen[gateway] = time.monotonic()
 
-        self._sub = await self.worker.nc.subscribe(heartbeat_subject(self.worker.settings.deployment_key),
-                                                   cb=on_heartbeat)
+        async def on_probe(msg: Msg) -> None:
+            now = time.monotonic()
+            if self._healthy_since is None:
+                self._healthy_since = now
+            self._last_probe = now
+
+        self._subs = [
+            await self.worker.nc.subscribe(heartbeat_subject(key), cb=on_heartbeat),
+            await self.worker.nc.subscribe(probe_subject(key, self.worker.worker_id), cb=on_probe),
+        ]
         self._task = asyncio.create_task(self._run(), name="gateway-watch")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._sub is not None:
+        for sub in self._subs:
             try:
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
             except Exception:  # noqa: BLE001 - the connection may be gone already
                 pass
 
@@ -346,12 +394,27 @@ class GatewayWatch:
         horizon = time.monotonic() - self.worker.settings.gateway_timeout
         return [g for g, t in self.seen.items() if t >= horizon]
 
+    def link_trusted(self) -> bool:
+        """This worker's probes came back steadily for at least a gateway timeout."""
+        settings = self.worker.settings
+        now = time.monotonic()
+        if now - self._last_probe > 2 * settings.gateway_heartbeat_interval + 0.5:
+            self._healthy_since = None  # a gap: whatever we did not hear may have been lost
+        return self._healthy_since is not None and now - self._healthy_since >= settings.gateway_timeout
+
     async def _run(self) -> None:
         settings = self.worker.settings
+        probe = probe_subject(settings.deployment_key, self.worker.worker_id)
         while True:
             await asyncio.sleep(settings.gateway_heartbeat_interval)
-            # a worker that just started has not heard every live gateway yet
-            if time.monotonic() - self._started < settings.gateway_timeout:
+            try:
+                await self.worker.nc.publish(probe, b"")
+            except Exception:  # noqa: BLE001 - no link: link_trusted() notices the missing probes
+                pass
+            horizon = time.monotonic() - 10 * settings.gateway_timeout
+            for gateway in [g for g, t in self.seen.items() if t < horizon]:
+                del self.seen[gateway]  # gone long ago: forget it
+            if not self.link_trusted():
                 continue
             states = {p: s for p, s in self.worker.parts.items() if not s.closing}
             if not states:
