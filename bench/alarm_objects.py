@@ -1,0 +1,22 @@
+"""The object class of bench_alarms.py (bound in durable.bench-alarms.toml).
+
+``alarm()`` records, first thing, when it started and the time it was scheduled for, in the
+object's own storage (key ``fired``): the bench reads the records back from Postgres, which
+works the same for in-process and subprocess workers.
+"""
+
+from __future__ import annotations
+
+import time
+
+from services.objects import AlarmInfo, DurableObject
+
+
+class BenchAlarmer(DurableObject):
+    async def arm(self, when_ms: int) -> None:
+        """Set this object's alarm for ``when_ms`` (epoch milliseconds)."""
+        await self.ctx.storage.set_alarm(when_ms)
+
+    async def alarm(self, info: AlarmInfo) -> None:
+        started_ms = time.time() * 1000
+        await self.ctx.storage.put("fired", [info.scheduled_time, started_ms, info.retry_count])
