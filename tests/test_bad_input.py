@@ -84,9 +84,12 @@ async def test_payloads_of_the_wrong_shape(worker: Worker, env: Env, raw_nc: Nat
 
 
 async def test_unknown_verb(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
-    for verb in ("bogus", "rpc", "rpc.increment.extra", "alarm", "ws", "ws.message.extra"):
+    for verb in ("bogus", "rpc", "rpc.increment.extra", "alarm.x", "ws", "ws.message.extra"):
         await _expect(raw_nc, env, _subject(env, "COUNTERS", verb), b"", "invalid_request", 400,
                       f"unknown verb '{verb}'")
+    for payload in (b"", codec.pack({"gen": "1"}), codec.pack([1])):  # the runtime's alarm wake-up
+        await _expect(raw_nc, env, _subject(env, "COUNTERS", "alarm"), payload, "invalid_request", 400,
+                      "integer 'gen'")
 
 
 async def test_unknown_namespace(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811

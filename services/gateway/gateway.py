@@ -120,8 +120,10 @@ class Gateway:
         shutting = [asyncio.create_task(self._shut(c)) for c in list(self.conns.values())]
         if shutting:
             await asyncio.wait(shutting, timeout=grace)
-        if self._tasks:  # the objects' close events
-            await asyncio.wait(list(self._tasks), timeout=grace)
+        if self._tasks:  # the objects' close events; what is still retrying after the grace
+            await asyncio.wait(list(self._tasks), timeout=grace)  # is left to the lost-gateway watch
+            for task in list(self._tasks):
+                task.cancel()
         for sub in self._subs:
             try:
                 await sub.unsubscribe()

@@ -41,7 +41,7 @@ from ..core.http import Request, Response
 from ..core.ids import IdFactory, ObjectId, namespace_key
 from ..core.settings import Settings
 from ..core.subjects import partition_filter, partition_of, partition_queue
-from .alarms import AlarmRow, Alarms, check_server
+from .alarms import AlarmRow, Alarms, check_server, run_alarm
 from .base import DurableObject
 from .flusher import Flusher
 from .instance import Instance
@@ -86,11 +86,8 @@ class PartitionState:
     pending: int = 0
     #: being handed over: new requests are refused with NotOwner (the caller retries)
     closing: bool = False
-    #: the subscription to this partition's alarm wake-ups (its JetStream consumer's deliveries)
-    alarm_sub: Subscription | None = None
     #: objects whose overdue alarm a sweep already started
     alarm_sweeping: set[str] = field(default_factory=set)
-    alarm_attaching: bool = False
 
     def busy(self) -> bool:
         return self.pending > 0 or any(i.inflight or (i.storage.has_unflushed and i.broken is None)
@@ -167,6 +164,7 @@ class Worker:
         self.nc: nats.NATS
         self.pool: asyncpg.Pool
         self.env: Env
+        self.client: Client
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.started_at = time.time()
@@ -187,7 +185,8 @@ class Worker:
         async with self.pool.acquire() as conn:
             await db.apply_schema(conn, self.settings.partitions)
             await db.apply_class_migrations(conn, self.config)
-        self.env = Env(Client(self.nc, self.settings, self.config), self.config)
+        self.client = Client(self.nc, self.settings, self.config)
+        self.env = Env(self.client, self.config)
         self.flusher.start()
         await self.micro.start()
         await self.alarms.start()
@@ -213,6 +212,7 @@ class Worker:
         """Stop taking requests, finish in-flight events, flush, release the partitions."""
         if self._sweeper:
             self._sweeper.cancel()
+        await self.alarms.withdraw()  # alarm wake-ups go to the other workers from now on
         states = list(self.parts.values())
         # stragglers can only be on their way if requests were flowing, or someone takes over
         linger = len(self.ownership.live) > 1 or time.monotonic() - self._last_request < 1.0
@@ -267,7 +267,6 @@ class Worker:
                             "the object was reset; writes not yet acknowledged may be lost")
         for inst in list(state.instances.values()):
             inst.fail(error)
-        self.alarms.detach_soon(state)
         if state.sub is not None:
             sub, state.sub = state.sub, None
             task = asyncio.get_running_loop().create_task(self._unsubscribe(sub))
@@ -306,7 +305,6 @@ class Worker:
             state.closing = True
             if state.sub is not None:
                 await self._withdraw(state.sub)
-            await self.alarms.detach(state)
         deadline = time.monotonic() + grace
         while any(state.busy() for state in states) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
@@ -434,6 +432,11 @@ class Worker:
         cls = inst.cls
         if len(verb) == 2 and verb[0] == "ws":
             return self._socket_event(inst, verb[1], payload)
+        if verb == ["alarm"]:  # a wake-up forwarded by the worker that received it
+            if not isinstance(payload, dict) or not isinstance(payload.get("gen"), int):
+                raise InvalidRequest("an alarm wake-up needs a map with an integer 'gen'")
+            generation = payload["gen"]
+            return lambda obj: run_alarm(inst, obj, generation)
         if len(verb) == 2 and verb[0] == "rpc":
             method = verb[1]
             if method.startswith("_"):
