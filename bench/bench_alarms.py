@@ -266,7 +266,7 @@ class Durable:
         async def on_delivery(msg: Msg) -> None:
             self.delivered.setdefault(msg.subject.rsplit(".", 1)[-1], now_ms())
 
-        await nc.subscribe(f"dal.{self.key}.d.>", cb=on_delivery, pending_msgs_limit=500_000)
+        await nc.subscribe(f"dal.{self.key}.d", cb=on_delivery, pending_msgs_limit=500_000)
 
     def split(self, label: str, records: dict[str, list[float]]) -> str:
         nats_part, worker_part = [], []
@@ -285,7 +285,7 @@ class Durable:
         return (await self.js.stream_info(self.stream)).state.messages
 
     async def wait_attached(self, consumers: int, timeout: float = 60) -> None:
-        """Until every partition's fire consumer exists and has its owner's push subscription."""
+        """Until the fires consumer exists and the workers' queue subscription is bound to it."""
         await wait_push_bound(self.js, self.stream, consumers, timeout)
 
     async def fired(self, ids: Sequence[str]) -> dict[str, list[float]]:
@@ -431,7 +431,7 @@ async def failover(ns: EmbeddedNats, pg: EmbeddedPostgres, tmp: Path, config: Ap
             await durable.tap(nc)
         for n in range(trials):
             await wait_balanced(url, settings, [w.worker_id for w in workers], 60)
-            await durable.wait_attached(PARTITIONS)
+            await durable.wait_attached(1)
             victim = workers[n % len(workers)]
             await failover_trial(n, victim, env, durable, conn, objects, result)
             print(f"  (e) trial {n + 1}: kill -9 of {victim.worker_id}", flush=True)
@@ -524,7 +524,7 @@ async def measure_main(args: argparse.Namespace, ns: EmbeddedNats, pg: EmbeddedP
         await worker.start()
         await wait_balanced(pg.url, settings, [worker.worker_id], 60)
         durable = Durable(Env(client, config), conn, client.nc.jetstream(), settings)
-        await durable.wait_attached(PARTITIONS)
+        await durable.wait_attached(1)
         if args.tap:
             await durable.tap(nc)
 
