@@ -53,6 +53,15 @@ REFERENCE = Path("/work/shared/reference/nats-micro-v1")
 _PARTITION_SUBJECT = re.compile(r"^dop\.(\d+)\.([A-Za-z0-9_-]+)\.([0-9a-f]{64})\.(rpc\.[A-Za-z0-9_-]+|fetch)$")
 
 
+@pytest.fixture(scope="module")
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
+    """A nats-server of this module's own: the taps below listen to whole subject spaces
+    (``dop.>``, ``_INBOX.>``), which on the session's shared server also carry what earlier
+    tests left running."""
+    async with EmbeddedNats(tmp_path_factory.mktemp("schemas-nats"), partitions=PARTITIONS) as server:
+        yield server
+
+
 @pytest.fixture
 async def tap(nats_server: EmbeddedNats) -> AsyncIterator[NatsClient]:
     nc = await nats.connect(nats_server.url, name="wire-tap")
@@ -137,9 +146,15 @@ async def test_stub_traffic_matches_schemas(worker: Worker, env: Env, tap: NatsC
 
     seen: dict[str, str] = {}  # reply subject -> verb
     ours = {counter.id.hex, probe.id.hex, anonymous.id.hex}
+    others: list[str] = []
     while len(seen) < calls:
-        msg = await requests.next_msg(timeout=5)
+        try:
+            msg = await requests.next_msg(timeout=5)
+        except nats.errors.TimeoutError:
+            pytest.fail(f"the tap saw {len(seen)} of our {calls} requests ({sorted(seen.values())}); "
+                        f"other subjects: {others[:20]}")
         if not any(oid in msg.subject for oid in ours):
+            others.append(msg.subject)
             continue  # not this test's: e.g. a close event an earlier test's gateway is still delivering
         m = _PARTITION_SUBJECT.match(msg.subject)
         assert m, msg.subject
