@@ -97,12 +97,14 @@ WorkerFactory = Callable[..., Awaitable[Worker]]
 
 @pytest.fixture
 async def start_worker(settings: Settings, config: AppConfig) -> AsyncIterator[WorkerFactory]:
-    """Start in-process workers (stopped at teardown); keyword arguments override settings."""
+    """Start in-process workers (stopped at teardown); keyword arguments override settings;
+    ``base`` replaces the test's settings, ``classes`` replaces bound classes by class name."""
     started: list[Worker] = []
 
-    async def factory(**overrides: Any) -> Worker:
-        s = settings.model_copy(update=overrides) if overrides else settings
-        worker = Worker(s, config)
+    async def factory(base: Settings | None = None, classes: dict[str, type] | None = None,
+                      **overrides: Any) -> Worker:
+        s = (base or settings).model_copy(update=overrides) if overrides else (base or settings)
+        worker = Worker(s, config, classes={**config.load_classes(), **classes} if classes else None)
         await worker.start()
         started.append(worker)
         await worker.wait_ready()

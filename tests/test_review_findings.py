@@ -10,7 +10,7 @@ auto-response pair, a flood of frames).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -26,9 +26,10 @@ from services.core.settings import Settings
 from services.objects import Worker
 from services.objects.websockets import gateway_subject
 
-from .conftest import assert_eventually
+from .conftest import WorkerFactory, assert_eventually
 from .objects import Sock
-from .test_websocket_faults import ask, inproc_gateway
+from .test_websocket_faults import ask
+from .test_websockets import inproc_gateway
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,24 +60,13 @@ StartWorker = Callable[..., Awaitable[Worker]]
 
 
 @pytest.fixture
-async def review_worker(settings: Settings, config: AppConfig) -> AsyncIterator[StartWorker]:
-    """Start in-process workers whose ``Sock`` is :class:`ReviewSock` (stopped at teardown)."""
-    started: list[Worker] = []
+def review_worker(start_worker: WorkerFactory) -> StartWorker:
+    """In-process workers whose ``Sock`` is :class:`ReviewSock`."""
 
     async def factory(s: Settings | None = None, **overrides: Any) -> Worker:
-        s = (s or settings).model_copy(update=overrides)
-        worker = Worker(s, config, classes={**config.load_classes(), "Sock": ReviewSock})
-        await worker.start()
-        started.append(worker)
-        await worker.wait_ready()
-        return worker
+        return await start_worker(base=s, classes={"Sock": ReviewSock}, **overrides)
 
-    yield factory
-    for worker in started:
-        try:
-            await worker.stop(grace=2)
-        except Exception:  # noqa: BLE001 - a test may have broken it on purpose
-            pass
+    return factory
 
 
 async def socket_rows(settings: Settings) -> int:

@@ -26,8 +26,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,42 +36,21 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from services.cli import _Server, server_config
 from services.client import Client, Env
 from services.core import codec
 from services.core.config import AppConfig
 from services.core.settings import Settings
 from services.core.subjects import partition_of
-from services.gateway import Gateway
 from services.objects.websockets import gateway_subject
-from services.router.app import create_app
 
-from . import routes
 from .conftest import ROOT, WorkerFactory, assert_eventually, worker_env
 from .faults import ClusterWorker, owners, wait_balanced
+from .test_websockets import inproc_gateway
 
 pytestmark = pytest.mark.timeout(120)
 
 
 # ----- helpers ---------------------------------------------------------------------------------
-
-@asynccontextmanager
-async def inproc_gateway(settings: Settings, config: AppConfig) -> AsyncIterator[tuple[str, Gateway]]:
-    """A gateway (the router app with WebSockets) in this process on a free port: (ws:// URL, Gateway)."""
-    app = create_app(settings, config, user_fetch=routes.fetch, http=False)
-    server = _Server(server_config(app, "127.0.0.1", 0))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"ws://127.0.0.1:{port}", app.state.gateway
-    finally:
-        server.should_exit = True
-        await task
-
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -17,6 +17,7 @@ from services.cli import _Server, server_config
 from services.client import Env
 from services.core.config import AppConfig
 from services.core.settings import Settings
+from services.gateway import Gateway
 from services.objects import Worker
 from services.router.app import create_app
 
@@ -25,8 +26,8 @@ from .conftest import WorkerFactory, assert_eventually
 
 
 @asynccontextmanager
-async def gateway(settings: Settings, config: AppConfig) -> AsyncIterator[str]:
-    """A gateway (the router app with WebSockets) on a free port; yields its ws:// base URL."""
+async def inproc_gateway(settings: Settings, config: AppConfig) -> AsyncIterator[tuple[str, Gateway]]:
+    """A gateway (the router app with WebSockets) in this process on a free port: (ws:// URL, Gateway)."""
     app = create_app(settings, config, user_fetch=routes.fetch)
     server = _Server(server_config(app, "127.0.0.1", 0))
     task = asyncio.create_task(server.serve())
@@ -36,10 +37,17 @@ async def gateway(settings: Settings, config: AppConfig) -> AsyncIterator[str]:
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"ws://127.0.0.1:{port}"
+        yield f"ws://127.0.0.1:{port}", app.state.gateway
     finally:
         server.should_exit = True
         await task
+
+
+@asynccontextmanager
+async def gateway(settings: Settings, config: AppConfig) -> AsyncIterator[str]:
+    """An in-process gateway; yields its ws:// base URL."""
+    async with inproc_gateway(settings, config) as (url, _):
+        yield url
 
 
 @pytest.fixture
