@@ -331,8 +331,25 @@ class Alarms:
         else:
             self._spawn(self._forward(tokens[4], namespace, generation, msg), "alarm-forward")
 
+    async def _instance(self, state: PartitionState, object_id: str, namespace: str,
+                        generation: int) -> Instance | None:
+        """The object to run the alarm in, or None for a stale wake-up: an object not live is not
+        built (its constructor run) for a wake-up whose alarm is gone or changed."""
+        if object_id in state.instances:
+            return self.worker.instance_for(state, namespace, object_id)
+        row = await self.worker.read_alarm(object_id)
+        if row is None or row.generation != generation:
+            return None
+        inst = self.worker.instance_for(state, namespace, object_id)
+        inst.storage.prime_alarm(row)  # read just now: the alarm event need not read it again
+        return inst
+
     async def _forward(self, object_id: str, namespace: str, generation: int, msg: Msg) -> None:
         try:
+            row = await self.worker.read_alarm(object_id)  # without building the object anywhere
+            if row is None or row.generation != generation:
+                await _ack(msg)
+                return
             value = await self.worker.client.call(namespace, object_id, "alarm",
                                                       codec.dumps({"gen": generation}, False))
         except DurableError as exc:
@@ -366,7 +383,11 @@ class Alarms:
         try:
             if state.closing or self.worker.parts.get(state.partition) is not state:
                 return  # not acknowledged: the next owner gets it (and its sweep finds it anyway)
-            inst = self.worker.instance_for(state, namespace, object_id)
+            inst = await self._instance(state, object_id, namespace, generation)
+            if inst is None:
+                if msg is not None:
+                    await _ack(msg)
+                return
             ok, value, seq = await inst.run_event(lambda obj: run_alarm(inst, obj, generation))
             if not ok:
                 # the runtime failed (storage unreachable, object reset): nothing was recorded and

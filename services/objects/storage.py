@@ -312,6 +312,12 @@ class Storage:
                 self._alarm_known = True
         return self._alarm
 
+    def prime_alarm(self, row: AlarmRow | None) -> None:
+        """The alarm row as just read from Postgres by the runtime, for a fresh instance."""
+        if not self._alarm_known and not self._pending_alarm_changed:
+            self._alarm = row
+            self._alarm_known = True
+
     async def get_alarm(self) -> int | None:
         """The alarm's time in epoch milliseconds, or None. None inside the running alarm
         handler, unless something set a new alarm meanwhile (Cloudflare)."""
