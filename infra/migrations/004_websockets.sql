@@ -7,6 +7,9 @@ ALTER TABLE do_sockets ADD COLUMN IF NOT EXISTS auto_response text;
 ALTER TABLE do_sockets ADD COLUMN IF NOT EXISTS accepted_at timestamptz NOT NULL DEFAULT now();
 CREATE INDEX IF NOT EXISTS do_sockets_partition_gateway ON do_sockets (partition, gateway);
 
+-- do_flush now also writes alarm rows (003) and socket registrations: atomic with the rest of
+-- each object's batch. Drop the earlier signatures first (CREATE OR REPLACE would add an overload).
+DROP FUNCTION IF EXISTS do_flush(int[], bigint[], text[], text[], bytea[], text[], bytea[], text[], bytea[], text);
 DROP FUNCTION IF EXISTS do_flush(int[], bigint[], text[], text[], bytea[], text[], bytea[], text[], bytea[],
     text[], text[], text[], int[], bigint[], bigint[], bigint[], int[], text);
 
