@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from services.objects import AlarmInfo, DurableObject
+from durable.objects import AlarmInfo, DurableObject
 
 
 class BenchAlarmer(DurableObject):

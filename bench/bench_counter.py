@@ -33,10 +33,10 @@ import nats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.client import Client, Env  # noqa: E402
-from services.core.config import load_config  # noqa: E402
-from services.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
-from services.core.settings import Settings  # noqa: E402
+from durable.client import Client, Env  # noqa: E402
+from durable.core.config import load_config  # noqa: E402
+from durable.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from durable.core.settings import Settings  # noqa: E402
 
 PARTITIONS = 256
 
@@ -110,7 +110,7 @@ async def main(seconds: float, rounds: int, workers: int) -> None:
             procs.append(echo)
             await wait_line(echo, "ready")
             for _ in range(workers):
-                worker = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env_vars,
+                worker = subprocess.Popen([sys.executable, "-m", "durable.cli", "worker"], env=env_vars,
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
                 procs.append(worker)
                 await wait_line(worker, "started")

@@ -25,10 +25,10 @@ import nats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.client import Client, Env  # noqa: E402
-from services.core.config import load_config  # noqa: E402
-from services.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
-from services.core.settings import Settings  # noqa: E402
+from durable.client import Client, Env  # noqa: E402
+from durable.core.config import load_config  # noqa: E402
+from durable.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from durable.core.settings import Settings  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -58,7 +58,7 @@ async def main(inflight: int, seconds: float) -> None:
     async with EmbeddedNats(tmp / "nats") as ns, EmbeddedPostgres(tmp / "pg") as pg:
         env = {**os.environ, "DURABLE_NATS_URL": ns.url, "DURABLE_DATABASE_URL": pg.url,
                "DURABLE_CONFIG_FILE": str(ROOT / "durable.toml"), "PYTHONPATH": str(ROOT)}
-        worker = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=env,
+        worker = subprocess.Popen([sys.executable, "-m", "durable.cli", "worker"], env=env,
                                   stdout=subprocess.PIPE, text=True, cwd=ROOT)
         echo = subprocess.Popen([sys.executable, str(ROOT / "bench" / "echo_server.py"), ns.url],
                                 stdout=subprocess.PIPE, text=True)

@@ -37,12 +37,13 @@ import nats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.client import Client, Env  # noqa: E402
-from services.client.namespace import Stub  # noqa: E402
-from services.core.config import load_config  # noqa: E402
-from services.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
-from services.core.settings import Settings  # noqa: E402
-from services.core.subjects import partition_of  # noqa: E402
+from durable.client import Client, Env  # noqa: E402
+from durable.client.namespace import Stub  # noqa: E402
+from durable.core.config import load_config  # noqa: E402
+from durable.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from durable.core.settings import Settings  # noqa: E402
+from durable.core.subjects import partition_of  # noqa: E402
+
 from tests.faults import ClusterWorker, Load, owners, wait_balanced  # noqa: E402
 
 PARTITIONS = 256

@@ -60,10 +60,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.client import Client, Env  # noqa: E402
-from services.core.config import load_config  # noqa: E402
-from services.core.embedded import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
-from services.core.settings import Settings  # noqa: E402
+from durable.client import Client, Env  # noqa: E402
+from durable.core.config import load_config  # noqa: E402
+from durable.core.embedded import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
+from durable.core.settings import Settings  # noqa: E402
 
 PARTITIONS = 256
 CONFIG_FILE = ROOT / "bench" / "durable.bench-ws.toml"
@@ -228,7 +228,7 @@ class Bench:
         port = free_port()
         log = self.tmp / f"{name}.log"
         env = {**self.env_vars, "DURABLE_GATEWAY_PORT": str(port), "DURABLE_ROUTES": ROUTES}
-        proc = await self.spawn([sys.executable, "-m", "services.cli", "gateway"], log, env)
+        proc = await self.spawn([sys.executable, "-m", "durable.cli", "gateway"], log, env)
         await wait_port(port, proc, log)
         return proc.pid, f"ws://127.0.0.1:{port}", log
 
@@ -333,7 +333,7 @@ class Bench:
             client: Client | None = None
             shapes: list[Shape] = []
             try:
-                worker = await self.spawn([sys.executable, "-m", "services.cli", "worker"], worker_log,
+                worker = await self.spawn([sys.executable, "-m", "durable.cli", "worker"], worker_log,
                                           self.env_vars)
                 self.worker_pid = worker.pid
                 await wait_text(worker_log, "started", worker)

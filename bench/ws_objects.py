@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.client import Env
-from services.core.http import Request, Response
-from services.objects import DurableObject
+from durable.client import Env
+from durable.core.http import Request, Response
+from durable.objects import DurableObject
 
 
 class BenchRoom(DurableObject):

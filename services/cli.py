@@ -78,7 +78,7 @@ async def _serve_router(settings: Settings, config: AppConfig, stop: asyncio.Eve
 async def _spawn_worker(settings: Settings) -> asyncio.subprocess.Process:
     env = {**os.environ, "DURABLE_NATS_URL": settings.nats_url, "DURABLE_DATABASE_URL": settings.database_url,
            "DURABLE_CONFIG_FILE": str(settings.config_file.resolve()), "DURABLE_WORKER_NAME": ""}
-    return await asyncio.create_subprocess_exec(sys.executable, "-m", "services.cli", "worker", env=env,
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "durable.cli", "worker", env=env,
                                                 start_new_session=True)
 
 

@@ -20,12 +20,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-
-from services.client import Client, Env
-from services.core.config import AppConfig, load_config
-from services.core.embedded import EmbeddedNats, EmbeddedPostgres
-from services.core.settings import Settings
-from services.objects import Worker
+from durable.client import Client, Env
+from durable.core.config import AppConfig, load_config
+from durable.core.embedded import EmbeddedNats, EmbeddedPostgres
+from durable.core.settings import Settings
+from durable.objects import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = Path(__file__).with_name("durable.test.toml")
@@ -161,7 +160,7 @@ class WorkerProcess:
 
     async def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=self.env(),
+        self.proc = subprocess.Popen([sys.executable, "-m", "durable.cli", "worker"], env=self.env(),
                                      stdout=log, stderr=log, cwd=ROOT)
         log.close()
         await wait_until_partitions_owned(self.settings, timeout)
@@ -242,7 +241,7 @@ async def dedicated_postgres(path: Path) -> AsyncIterator[EmbeddedPostgres]:
 
 # ----- cluster fault tests: a NATS cluster, and a Postgres the tests may restart ----------------
 
-from services.core.embedded import EmbeddedNatsCluster  # noqa: E402 - appended with its fixtures
+from durable.core.embedded import EmbeddedNatsCluster  # noqa: E402 - appended with its fixtures
 
 
 @pytest.fixture

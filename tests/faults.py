@@ -19,13 +19,13 @@ from typing import Any
 
 import asyncpg
 import nats
+from durable.client import Client, Env
+from durable.client.namespace import Stub
+from durable.core import codec
+from durable.core.config import AppConfig
+from durable.core.settings import Settings
+from durable.objects.ownership import SESSION_PREFIX
 
-from services.client import Client, Env
-from services.client.namespace import Stub
-from services.core import codec
-from services.core.config import AppConfig
-from services.core.settings import Settings
-from services.objects.ownership import SESSION_PREFIX
 from tests.conftest import worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ class ClusterWorker:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== {self.worker_id} on {self.nats_url} =====\n".encode())
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "worker"], env=self.env(),
+            self.proc = subprocess.Popen([sys.executable, "-m", "durable.cli", "worker"], env=self.env(),
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
         self.paused = False
         deadline = time.monotonic() + timeout

@@ -6,8 +6,8 @@ import asyncio
 import time
 from typing import Any
 
-from services.objects import AlarmInfo, DurableObject, Request, Response
-from services.objects.patterns import Counter, RateLimiter, Session
+from durable.objects import AlarmInfo, DurableObject, Request, Response
+from durable.objects.patterns import Counter, RateLimiter, Session
 
 __all__ = ["Counter", "RateLimiter", "Session", "Probe", "Lifecycle"]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from services.client import Env
-from services.core.http import Request, Response
-from services.router import routes
+from durable.client import Env
+from durable.core.http import Request, Response
+from durable.router import routes
 
 
 async def fetch(request: Request, env: Env) -> Response:

@@ -28,16 +28,15 @@ from typing import Any
 import asyncpg
 import nats
 import pytest
-
-from services.client import Client, Env
-from services.core import codec
-from services.core.config import AppConfig
-from services.core.embedded import SERVER_PINGS, EmbeddedNats, nats_server_binary
-from services.core.errors import ConfigError
-from services.core.settings import Settings
-from services.core.subjects import partition_of, server_mapping
-from services.objects import Worker
-from services.objects.alarms import AlarmStream, check_server
+from durable.client import Client, Env
+from durable.core import codec
+from durable.core.config import AppConfig
+from durable.core.embedded import SERVER_PINGS, EmbeddedNats, nats_server_binary
+from durable.core.errors import ConfigError
+from durable.core.settings import Settings
+from durable.core.subjects import partition_of, server_mapping
+from durable.objects import Worker
+from durable.objects.alarms import AlarmStream, check_server
 
 from .conftest import PARTITIONS, ROOT, WorkerFactory, assert_eventually, make_settings, worker_env
 from .faults import ClusterWorker, owners, wait_balanced
@@ -347,7 +346,7 @@ async def test_a_worker_refuses_a_nats_server_without_jetstream(
             await conn.close()
 
         proc = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "services.cli", "worker"], env=worker_env(s),
+            subprocess.run, [sys.executable, "-m", "durable.cli", "worker"], env=worker_env(s),
             cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
         assert "configuration error" in proc.stderr, proc.stderr[-2000:]

@@ -7,11 +7,10 @@ import time
 
 import asyncpg
 import pytest
-
-from services.client import Env
-from services.core.errors import RemoteError
-from services.core.settings import Settings
-from services.objects import Worker
+from durable.client import Env
+from durable.core.errors import RemoteError
+from durable.core.settings import Settings
+from durable.objects import Worker
 
 from .conftest import assert_eventually
 

@@ -8,11 +8,10 @@ from typing import Any
 
 import asyncpg
 import pytest
-
-from services.client import Env
-from services.core.errors import RemoteError
-from services.core.settings import Settings
-from services.objects import Worker
+from durable.client import Env
+from durable.core.errors import RemoteError
+from durable.core.settings import Settings
+from durable.objects import Worker
 
 from .conftest import WorkerFactory, assert_eventually
 
@@ -232,8 +231,8 @@ async def test_a_stale_or_duplicate_wake_up_is_acknowledged_and_ignored(worker: 
                                                                         settings: Settings) -> None:
     """Wake-ups published by hand on the fire subject: a wrong generation runs nothing, the right
     one runs the alarm, a duplicate of it runs nothing again; every one is acknowledged."""
-    from services.core import codec
-    from services.objects.alarms import AlarmStream
+    from durable.core import codec
+    from durable.objects.alarms import AlarmStream
 
     a = env.ALARMERS.get_by_name("stale-fire")
     await a.arm(120_000)
@@ -272,7 +271,7 @@ async def test_a_stale_or_duplicate_wake_up_is_acknowledged_and_ignored(worker: 
     ("weird", True, "not a version number"),
 ])
 def test_the_start_up_check_names_the_version_found(version: str, jetstream: bool, expect: str | None) -> None:
-    from services.objects.alarms import schedule_support_problem
+    from durable.objects.alarms import schedule_support_problem
 
     problem = schedule_support_problem(version, jetstream)
     if expect is None:

@@ -10,13 +10,12 @@ from typing import Any
 
 import msgpack
 import pytest
+from durable.client import Env
+from durable.client.client import ERROR_CODE_HEADER, ERROR_HEADER, NAME_HEADER
+from durable.core import codec
+from durable.core.errors import PayloadTooLarge, RemoteError, UnknownMethod
+from durable.objects import Worker
 from nats.aio.client import Client as NatsClient
-
-from services.client import Env
-from services.client.client import ERROR_CODE_HEADER, ERROR_HEADER, NAME_HEADER
-from services.core import codec
-from services.core.errors import PayloadTooLarge, RemoteError, UnknownMethod
-from services.objects import Worker
 
 from .conftest import WorkerFactory
 from .wire import (

@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-
-from services.core.config import AppConfig
-from services.core.settings import Settings
-from services.objects import Worker
+from durable.core.config import AppConfig
+from durable.core.settings import Settings
+from durable.objects import Worker
 
 from .test_websockets import gateway
 

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-
-from services.client import Client, Env
-from services.core.config import AppConfig, load_config
-from services.core.embedded import EmbeddedNatsCluster, EmbeddedPostgres
-from services.core.settings import Settings
-from services.core.subjects import partition_of
+from durable.client import Client, Env
+from durable.core.config import AppConfig, load_config
+from durable.core.embedded import EmbeddedNatsCluster, EmbeddedPostgres
+from durable.core.settings import Settings
+from durable.core.subjects import partition_of
 
 from .conftest import make_settings
 from .faults import (

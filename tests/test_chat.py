@@ -8,13 +8,12 @@ import json
 import asyncpg
 import httpx
 import pytest
+from durable.client.chat import ChatClient
+from durable.core.config import AppConfig
+from durable.core.settings import Settings
+from durable.objects import Worker
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
-
-from services.client.chat import ChatClient
-from services.core.config import AppConfig
-from services.core.settings import Settings
-from services.objects import Worker
 
 from .conftest import assert_eventually
 from .test_websockets import gateway

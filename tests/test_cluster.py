@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import asyncpg
 import nats
+from durable.client import Client, Env
+from durable.core.config import AppConfig
+from durable.core.settings import Settings
+from durable.core.subjects import partition_of
+from durable.objects import Worker
 
-from services.client import Client, Env
-from services.core.config import AppConfig
-from services.core.settings import Settings
-from services.core.subjects import partition_of
-from services.objects import Worker
 from tests.conftest import PARTITIONS, WorkerFactory, WorkerProcess, assert_eventually
 
 
@@ -123,7 +123,7 @@ async def test_a_killed_owner_is_replaced_and_its_objects_answer_again(
 
 async def test_durable_status_shows_workers_partitions_and_live_objects(
         start_worker: WorkerFactory, env: Env, settings: Settings) -> None:
-    from services import status
+    from durable import status
 
     a = await start_worker()
     b = await start_worker()

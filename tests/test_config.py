@@ -5,15 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from services.core.config import load_config
-from services.core.errors import ConfigError
+from durable.core.config import load_config
+from durable.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = """
 [bindings]
-COUNTERS = "services.objects.patterns.counter:Counter"
+COUNTERS = "durable.objects.patterns.counter:Counter"
 
 [[migrations]]
 tag = "v1"
@@ -59,7 +58,7 @@ def test_a_binding_to_a_class_no_migration_created_is_refused(tmp_path: Path) ->
 
 
 def test_a_class_that_cannot_be_imported_names_the_binding(tmp_path: Path) -> None:
-    text = GOOD.replace("services.objects.patterns.counter:Counter", "no.such.module:Counter")
+    text = GOOD.replace("durable.objects.patterns.counter:Counter", "no.such.module:Counter")
     config = load_config(write(tmp_path, text))
     with pytest.raises(ConfigError, match=r"bindings.COUNTERS: class 'no.such.module:Counter' cannot be imported: "
                                           r"ModuleNotFoundError"):
@@ -69,7 +68,7 @@ def test_a_class_that_cannot_be_imported_names_the_binding(tmp_path: Path) -> No
 def test_renames_carry_the_identity_and_deletions_remove_the_class(tmp_path: Path) -> None:
     text = """
 [bindings]
-TALLIES = "services.objects.patterns.counter:Counter"
+TALLIES = "durable.objects.patterns.counter:Counter"
 
 [[migrations]]
 tag = "v1"
@@ -93,15 +92,15 @@ def test_duplicate_migration_tags_are_refused(tmp_path: Path) -> None:
 
 def test_durable_dev_stops_with_the_message_and_exit_code_2(tmp_path: Path) -> None:
     write(tmp_path, "bogus = 1\n" + GOOD)
-    result = subprocess.run([sys.executable, "-m", "services.cli", "dev"], cwd=tmp_path, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "durable.cli", "dev"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert "durable.toml: bogus: unknown key" in result.stderr
 
 
 def test_durable_dev_refuses_an_unimportable_class_before_starting_servers(tmp_path: Path) -> None:
-    write(tmp_path, GOOD.replace("services.objects.patterns.counter:Counter", "services.nothing:Counter"))
-    result = subprocess.run([sys.executable, "-m", "services.cli", "dev"], cwd=tmp_path, capture_output=True,
+    write(tmp_path, GOOD.replace("durable.objects.patterns.counter:Counter", "services.nothing:Counter"))
+    result = subprocess.run([sys.executable, "-m", "durable.cli", "dev"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2
     assert "bindings.COUNTERS" in result.stderr and "cannot be imported" in result.stderr
@@ -110,7 +109,7 @@ def test_durable_dev_refuses_an_unimportable_class_before_starting_servers(tmp_p
 
 def test_broken_settings_are_reported(tmp_path: Path) -> None:
     write(tmp_path, GOOD)
-    result = subprocess.run([sys.executable, "-m", "services.cli", "dev"], cwd=tmp_path, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "durable.cli", "dev"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DURABLE_PARTITIONS": "zero"})
     assert result.returncode == 2

@@ -12,10 +12,10 @@ import signal
 import time
 from collections.abc import Callable
 
-from services.client import Client, Env
-from services.core.config import AppConfig
-from services.core.settings import Settings
-from services.objects import Worker
+from durable.client import Client, Env
+from durable.core.config import AppConfig
+from durable.core.settings import Settings
+from durable.objects import Worker
 
 from .conftest import WorkerFactory, WorkerProcess
 

@@ -14,17 +14,16 @@ from typing import Any
 
 import asyncpg
 import pytest
+from durable.client import Client, Env
+from durable.client.namespace import Stub
+from durable.core import codec
+from durable.core.config import AppConfig
+from durable.core.errors import DurableError, ObjectReset, RequestTimeout
+from durable.core.settings import Settings
+from durable.core.subjects import partition_of
+from durable.objects import Worker
+from durable.objects.instance import Instance
 from nats.aio.subscription import Subscription
-
-from services.client import Client, Env
-from services.client.namespace import Stub
-from services.core import codec
-from services.core.config import AppConfig
-from services.core.errors import DurableError, ObjectReset, RequestTimeout
-from services.core.settings import Settings
-from services.core.subjects import partition_of
-from services.objects import Worker
-from services.objects.instance import Instance
 
 from .conftest import WorkerFactory, assert_eventually
 from .objects import Edge

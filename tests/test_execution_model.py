@@ -3,10 +3,10 @@
 import asyncio
 
 import pytest
+from durable.client import Env
+from durable.core.errors import DurableError, RemoteError
+from durable.objects import Worker
 
-from services.client import Env
-from services.core.errors import DurableError, RemoteError
-from services.objects import Worker
 from tests.conftest import WorkerFactory, assert_eventually
 
 

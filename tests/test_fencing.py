@@ -18,14 +18,13 @@ from collections.abc import Callable
 
 import asyncpg
 import pytest
-
-from services.client import Client, Env
-from services.client.namespace import Stub
-from services.core import codec
-from services.core.config import AppConfig
-from services.core.errors import ObjectReset, RequestTimeout
-from services.core.settings import Settings
-from services.core.subjects import partition_of
+from durable.client import Client, Env
+from durable.client.namespace import Stub
+from durable.core import codec
+from durable.core.config import AppConfig
+from durable.core.errors import ObjectReset, RequestTimeout
+from durable.core.settings import Settings
+from durable.core.subjects import partition_of
 
 from .conftest import WorkerFactory, WorkerProcess, assert_eventually
 

@@ -20,15 +20,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-
-from services.client import Client, Env
-from services.client.namespace import Stub
-from services.core import codec
-from services.core.config import AppConfig
-from services.core.embedded import EmbeddedNats
-from services.core.errors import DurableError, ObjectReset, RequestTimeout
-from services.core.settings import Settings
-from services.objects import Worker
+from durable.client import Client, Env
+from durable.client.namespace import Stub
+from durable.core import codec
+from durable.core.config import AppConfig
+from durable.core.embedded import EmbeddedNats
+from durable.core.errors import DurableError, ObjectReset, RequestTimeout
+from durable.core.settings import Settings
+from durable.objects import Worker
 
 from .conftest import WorkerFactory, assert_eventually, dedicated_postgres, make_settings
 from .objects import Edge

@@ -1,8 +1,7 @@
 import pytest
-
-from services.client import Env
-from services.core.errors import InvalidId
-from services.core.ids import IdFactory, namespace_key
+from durable.client import Env
+from durable.core.errors import InvalidId
+from durable.core.ids import IdFactory, namespace_key
 
 
 def test_id_from_name_is_deterministic_and_carries_the_name(env: Env) -> None:

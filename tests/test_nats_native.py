@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from durable.client import Env
+from durable.client.client import ERROR_CODE_HEADER, ERROR_HEADER
+from durable.core.subjects import partition_of
+from durable.objects import Worker
+from durable.objects.micro import SERVICE_NAME
 from nats.aio.client import Client as NatsClient
-
-from services.client import Env
-from services.client.client import ERROR_CODE_HEADER, ERROR_HEADER
-from services.core.subjects import partition_of
-from services.objects import Worker
-from services.objects.micro import SERVICE_NAME
 
 from .conftest import PARTITIONS
 from .wire import (

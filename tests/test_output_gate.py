@@ -11,12 +11,11 @@ import time
 from collections.abc import Callable
 
 import asyncpg
-
-from services.client import Client, Env
-from services.core import codec
-from services.core.config import AppConfig
-from services.core.errors import DurableError
-from services.core.settings import Settings
+from durable.client import Client, Env
+from durable.core import codec
+from durable.core.config import AppConfig
+from durable.core.errors import DurableError
+from durable.core.settings import Settings
 
 from .conftest import WorkerProcess, assert_eventually
 

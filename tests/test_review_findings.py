@@ -15,16 +15,15 @@ from typing import Any
 
 import asyncpg
 import pytest
+from durable.client import Env
+from durable.core import codec
+from durable.core.config import AppConfig
+from durable.core.http import Request, Response
+from durable.core.settings import Settings
+from durable.objects import Worker
+from durable.objects.websockets import gateway_subject
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-from services.client import Env
-from services.core import codec
-from services.core.config import AppConfig
-from services.core.http import Request, Response
-from services.core.settings import Settings
-from services.objects import Worker
-from services.objects.websockets import gateway_subject
 
 from .conftest import WorkerFactory, assert_eventually
 from .objects import Sock

@@ -8,12 +8,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import uvicorn
-
-from services.client import Client
-from services.core.config import AppConfig
-from services.core.settings import Settings
-from services.objects import Worker
-from services.router.app import create_app
+from durable.client import Client
+from durable.core.config import AppConfig
+from durable.core.settings import Settings
+from durable.objects import Worker
+from durable.router.app import create_app
 
 
 @pytest.fixture
@@ -83,8 +82,8 @@ async def test_api_is_rate_limited_to_100_requests_a_minute_per_client(http: htt
 
 
 async def test_the_rate_limiter_counts_per_client_ip(worker: Worker, client: Client, config: AppConfig) -> None:
-    from services.client import Env
-    from services.core.http import Request
+    from durable.client import Env
+    from durable.core.http import Request
 
     env = Env(client, config)
     await _inside_one_window()

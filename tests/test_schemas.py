@@ -20,18 +20,17 @@ from typing import Any
 import jsonschema
 import nats
 import pytest
+from durable.client import Env
+from durable.client.client import ERROR_HEADER, NAME_HEADER
+from durable.core import codec
+from durable.core.config import AppConfig
+from durable.core.embedded import EmbeddedNats
+from durable.core.errors import _REGISTRY, RemoteError, UnknownMethod
+from durable.core.http import Request
+from durable.core.settings import Settings
+from durable.core.subjects import partition_of
+from durable.objects import Worker
 from nats.aio.client import Client as NatsClient
-
-from services.client import Env
-from services.client.client import ERROR_HEADER, NAME_HEADER
-from services.core import codec
-from services.core.config import AppConfig
-from services.core.embedded import EmbeddedNats
-from services.core.errors import _REGISTRY, RemoteError, UnknownMethod
-from services.core.http import Request
-from services.core.settings import Settings
-from services.core.subjects import partition_of
-from services.objects import Worker
 
 from .conftest import PARTITIONS
 from .wire import (

@@ -1,5 +1,5 @@
-from services.client import Env
-from services.objects import Worker
+from durable.client import Env
+from durable.objects import Worker
 
 
 async def test_counter_increments_over_a_stub(worker: Worker, env: Env) -> None:

@@ -9,10 +9,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+from durable.client import Env
+from durable.core.errors import RemoteError, StorageError
+from durable.objects import Worker
 
-from services.client import Env
-from services.core.errors import RemoteError, StorageError
-from services.objects import Worker
 from tests.conftest import WorkerFactory, assert_eventually
 
 BATCH_ERROR = "Maximum number of key value pairs is 128. 129 pairs were provided."

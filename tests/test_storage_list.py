@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from durable.client import Env
+from durable.core.errors import StorageError
+from durable.objects import Worker
 
-from services.client import Env
-from services.core.errors import StorageError
-from services.objects import Worker
 from tests.conftest import WorkerFactory, assert_eventually
 
 # Keys chosen so that UTF-8 byte order differs from UTF-16 order ("\uffff" is EF BF BF and

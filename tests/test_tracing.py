@@ -1,14 +1,14 @@
 """The W3C trace context travels in NATS headers from the caller into the object's event."""
 
 import pytest
+from durable.client import Env
+from durable.core.subjects import partition_of
+from durable.objects import Worker
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from services.client import Env
-from services.core.subjects import partition_of
-from services.objects import Worker
 from tests.conftest import PARTITIONS
 
 _exporter = InMemorySpanExporter()

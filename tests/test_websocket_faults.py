@@ -32,16 +32,15 @@ from typing import Any
 import asyncpg
 import nats
 import pytest
+from durable.client import Client, Env
+from durable.core import codec
+from durable.core.config import AppConfig
+from durable.core.settings import Settings
+from durable.core.subjects import partition_of
+from durable.objects.websockets import gateway_subject
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
-
-from services.client import Client, Env
-from services.core import codec
-from services.core.config import AppConfig
-from services.core.settings import Settings
-from services.core.subjects import partition_of
-from services.objects.websockets import gateway_subject
 
 from .conftest import ROOT, WorkerFactory, assert_eventually, worker_env
 from .faults import ClusterWorker, owners, wait_balanced
@@ -76,7 +75,7 @@ class GatewayProcess:
                          DURABLE_HTTP_HOST="127.0.0.1",
                          DURABLE_GATEWAY_HEARTBEAT_INTERVAL=str(self.settings.gateway_heartbeat_interval))
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "gateway"], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "durable.cli", "gateway"], env=env,
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # uvicorn listens once the lifespan (gateway.start) is done

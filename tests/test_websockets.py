@@ -10,16 +10,15 @@ from typing import Any
 
 import asyncpg
 import pytest
+from durable.cli import _Server, server_config
+from durable.client import Env
+from durable.core.config import AppConfig
+from durable.core.settings import Settings
+from durable.gateway import Gateway
+from durable.objects import Worker
+from durable.router.app import create_app
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-from services.cli import _Server, server_config
-from services.client import Env
-from services.core.config import AppConfig
-from services.core.settings import Settings
-from services.gateway import Gateway
-from services.objects import Worker
-from services.router.app import create_app
 
 from . import routes
 from .conftest import WorkerFactory, assert_eventually

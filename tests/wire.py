@@ -16,13 +16,12 @@ import jsonschema
 import msgpack
 import nats
 import pytest
+from durable.client import Env
+from durable.client.client import ERROR_CODE_HEADER, ERROR_HEADER
+from durable.core.embedded import EmbeddedNats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from referencing import Registry, Resource
-
-from services.client import Env
-from services.client.client import ERROR_CODE_HEADER, ERROR_HEADER
-from services.core.embedded import EmbeddedNats
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 MICRO_DIR = SCHEMA_DIR / "nats-micro-v1"
@@ -92,7 +91,7 @@ def _ext(code: int, data: bytes) -> Any:
 
 def decode_payload(data: bytes, headers: dict[str, str] | None) -> Any:
     """The JSON form of a payload as it travelled: JSON as is (tags not decoded), msgpack
-    decoded independently of services.core.codec and mapped to the JSON form."""
+    decoded independently of durable.core.codec and mapped to the JSON form."""
     if (headers or {}).get("Content-Type", "").startswith("application/json"):
         return json.loads(data)
     return json_view(msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext))

@@ -2,7 +2,7 @@
 
 ```toml
 [bindings]
-COUNTERS = "services.objects.patterns.counter:Counter"
+COUNTERS = "durable.objects.patterns.counter:Counter"
 
 [[migrations]]
 tag = "v1"

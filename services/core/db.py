@@ -1,17 +1,24 @@
-"""Postgres: connections, the SQL schema migrations in ``infra/migrations`` and the class
+"""Postgres: connections, the SQL schema migrations (``infra/migrations`` in the repository,
+the package data ``durable.migrations`` once installed) and the class
 migrations of ``durable.toml``. Both are idempotent and serialised by an advisory lock, so
 any number of processes may start at once."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from importlib import resources
 
 import asyncpg
 
 from .config import AppConfig
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "infra" / "migrations"
+
+def _sql_migrations() -> list[tuple[str, str]]:
+    """(name, SQL) of every schema migration in name order, read from the package data, so a
+    wheel installed anywhere finds them (not a path relative to a checkout)."""
+    files = resources.files("durable.migrations")
+    return sorted((f.name, f.read_text(encoding="utf-8")) for f in files.iterdir() if f.name.endswith(".sql"))
+
 _MIGRATION_LOCK = 0x0D0B_0001
 
 
@@ -29,12 +36,12 @@ async def apply_schema(conn: asyncpg.Connection, partitions: int) -> list[str]:
             "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
         done = {r["name"] for r in await conn.fetch("SELECT name FROM do_schema_migrations")}
-        for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
-            if path.name in done:
+        for name, sql in _sql_migrations():
+            if name in done:
                 continue
-            await conn.execute(path.read_text())
-            await conn.execute("INSERT INTO do_schema_migrations(name) VALUES ($1)", path.name)
-            applied_now.append(path.name)
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO do_schema_migrations(name) VALUES ($1)", name)
+            applied_now.append(name)
         await conn.execute(
             "INSERT INTO do_partitions(partition) SELECT generate_series(0, $1 - 1) ON CONFLICT DO NOTHING",
             partitions,

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     gateway_timeout: float = Field(default=3.0, gt=0)
     gateway_port: int = 8788
     #: The routing code every HTTP request and WebSocket upgrade goes through (a Worker's fetch).
-    routes: str = "services.router.routes:fetch"
+    routes: str = "durable.router.routes:fetch"
 
     http_host: str = "127.0.0.1"
     http_port: int = 8787

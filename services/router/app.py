@@ -41,7 +41,7 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
     ``durable gateway`` serves only the WebSockets."""
     state: dict[str, Any] = {}
     if user_fetch is None:
-        user_fetch = routes.fetch if settings.routes == "services.router.routes:fetch" else \
+        user_fetch = routes.fetch if settings.routes == "durable.router.routes:fetch" else \
             import_function(settings.routes, "DURABLE_ROUTES")
     fetch_fn: UserFetch = user_fetch
 

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
+from importlib import resources
+from pathlib import PurePosixPath
 
 from ..core.http import Response
 
-STATIC_DIR = Path(__file__).with_name("static")
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8"}
 
 
 @cache
 def _read(name: str) -> bytes | None:
-    path = (STATIC_DIR / name).resolve()
-    if path.parent != STATIC_DIR.resolve() or not path.is_file():
+    """A file of the package data ``static/`` (no sub-folders, no ``..``), or None."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
         return None
-    return path.read_bytes()
+    entry = resources.files("durable.router").joinpath("static", name)
+    return entry.read_bytes() if entry.is_file() else None
 
 
 def serve(path: str) -> Response:
@@ -25,5 +26,5 @@ def serve(path: str) -> Response:
     body = _read(name)
     if body is None:
         return Response("Not found", 404)
-    return Response(body, 200, {"content-type": _TYPES.get(Path(name).suffix, "application/octet-stream"),
+    return Response(body, 200, {"content-type": _TYPES.get(PurePosixPath(name).suffix, "application/octet-stream"),
                                 "cache-control": "no-cache"})

@@ -1,0 +1,1 @@
+"""The SQL schema migrations, applied in name order at start-up (package data: read with importlib.resources)."""
