@@ -1,19 +1,17 @@
 """Test fixtures: a real nats-server and a real PostgreSQL, started once per test session on
-ports the OS picks; each test gets its own database, so tests never see each other's data or
-partition locks."""
+ports the OS picks (by the pytest plugin the package ships, ``durable.testing``); each test gets
+its own database, so tests never see each other's data or partition locks."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from durable.core.config import AppConfig, load_config
 from durable.core.embedded import EmbeddedNats, EmbeddedPostgres
 from durable.core.settings import Settings
 from durable.objects import Worker
+from durable.testing.app import DurableServers
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = Path(__file__).with_name("durable.test.toml")
@@ -33,25 +32,15 @@ _db_counter = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def tmp_root() -> Iterator[Path]:
-    """The session's server data (Postgres with a database per test grows to ~2 GB): removed
-    after the servers stop."""
-    path = Path(tempfile.mkdtemp(prefix="durable-tests-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def nats_server(durable_servers: DurableServers) -> EmbeddedNats:
+    """The session's nats-server: the one the shipped pytest plugin starts (durable.testing)."""
+    return durable_servers.nats
 
 
 @pytest.fixture(scope="session")
-async def nats_server(tmp_root: Path) -> AsyncIterator[EmbeddedNats]:
-    async with EmbeddedNats(tmp_root / "nats", partitions=PARTITIONS) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-async def pg_server(tmp_root: Path) -> AsyncIterator[EmbeddedPostgres]:
-    async with EmbeddedPostgres(tmp_root / "pg") as server:
-        yield server
+def pg_server(durable_servers: DurableServers) -> EmbeddedPostgres:
+    """The session's PostgreSQL (a database per test on it), from the shipped plugin."""
+    return durable_servers.postgres
 
 
 @pytest.fixture(scope="session")

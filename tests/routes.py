@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from durable.client import Env
 from durable.core.http import Request, Response
-from durable.router import routes
+
+from examples import routes
 
 
 async def fetch(request: Request, env: Env) -> Response:
-    """/sock/<name> -> the Sock named <name>; everything else as the default routes."""
+    """/sock/<name> -> the Sock named <name>; everything else as the examples' routes."""
     segments = [s for s in request.path.split("/") if s]
     if len(segments) == 2 and segments[0] == "sock":
         return await env.SOCKS.get_by_name(segments[1]).fetch(request)
-    if not segments or segments[0] in ("counter", "session", "api", "room", "static", "index.html"):
-        return await routes.fetch(request, env)
-    return Response("no such route", 404)
+    return await routes.fetch(request, env)

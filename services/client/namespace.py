@@ -90,8 +90,24 @@ class Env:
     """The bindings of durable.toml as attributes: ``env.COUNTERS``."""
 
     def __init__(self, client: Client, config: AppConfig) -> None:
+        self._client = client
         self._namespaces = {b.name: Namespace(client, b) for b in config.bindings}
         self._by_class = {ns.name: ns for ns in self._namespaces.values()}
+
+    @property
+    def client(self) -> Client:
+        """The connection the stubs call through."""
+        return self._client
+
+    async def close(self) -> None:
+        """Close the connection, if it is this Env's own (``durable.connect``)."""
+        await self._client.close()
+
+    async def __aenter__(self) -> Env:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     def __getattr__(self, name: str) -> Namespace:
         try:

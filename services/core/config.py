@@ -1,6 +1,8 @@
 """``durable.toml``: bindings (name -> class) and class migrations, the ``wrangler.toml`` equivalent.
 
 ```toml
+routes = "app:fetch"            # the routing function (a Worker's fetch), optional
+
 [bindings]
 COUNTERS = "durable.objects.patterns.counter:Counter"
 
@@ -13,11 +15,16 @@ A class's namespace *identity* (what keys its ids and its stored data) is the na
 ``new_classes``; ``renamed_classes`` carries the identity to the new name, so ids and data
 survive a rename, as in Cloudflare. Any problem stops start-up with a ConfigError naming the
 file, the key and the problem.
+
+The application lives next to its ``durable.toml``, outside the library: the file's folder is
+put on ``sys.path`` before any of its classes or its routes are imported, as ``wrangler`` bundles
+a project from its own folder.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +52,7 @@ class _Migration(BaseModel):
 
 class _File(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    routes: str | None = None
     bindings: dict[str, str] = {}
     migrations: list[_Migration] = []
 
@@ -72,6 +80,19 @@ class AppConfig:
     migrations: tuple[Migration, ...]
     #: every live class name -> identity after all migrations
     classes: dict[str, str]
+    #: the routing function, ``module:function`` (``routes`` in the file), if the app has one
+    routes: str | None = None
+
+    @property
+    def app_dir(self) -> Path:
+        """The application's folder: the one holding its ``durable.toml``."""
+        return self.path.resolve().parent
+
+    def make_importable(self) -> None:
+        """Put the application's folder first on ``sys.path`` (once), so ``app:Counter`` imports."""
+        folder = str(self.app_dir)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
 
     def binding(self, name: str) -> Binding:
         for b in self.bindings:
@@ -81,6 +102,7 @@ class AppConfig:
 
     def load_classes(self) -> dict[str, type]:
         """Import every bound class (worker start-up); a failure names the binding and the problem."""
+        self.make_importable()
         loaded: dict[str, type] = {}
         for b in self.bindings:
             loaded[b.class_name] = import_class(b.class_path, where=f"{self.path}: bindings.{b.name}")
@@ -175,7 +197,9 @@ def parse_config(path: Path, data: dict[str, Any]) -> AppConfig:
                   tuple(m.deleted_classes))
         for m in raw.migrations
     )
-    return AppConfig(path, tuple(bindings), migrations, classes)
+    if raw.routes is not None and (":" not in raw.routes or not all(raw.routes.partition(":")[::2])):
+        raise ConfigError(f"{path}: routes: {raw.routes!r} must name a function as 'module:function'")
+    return AppConfig(path, tuple(bindings), migrations, classes, raw.routes)
 
 
 def load_config(path: Path) -> AppConfig:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigError
+
+#: The id secret ``durable dev`` uses; a worker, router or gateway refuses to run with it.
+DEV_ID_SECRET = "durable-dev-secret"
+#: Set by ``durable dev`` in the environment of the workers it starts as child processes: they
+#: share its development secret.
+DEV_CHILD_ENV = "DURABLE_DEV_CHILD"
 
 
 class Settings(BaseSettings):
@@ -26,7 +37,7 @@ class Settings(BaseSettings):
     #: First key of the two-int advisory lock, so several deployments can share one database.
     deployment_key: int = Field(default=0x0D0B, ge=0, le=2**31 - 1)
     #: Secret that keys object ids; ids from one secret are rejected under another.
-    id_secret: str = "durable-dev-secret"
+    id_secret: str = DEV_ID_SECRET
 
     #: Lease: the lock session is killed by Postgres after this much silence.
     lease_ttl: float = Field(default=10.0, gt=0.5)
@@ -54,8 +65,14 @@ class Settings(BaseSettings):
     gateway_heartbeat_interval: float = Field(default=1.0, gt=0)
     gateway_timeout: float = Field(default=3.0, gt=0)
     gateway_port: int = 8788
-    #: The routing code every HTTP request and WebSocket upgrade goes through (a Worker's fetch).
-    routes: str = "durable.router.routes:fetch"
+    #: The routing code every HTTP request and WebSocket upgrade goes through (a Worker's fetch),
+    #: ``module:function``; empty: the ``routes`` key of durable.toml.
+    routes: str = ""
+
+    #: Proxies (IPs or CIDRs, comma-separated in DURABLE_TRUSTED_PROXIES) whose X-Forwarded-For
+    #: is believed. Empty (the default): the client's address is the socket's peer, whatever
+    #: headers it sends. See :func:`client_address`.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     http_host: str = "127.0.0.1"
     http_port: int = 8787
@@ -68,6 +85,22 @@ class Settings(BaseSettings):
         """``DURABLE_NATS_URL`` may list several servers of a cluster, comma-separated."""
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
 
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            entries = [str(v).strip() for v in value if str(v).strip()]
+            for entry in entries:
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or CIDR "
+                                     "network (such as 10.0.0.0/8)") from None
+            return entries
+        return value
+
     @model_validator(mode="after")
     def _heartbeat_fits_lease(self) -> Settings:
         if self.heartbeat_interval > self.lease_ttl / 4:
@@ -76,3 +109,53 @@ class Settings(BaseSettings):
                 f"({self.lease_ttl / 4}s)"
             )
         return self
+
+
+def refuse_dev_secret(settings: Settings, command: str) -> None:
+    """A ``durable worker``/``router``/``gateway`` (anything but ``durable dev``) must not run with
+    the development id secret: ids would be forgeable by anyone who read the source."""
+    if settings.id_secret != DEV_ID_SECRET or os.environ.get(DEV_CHILD_ENV) == "1":
+        return
+    raise ConfigError(
+        f"durable {command} refuses to run with the development id secret ({DEV_ID_SECRET!r}), which "
+        "is public: anyone could forge object ids. Set DURABLE_ID_SECRET to a long random string "
+        "(for example `python -c 'import secrets; print(secrets.token_urlsafe(32))'`), the same "
+        "in every worker, router and gateway of the deployment and in every client; ids made under "
+        "one secret are refused under another, so keep it fixed. Only `durable dev` uses the "
+        "development secret."
+    )
+
+
+def _networks(entries: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(e, strict=False) for e in entries]
+
+
+def _trusted(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+def client_address(peer: str | None, forwarded_for: list[str], trusted_proxies: list[str]) -> str:
+    """The client's address: the socket's ``peer``, unless the peer is a trusted proxy; then the
+    right-most address of ``X-Forwarded-For`` (every header, in order) that is not itself a
+    trusted proxy (each proxy appends the address it saw, so what is left of the last untrusted
+    hop was written by the client and proves nothing)."""
+    if peer is None:
+        return "unknown"
+    if not trusted_proxies:
+        return peer
+    networks = _networks(trusted_proxies)
+    if not _trusted(peer, networks):
+        return peer
+    hops = [h.strip() for value in forwarded_for for h in value.split(",") if h.strip()]
+    address = peer
+    for hop in reversed(hops):
+        address = hop
+        if not _trusted(hop, networks):
+            break
+    return address

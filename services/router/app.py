@@ -1,7 +1,8 @@
 """The router service: an ASGI app that hands every HTTP request to the user's ``fetch(request, env)``.
 
-The socket's peer address is passed on as ``CF-Connecting-IP`` (replacing whatever the client
-sent, so it cannot be spoofed), as Cloudflare does for Workers.
+The client's address is passed on as ``CF-Connecting-IP`` (replacing whatever the client sent,
+so it cannot be spoofed), as Cloudflare does for Workers: the socket's peer, or, when that peer
+is one of ``DURABLE_TRUSTED_PROXIES``, the right-most untrusted address of ``X-Forwarded-For``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from ..core.config import AppConfig, import_function
 from ..core.errors import DurableError
 from ..core.http import Request, Response
 from ..core.settings import Settings
-from ..gateway import Gateway
-from . import routes
+from ..gateway import Gateway, client_headers
 
 log = logging.getLogger("durable.router")
 
@@ -37,13 +37,10 @@ UserFetch = Callable[[Request, Env], Awaitable[Response]]
 def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | None = None,
                client: Client | None = None, http: bool = True, websockets: bool = True) -> Starlette:
     """The router: HTTP requests (``http``) and WebSocket upgrades (``websockets``, the gateway)
-    both go to ``user_fetch`` (by default the function ``DURABLE_ROUTES`` names).
+    both go to ``user_fetch`` (by default the app's routing function: see :func:`load_routes`).
     ``durable gateway`` serves only the WebSockets."""
     state: dict[str, Any] = {}
-    if user_fetch is None:
-        user_fetch = routes.fetch if settings.routes == "durable.router.routes:fetch" else \
-            import_function(settings.routes, "DURABLE_ROUTES")
-    fetch_fn: UserFetch = user_fetch
+    fetch_fn: UserFetch = user_fetch or load_routes(settings, config)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -70,10 +67,7 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, 413)
-        # headers only the runtime sets: a client must not claim a socket or an address
-        headers = [(k, v) for k, v in request.headers.items()
-                   if k.lower() != "cf-connecting-ip" and not k.lower().startswith("do-websocket-")]
-        headers.append(("cf-connecting-ip", request.client.host if request.client else "unknown"))
+        headers = client_headers(request.headers, request.client, settings.trusted_proxies)
         req = Request(str(request.url), request.method, headers, body)
         try:
             with telemetry.tracer.start_as_current_span(
@@ -92,4 +86,28 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
         app_routes.append(WebSocketRoute("/{path:path}", handle_websocket))
     if http:
         app_routes.append(Route("/{path:path}", handle, methods=methods))
-    return Starlette(routes=app_routes, lifespan=lifespan)
+    app = Starlette(routes=app_routes, lifespan=lifespan)
+    app.state.trusted_proxies = list(settings.trusted_proxies)  # for uvicorn: see cli.server_config
+    return app
+
+
+def load_routes(settings: Settings, config: AppConfig) -> UserFetch:
+    """The app's routing function: ``DURABLE_ROUTES`` if set, else ``routes`` in durable.toml
+    (imported from the app's folder); an app without one answers every request 404, saying so."""
+    if settings.routes:
+        config.make_importable()
+        return import_function(settings.routes, "DURABLE_ROUTES")
+    if config.routes:
+        config.make_importable()
+        return import_function(config.routes, f"{config.path}: routes")
+    return _no_routes(config)
+
+
+def _no_routes(config: AppConfig) -> UserFetch:
+    hint = (f"this app has no routing function: add routes = \"module:function\" to {config.path} "
+            "(an async def fetch(request, env) -> Response), or call its objects over NATS")
+
+    async def fetch(request: Request, env: Env) -> Response:
+        return Response(hint, 404, {"content-type": "text/plain; charset=utf-8"})
+
+    return fetch

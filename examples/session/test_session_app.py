@@ -1,0 +1,28 @@
+"""The session app on real servers, through the shipped pytest plugin; the expiry alarm is run
+with `durable_app.run_alarm` instead of waiting for it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from durable.testing import DurableApp
+
+
+async def test_put_get_delete(durable_app: DurableApp) -> None:
+    put = await durable_app.fetch("/session/s1?ttl=60", method="PUT", body=json.dumps({"user": "ada"}),
+                                  headers={"content-type": "application/json"})
+    assert put.status in (200, 201), put.body
+    got = await durable_app.fetch("/session/s1")
+    assert got.status == 200 and json.loads(got.body)["data"] == {"user": "ada"}
+    assert (await durable_app.fetch("/session/s1", method="DELETE")).status in (200, 204)
+    assert (await durable_app.fetch("/session/s1")).status == 404
+
+
+async def test_the_alarm_expires_a_session_once_its_time_is_up(durable_app: DurableApp, env) -> None:
+    session = env.SESSIONS.get_by_name("short")
+    await session.start({"cart": [1, 2]}, 0.05)
+    await asyncio.sleep(0.1)  # its time to live is over; the alarm is run at once, not waited for
+    assert await durable_app.run_alarm(session)
+    assert (await durable_app.fetch("/session/short")).status == 404
+    assert not await durable_app.run_alarm(session)  # nothing left to run
