@@ -11,16 +11,20 @@ Usable without pytest too (a script, another test runner)::
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import uvicorn
 
 from ..client import Client, Env
 from ..core.config import AppConfig
-from ..core.embedded import EmbeddedNats, EmbeddedPostgres
+from ..core.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from ..core.errors import UnknownNamespace
 from ..core.http import Request, Response
 from ..core.settings import Settings
@@ -30,6 +34,14 @@ from ..objects.host import Worker
 from ..router.app import UserFetch, load_routes
 
 _databases = itertools.count()
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without signal handlers of its own: Ctrl-C belongs to pytest."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 #: a test deployment's settings: short leases and timeouts, so a broken test fails fast
 TEST_SETTINGS: dict[str, Any] = {
@@ -117,6 +129,28 @@ class DurableApp:
         if self._routes is None:
             self._routes = load_routes(self.settings, self.config)
         return await self._routes(request, self.env)
+
+    @asynccontextmanager
+    async def serve(self) -> AsyncIterator[str]:
+        """The router and its WebSocket gateway on a free port, for tests that need real HTTP or
+        WebSockets (browsers, ``websockets`` clients); yields the base URL ``http://127.0.0.1:<port>``."""
+        from ..cli import server_config  # noqa: PLC0415 - uvicorn only where served
+        from ..router.app import create_app  # noqa: PLC0415
+
+        port = free_port()
+        settings = self.settings.model_copy(update={"http_port": port})
+        server = _QuietServer(server_config(create_app(settings, self.config, client=self.client), "127.0.0.1", port))
+        task = asyncio.create_task(server.serve())
+        try:
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("the router stopped before it started")
+                await asyncio.sleep(0.01)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            await task
 
     def _locate(self, stub: Any) -> tuple[str, str, int]:
         namespace, object_id = stub._namespace, stub.id.hex
