@@ -114,3 +114,48 @@ def test_broken_settings_are_reported(tmp_path: Path) -> None:
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "DURABLE_PARTITIONS": "zero"})
     assert result.returncode == 2
     assert "partitions" in result.stderr
+
+
+# ----- the app's routing function and its folder ------------------------------------------------
+
+
+def test_routes_must_name_a_function_as_module_colon_function(tmp_path: Path) -> None:
+    path = write(tmp_path, 'routes = "app.fetch"\n' + GOOD)
+    with pytest.raises(ConfigError, match=f"{path}: routes: 'app.fetch' must name a function as 'module:function'"):
+        load_config(path)
+
+
+def test_the_apps_folder_is_importable_for_its_classes_and_routes(tmp_path: Path) -> None:
+    from durable.core.settings import Settings
+    from durable.router.app import load_routes
+
+    (tmp_path / "myapp_mod_x1.py").write_text(
+        "from durable import DurableObject, Response\n"
+        "class Thing(DurableObject):\n    pass\n"
+        "async def fetch(request, env):\n    return Response('hi')\n")
+    path = write(tmp_path, 'routes = "myapp_mod_x1:fetch"\n[bindings]\nTHINGS = "myapp_mod_x1:Thing"\n'
+                           '[[migrations]]\ntag = "v1"\nnew_classes = ["Thing"]\n')
+    config = load_config(path)
+    assert config.routes == "myapp_mod_x1:fetch"
+    assert config.load_classes()["Thing"].__name__ == "Thing"
+    assert load_routes(Settings(config_file=path), config).__name__ == "fetch"
+
+
+async def test_an_app_without_routes_answers_404_saying_how_to_add_them(tmp_path: Path) -> None:
+    from durable.core.http import Request
+    from durable.core.settings import Settings
+    from durable.router.app import load_routes
+
+    path = write(tmp_path, GOOD)
+    fetch = load_routes(Settings(config_file=path), load_config(path))
+    response = await fetch(Request("http://x/anything"), None)  # type: ignore[arg-type]
+    assert response.status == 404 and b"add routes = " in response.body
+
+
+def test_routes_that_cannot_be_imported_are_named(tmp_path: Path) -> None:
+    from durable.core.settings import Settings
+    from durable.router.app import load_routes
+
+    path = write(tmp_path, 'routes = "no_such_module_q:fetch"\n' + GOOD)
+    with pytest.raises(ConfigError, match=r"routes: 'no_such_module_q:fetch' cannot be imported: ModuleNotFoundError"):
+        load_routes(Settings(config_file=path), load_config(path))
