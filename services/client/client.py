@@ -7,11 +7,14 @@ been delivered is reported as a retryable RequestTimeout and never repeated sile
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
@@ -19,9 +22,19 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from ..core import codec, telemetry
 from ..core.config import AppConfig
 from ..core.context import current_event
-from ..core.errors import DurableError, NotOwner, PayloadTooLarge, ProtocolError, RequestTimeout, Unavailable
+from ..core.errors import (
+    ConfigError,
+    DurableError,
+    NotOwner,
+    PayloadTooLarge,
+    ProtocolError,
+    RequestTimeout,
+    Unavailable,
+)
 from ..core.settings import Settings
 from ..core.subjects import partition_of, request_subject
+
+log = logging.getLogger("durable.client")
 
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
@@ -52,6 +65,11 @@ def decode_reply(msg: Msg) -> Any:
         raise ProtocolError(f"malformed reply: {exc}") from None
 
 
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
+
+
 async def close_nats(nc: NatsClient) -> None:
     """Drain if we can, close if we cannot (the server may already be gone)."""
     if nc.is_closed:
@@ -74,8 +92,44 @@ class Client:
 
     @classmethod
     async def connect(cls, settings: Settings, config: AppConfig | None = None, **nats_options: Any) -> Client:
-        nc = await nats.connect(servers=settings.nats_servers, name="durable-client", max_reconnect_attempts=-1,
-                                **nats_options)
+        """Connect to ``DURABLE_NATS_URL``. The first connection is bounded: no server reached within
+        ``DURABLE_NATS_CONNECT_TIMEOUT`` seconds is an Unavailable naming the URL; once connected,
+        a lost connection is retried for ever (each failure logged as one line)."""
+        servers = settings.nats_servers
+        if not servers:
+            raise ConfigError("no NATS server to connect to: set DURABLE_NATS_URL "
+                              "(for example nats://127.0.0.1:4222, where `durable dev` listens)")
+        limit = settings.nats_connect_timeout
+        errors: list[Exception] = []
+        connected = False
+        user_error_cb = nats_options.pop("error_cb", None)
+
+        async def error_cb(exc: Exception) -> None:
+            # nats-py's own callback logs a traceback for every failed attempt, for ever
+            if user_error_cb is not None:
+                await user_error_cb(exc)
+            elif connected:
+                log.warning("NATS connection error (%s): %s", ", ".join(servers), _describe(exc))
+            else:
+                errors.append(exc)
+
+        nc = NatsClient()
+        options: dict[str, Any] = {"name": "durable-client", "max_reconnect_attempts": -1,
+                                   "connect_timeout": max(1, min(2, int(limit)))}
+        options.update(nats_options)
+        try:
+            async with asyncio.timeout(limit):
+                await nc.connect(servers=servers, error_cb=error_cb, **options)
+        except (TimeoutError, OSError, NatsError) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            last = errors[-1] if errors else exc
+            raise Unavailable(
+                f"cannot connect to NATS at {', '.join(servers)} (DURABLE_NATS_URL) within {limit:g}s: "
+                f"{_describe(last)}. Is nats-server running there? `durable dev` starts one on "
+                "nats://127.0.0.1:4222; elsewhere set DURABLE_NATS_URL to your NATS server(s)."
+            ) from None
+        connected = True
         client = cls(nc, settings, config)
         client._owns_connection = True
         return client

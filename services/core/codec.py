@@ -57,8 +57,18 @@ def encode_value(value: Any) -> bytes:
                            "use delete() to remove a key")
     try:
         return pack(value)
+    except UnicodeEncodeError as exc:
+        raise StorageError(f"value cannot be stored: {not_unicode(exc)}") from None
     except (TypeError, ValueError, OverflowError) as exc:
         raise StorageError(f"value cannot be stored: {exc}") from None
+
+
+def not_unicode(exc: UnicodeEncodeError) -> str:
+    """Why a str cannot be sent or stored as UTF-8 (a lone surrogate, such as JSON's "\\ud800"
+    decodes to), naming the character and where it is."""
+    bad = exc.object[exc.start:exc.end]
+    return (f"a string holds {bad!r} (at index {exc.start} of that string), which is not valid Unicode "
+            "(a lone surrogate); strings are stored and sent as UTF-8")
 
 
 def _json_default(obj: Any) -> Any:

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=2.5, gt=0.05)
     #: Idle objects are evicted after this many seconds (the constructor runs again on next use).
     idle_timeout: float = Field(default=60.0, gt=0)
+    #: How long a client keeps trying its first connection to NATS before it gives up
+    #: (reconnecting after a connection was made is never given up).
+    nats_connect_timeout: float = Field(default=5.0, gt=0)
     #: How long a caller waits for one reply.
     request_timeout: float = Field(default=10.0, gt=0)
     #: How long a caller keeps retrying requests that met no responder (failover window).

@@ -30,15 +30,16 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from starlette.datastructures import Address, Headers
 from starlette.responses import Response as StarletteResponse
 from starlette.websockets import WebSocket as StarletteWebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..client import Client, Env
 from ..core import codec
-from ..core.errors import DurableError, RemoteError, UnknownSocket
+from ..core.errors import DurableError, RemoteError, StorageError, UnknownMethod, UnknownSocket
 from ..core.http import Request, Response
-from ..core.settings import Settings
+from ..core.settings import Settings, client_address
 from ..objects.websockets import (
     AUTO_RESPONSE_HEADER,
     GATEWAY_HEADER,
@@ -75,12 +76,15 @@ class Conn:
     writer: asyncio.Task[None] | None = None
 
 
-def _client_headers(ws: StarletteWebSocket) -> list[tuple[str, str]]:
-    """The upgrade request's headers, minus those only the gateway may set."""
-    headers = [(k, v) for k, v in ws.headers.items()
-               if k.lower() != "cf-connecting-ip" and not k.lower().startswith("do-websocket-")]
-    headers.append(("cf-connecting-ip", ws.client.host if ws.client else "unknown"))
-    return headers
+def client_headers(headers: Headers, peer: Address | None, trusted_proxies: list[str]) -> list[tuple[str, str]]:
+    """A request's headers as the user's fetch sees them: minus those only the runtime sets (a
+    client must not claim a socket or an address), plus ``cf-connecting-ip``: the socket's peer,
+    or with DURABLE_TRUSTED_PROXIES the client a trusted proxy names in X-Forwarded-For."""
+    out = [(k, v) for k, v in headers.items()
+           if k.lower() != "cf-connecting-ip" and not k.lower().startswith("do-websocket-")]
+    address = client_address(peer.host if peer else None, headers.getlist("x-forwarded-for"), trusted_proxies)
+    out.append(("cf-connecting-ip", address))
+    return out
 
 
 class Gateway:
@@ -155,7 +159,7 @@ class Gateway:
         socket_id = uuid.uuid4().hex
         url = str(ws.url)
         url = "http" + url[2:] if url.startswith("ws") else url
-        headers = _client_headers(ws)
+        headers = client_headers(ws.headers, ws.client, self.settings.trusted_proxies)
         headers += [(SOCKET_ID_HEADER, socket_id), (GATEWAY_HEADER, self.id)]
         # registered before the object sees it: frames it sends while accepting (a welcome) may
         # arrive before its 101 does, and wait in the queue until the socket is open
@@ -239,7 +243,9 @@ class Gateway:
             try:
                 await self.client.call(conn.namespace, conn.object_id, "ws.message",
                                            codec.dumps({"sid": conn.socket_id, "data": data}, False))
-            except RemoteError as exc:  # the object's handler raised: the socket stays open
+            except (RemoteError, StorageError, UnknownMethod) as exc:
+                # the object's handler raised (a storage call it made refused a value, say): that
+                # frame failed, the object did not; the socket stays open
                 log.info("websocket_message of %s/%s raised: %s", conn.namespace, conn.object_id, exc)
             except UnknownSocket:
                 conn.closed_by_object = True

@@ -59,10 +59,17 @@ async def _send_failures(replies: list[ReplySender], error: BaseException) -> No
         await send(error)
 
 
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise StorageError(f"{what} cannot be used: {codec.not_unicode(exc)}") from None
+
+
 def _key_bytes(key: Any) -> bytes:
     if not isinstance(key, str):
         raise StorageError(f"Keys must be str, not {type(key).__name__}")
-    raw = key.encode()
+    raw = _utf8(key, "key")
     if len(raw) > MAX_KEY_BYTES:
         raise StorageError(
             f"Keys cannot be larger than {MAX_KEY_BYTES} bytes. A key of size {len(raw)} was provided."
@@ -74,7 +81,7 @@ def _bound_bytes(bound: Any, option: str) -> bytes:
     """A list() bound: any str (Cloudflare applies no size limit to bounds, only to stored keys)."""
     if not isinstance(bound, str):
         raise StorageError(f"list() option {option} must be a str, not {type(bound).__name__}")
-    return bound.encode()
+    return _utf8(bound, f"list() option {option}")
 
 
 def _key_list(keys: Any) -> list[Any]:
@@ -125,7 +132,7 @@ class ListRange:
             lo = _bound_bytes(start_after, "start_after") + b"\x00"
         hi = _bound_bytes(end, "end") if end is not None else None
         if prefix is not None and _bound_bytes(prefix, "prefix"):
-            p = prefix.encode()
+            p = _utf8(prefix, "list() option prefix")
             lo = max(lo, p)
             pe = _prefix_end(p)
             if pe is not None:
@@ -509,6 +516,10 @@ class Transaction:
         return False
 
     def rollback(self) -> None:
+        """Discard the transaction's writes; a second call does nothing (workerd: "allow multiple
+        calls to rollback()")."""
+        if self._state == "rolled_back":
+            return
         self._check("rollback")
         self._state = "rolled_back"
         self._writes = {}

@@ -110,6 +110,14 @@ class WebSocket:
         return f"WebSocket({self.id}, {self.state}, tags={list(self.tags)})"
 
 
+def _utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8, or a clear ValueError: a lone surrogate cannot be sent or stored."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what}: {codec.not_unicode(exc)}") from None
+
+
 def check_tags(tags: Any) -> tuple[str, ...]:
     """Cloudflare's tag rules: at most 10 distinct tags of at most 256 characters; duplicates dropped."""
     if tags is None:
@@ -122,6 +130,7 @@ def check_tags(tags: Any) -> tuple[str, ...]:
             raise TypeError(f"tags must be str, not {type(tag).__name__}")
         if len(tag) > MAX_TAG_CHARS:
             raise ValueError(f'"{tag[:40]}..." is longer than the max tag length ({MAX_TAG_CHARS} characters).')
+        _utf8(tag, "a WebSocket tag")
         if tag not in unique:
             unique.append(tag)
     if len(unique) > MAX_TAGS:
@@ -135,6 +144,7 @@ def _check_auto(value: Any, what: str) -> str:
     if len(value) > MAX_AUTO_RESPONSE_CHARS:
         raise ValueError(f"{what.capitalize()} cannot be larger than {MAX_AUTO_RESPONSE_CHARS} bytes. "
                          f"A {what} of size {len(value)} was provided.")
+    _utf8(value, f"the auto-response {what}")
     return value
 
 
@@ -258,7 +268,11 @@ class Sockets:
             raise TypeError(f"WebSocket send() takes str or bytes, not {type(message).__name__}")
         if not isinstance(message, str):
             message = bytes(message)
-        size = len(message) if isinstance(message, bytes) else len(message.encode())
+        if isinstance(message, bytes):
+            size = len(message)
+        else:
+            # refused here, before it reaches the outbox: one bad frame, not a failed event
+            size = len(_utf8(message, "WebSocket send() cannot send this text frame"))
         if size > MAX_MESSAGE_BYTES:
             raise ValueError(f"WebSocket message of {size} bytes is over the limit of {MAX_MESSAGE_BYTES} bytes")
         ops = self._outbox.setdefault(ws.gateway, [])
@@ -273,7 +287,7 @@ class Sockets:
         self.check_usable(ws, "close")
         if not isinstance(code, int) or not (code == 1000 or 3000 <= code <= 4999):
             raise ValueError(f"Invalid WebSocket close code: {code!r} (use 1000 or 3000-4999)")
-        if not isinstance(reason, str) or len(reason.encode()) > 123:
+        if not isinstance(reason, str) or len(_utf8(reason, "the close reason")) > 123:
             raise ValueError("the close reason must be a str of at most 123 UTF-8 bytes")
         self.closed(ws.id)
         ws.state = "closed"

@@ -22,6 +22,7 @@ import json
 import time
 from typing import Any
 
+from ...core.errors import StorageError
 from ...core.http import Request, Response
 from ..base import AlarmInfo, DurableObject
 from ..websockets import WebSocket
@@ -40,9 +41,9 @@ def _msg_key(seq: int) -> str:
 
 
 class ChatRoom(DurableObject):
-    """Routes (see services/router/routes.py): ``/room/<name>`` upgrades to a WebSocket with
-    ``?user=<id>&name=<display name>[&since=<seq>]``; ``GET /room/<name>/messages`` and
-    ``GET /room/<name>/users`` answer JSON."""
+    """Routes (see examples/chat): ``/room/<name>`` upgrades to a WebSocket with
+    ``?userId=<id>&name=<display name>[&since=<seq>]`` (``user=`` is accepted for ``userId``);
+    ``GET /room/<name>/messages`` and ``GET /room/<name>/users`` answer JSON."""
 
     #: an empty room's history is deleted this long after the last person left
     EMPTY_ROOM_TTL_MS = 24 * 3600 * 1000
@@ -65,7 +66,7 @@ class ChatRoom(DurableObject):
         if action == "users":
             return Response.json_response(await self.users())
         if action == "":
-            return Response.json_response({"error": "connect with a WebSocket: /room/<name>?user=<id>&name=<name>"},
+            return Response.json_response({"error": "connect with a WebSocket: /room/<name>?userId=<id>&name=<name>"},
                                           426, {"upgrade": "websocket"})
         return Response.json_response({"error": "not found"}, 404)
 
@@ -86,12 +87,13 @@ class ChatRoom(DurableObject):
     # ----- sockets -------------------------------------------------------------------------
 
     async def _join(self, request: Request) -> Response:
-        user_id = (request.query_param("user") or "").strip()
+        # the original specification's clients send userId; earlier ones of this project, user
+        user_id = (request.query_param("userId") or request.query_param("user") or "").strip()
         name = (request.query_param("name") or "").strip()
         if not user_id or not name:
-            return Response.json_response({"error": "missing user or name"}, 400)
+            return Response.json_response({"error": "missing userId or name"}, 400)
         if len(user_id) > 256 or len(name) > MAX_NAME_CHARS:
-            return Response.json_response({"error": f"user must be at most 256 and name {MAX_NAME_CHARS} "
+            return Response.json_response({"error": f"userId must be at most 256 and name {MAX_NAME_CHARS} "
                                                     "characters"}, 400)
         try:
             since = int(request.query_param("since") or 0)
@@ -131,7 +133,11 @@ class ChatRoom(DurableObject):
             seq = (await self.ctx.storage.get("seq") or 0) + 1
             msg = {"type": "message", "seq": seq, "userId": user.get("userId"), "name": user.get("name"),
                    "content": content, "timestamp": _now_ms()}
-            await self.ctx.storage.put({"seq": seq, _msg_key(seq): msg})
+            try:  # refused before anything is written (a lone surrogate such as "\ud800", say)
+                await self.ctx.storage.put({"seq": seq, _msg_key(seq): msg})
+            except StorageError as exc:
+                ws.send(json.dumps({"type": "error", "error": f"the message was not sent: {exc.message}"}))
+                return
             if seq > HISTORY:
                 await self.ctx.storage.delete(_msg_key(seq - HISTORY))
             await self._broadcast(msg)
