@@ -31,6 +31,8 @@ import asyncpg
 import nats
 
 ROOT = Path(__file__).resolve().parents[1]
+#: `durable worker`/`gateway` refuse the development id secret: the bench's processes share this one
+os.environ.setdefault("DURABLE_ID_SECRET", "durable-bench-id-secret")
 sys.path.insert(0, str(ROOT))
 
 from durable.client import Client, Env  # noqa: E402

@@ -28,6 +28,7 @@ from durable.testing.app import DurableServers
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = Path(__file__).with_name("durable.test.toml")
 PARTITIONS = 16
+TEST_ID_SECRET = "durable-tests-id-secret"
 _db_counter = itertools.count()
 
 
@@ -70,6 +71,8 @@ def make_settings(nats_url: str, database_url: str, **overrides: Any) -> Setting
         "nats_url": nats_url, "database_url": database_url, "partitions": PARTITIONS,
         "config_file": TEST_CONFIG, "lease_ttl": 4.0, "heartbeat_interval": 0.5,
         "request_timeout": 5.0, "retry_deadline": 10.0,
+        # not the development secret: `durable worker`/`router`/`gateway` refuse that one
+        "id_secret": TEST_ID_SECRET,
     }
     values.update(overrides)
     return Settings(**values)
@@ -131,7 +134,7 @@ def worker_env(s: Settings, **extra: str) -> dict[str, str]:
         "DURABLE_NATS_URL": s.nats_url, "DURABLE_DATABASE_URL": s.database_url,
         "DURABLE_PARTITIONS": str(s.partitions), "DURABLE_CONFIG_FILE": str(s.config_file),
         "DURABLE_LEASE_TTL": str(s.lease_ttl), "DURABLE_HEARTBEAT_INTERVAL": str(s.heartbeat_interval),
-        "DURABLE_IDLE_TIMEOUT": str(s.idle_timeout),
+        "DURABLE_IDLE_TIMEOUT": str(s.idle_timeout), "DURABLE_ID_SECRET": s.id_secret,
         **extra,
     }
 
