@@ -22,7 +22,7 @@ from .core import telemetry
 from .core.config import AppConfig, load_config
 from .core.embedded import EmbeddedNats, EmbeddedPostgres
 from .core.errors import ConfigError
-from .core.settings import Settings
+from .core.settings import DEV_CHILD_ENV, Settings, refuse_dev_secret
 
 log = logging.getLogger("durable")
 
@@ -52,16 +52,24 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-def server_config(app: Any, host: str, port: int) -> uvicorn.Config:
+def server_config(app: Any, host: str, port: int, trusted_proxies: list[str] | None = None) -> uvicorn.Config:
     """uvicorn for the router and gateway: WebSocket frames up to 1 MiB (larger: close 1009), and
-    pings every 5 s, so a client that vanished without a close frame is noticed (1006) in ~10 s."""
+    pings every 5 s, so a client that vanished without a close frame is noticed (1006) in ~10 s.
+
+    X-Forwarded-For/-Proto are believed only from ``trusted_proxies`` (by default the app's
+    ``DURABLE_TRUSTED_PROXIES``, which :func:`create_app` records), never from loopback alone
+    as uvicorn's own default would."""
     from .objects.websockets import MAX_MESSAGE_BYTES  # noqa: PLC0415
+
+    if trusted_proxies is None:
+        trusted_proxies = list(getattr(getattr(app, "state", None), "trusted_proxies", None) or [])
 
     # websockets-sansio: the implementation whose close reporting the gateway relies on;
     # no permessage-deflate: it doubles memory per socket (29 -> 64 KiB) and costs CPU per frame
     return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="websockets-sansio",
                           ws_max_size=MAX_MESSAGE_BYTES, ws_ping_interval=5.0, ws_ping_timeout=5.0,
-                          ws_per_message_deflate=False)
+                          ws_per_message_deflate=False, proxy_headers=bool(trusted_proxies),
+                          forwarded_allow_ips=list(trusted_proxies) or [])
 
 
 async def _serve_router(settings: Settings, config: AppConfig, stop: asyncio.Event, http: bool = True) -> None:
@@ -77,7 +85,8 @@ async def _serve_router(settings: Settings, config: AppConfig, stop: asyncio.Eve
 
 async def _spawn_worker(settings: Settings) -> asyncio.subprocess.Process:
     env = {**os.environ, "DURABLE_NATS_URL": settings.nats_url, "DURABLE_DATABASE_URL": settings.database_url,
-           "DURABLE_CONFIG_FILE": str(settings.config_file.resolve()), "DURABLE_WORKER_NAME": ""}
+           "DURABLE_CONFIG_FILE": str(settings.config_file.resolve()), "DURABLE_WORKER_NAME": "",
+           DEV_CHILD_ENV: "1"}
     return await asyncio.create_subprocess_exec(sys.executable, "-m", "durable.cli", "worker", env=env,
                                                 start_new_session=True)
 
@@ -151,6 +160,7 @@ async def _worker() -> None:
     settings, config = _load({})
     if not settings.nats_url or not settings.database_url:
         raise ConfigError("durable worker needs DURABLE_NATS_URL and DURABLE_DATABASE_URL")
+    refuse_dev_secret(settings, "worker")
     from .objects.host import Worker  # noqa: PLC0415
 
     stop = _stop_event()
@@ -165,6 +175,7 @@ async def _gateway() -> None:
     settings, config = _load({})
     if not settings.nats_url:
         raise ConfigError("durable gateway needs DURABLE_NATS_URL")
+    refuse_dev_secret(settings, "gateway")
     print(f"gateway         ws://{settings.http_host}:{settings.gateway_port} (WebSockets only)", flush=True)
     await _serve_router(settings, config, _stop_event(), http=False)
 
@@ -173,6 +184,7 @@ async def _router() -> None:
     settings, config = _load({})
     if not settings.nats_url:
         raise ConfigError("durable router needs DURABLE_NATS_URL")
+    refuse_dev_secret(settings, "router")
     await _serve_router(settings, config, _stop_event())
 
 
