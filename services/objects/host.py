@@ -288,7 +288,7 @@ class Worker:
         state = self.parts.get(partition)
         if state is None:
             return
-        log.info("handing over partition %d", partition)
+        log.debug("handing over partition %d", partition)  # ownership logs one line for the lot
         await self._quiesce([state], grace)
         if self.parts.get(partition) is not state:
             return  # stepped down meanwhile

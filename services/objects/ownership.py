@@ -176,9 +176,12 @@ class Ownership:
                 self._orphaned.pop(p, None)
             else:
                 self._orphaned[p] = self._orphaned.get(p, 0) + 1
-        for p in sorted(set(self.epochs) - self.assigned):
-            if p not in self._handing_over and self._on_handover is not None and len(live) > 1:
-                self._handing_over[p] = asyncio.get_running_loop().create_task(self._hand_over(p))
+        handing = [p for p in sorted(set(self.epochs) - self.assigned)
+                   if p not in self._handing_over and self._on_handover is not None and len(live) > 1]
+        if handing:
+            log.info("handing over %d partition(s) to the other workers (%d live)", len(handing), len(live))
+        for p in handing:
+            self._handing_over[p] = asyncio.get_running_loop().create_task(self._hand_over(p))
 
     async def _hand_over(self, partition: int) -> None:
         try:
