@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +22,7 @@ from pydantic import ValidationError
 
 from .core import telemetry
 from .core.config import AppConfig, load_config
-from .core.embedded import EmbeddedNats, EmbeddedPostgres
+from .core.embedded import DEV_MARKER, EmbeddedNats, EmbeddedPostgres, die_with_parent, stop_leftovers
 from .core.errors import ConfigError
 from .core.settings import DEV_CHILD_ENV, Settings, refuse_dev_secret
 
@@ -45,9 +47,10 @@ def _load(settings_overrides: dict[str, object]) -> tuple[Settings, AppConfig]:
 
 
 def _stop_event() -> asyncio.Event:
+    """Set by Ctrl-C (SIGINT), SIGTERM and SIGHUP (the terminal was closed): each is a stop."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     return stop
 
@@ -84,55 +87,199 @@ async def _serve_router(settings: Settings, config: AppConfig, stop: asyncio.Eve
 
 
 async def _spawn_worker(settings: Settings) -> asyncio.subprocess.Process:
+    """A `durable worker` child of `durable dev`: SIGKILLed by the kernel if dev dies (whatever
+    kills it), and marked with dev's data directory, so a later dev can tell its leftovers."""
     env = {**os.environ, "DURABLE_NATS_URL": settings.nats_url, "DURABLE_DATABASE_URL": settings.database_url,
            "DURABLE_CONFIG_FILE": str(settings.config_file.resolve()), "DURABLE_WORKER_NAME": "",
-           DEV_CHILD_ENV: "1"}
+           DEV_CHILD_ENV: "1", DEV_MARKER: str(settings.data_dir.resolve())}
+    # forked from the event loop's thread, which lives as long as dev (the parent-death signal
+    # follows the forking thread)
     return await asyncio.create_subprocess_exec(sys.executable, "-m", "durable.cli", "worker", env=env,
-                                                start_new_session=True)
+                                                start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL))
 
 
-async def _stop_process(proc: asyncio.subprocess.Process) -> None:
+async def _stop_process(proc: asyncio.subprocess.Process, timeout: float = 15.0) -> None:
     if proc.returncode is None:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
         try:
-            await asyncio.wait_for(proc.wait(), 30)
+            await asyncio.wait_for(proc.wait(), timeout)
         except TimeoutError:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
             await proc.wait()
 
 
-async def _wait_balanced(worker: object, workers: int, timeout: float = 30.0) -> None:
-    """Until this worker sees all the others and holds just its share."""
+async def _wait_balanced(worker: object, workers: int, timeout: float = 60.0) -> bool:
+    """Until every partition is held (an advisory lock in Postgres, as every owner takes one),
+    by ``workers`` workers, this one holding and serving just its share."""
     from .objects.host import Worker  # noqa: PLC0415
 
     assert isinstance(worker, Worker)
+    settings = worker.settings
+    query = ("SELECT count(*) AS locks, count(DISTINCT pid) AS holders FROM pg_locks "
+             "WHERE locktype = 'advisory' AND granted AND classid = $1 "
+             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    conn = await asyncpg.connect(settings.database_url, timeout=10)
+    try:
+        while loop.time() < end:
+            row = await conn.fetchrow(query, settings.deployment_key)
+            assert row is not None
+            mine = set(worker.parts) == worker.ownership.desired() and \
+                all(s.sub is not None for s in worker.parts.values())
+            if (row["locks"] >= settings.partitions and row["holders"] >= workers
+                    and len(worker.ownership.live) >= workers and mine):
+                await worker.nc.flush()
+                await asyncio.sleep(0.1)  # the others subscribe right after taking their locks
+                return True
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    return False
+
+
+def _say(text: str, err: bool = False) -> None:
+    """Print, ignoring a terminal that went away (SIGHUP: the window was closed)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _check_ports(settings: Settings) -> None:
+    """Every port dev is about to listen on must be free, checked before anything starts: else one
+    line naming the port and its setting, and exit 2."""
+    wanted: list[tuple[str, int, str]] = [(settings.http_host, settings.http_port, "DURABLE_HTTP_PORT")]
+    if not settings.nats_url and settings.nats_port:
+        wanted.append(("127.0.0.1", settings.nats_port, "DURABLE_NATS_PORT"))
+    if not settings.database_url and settings.postgres_port:
+        wanted.append(("127.0.0.1", settings.postgres_port, "DURABLE_POSTGRES_PORT"))
+    for host, port, name in wanted:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is no conflict
+            try:
+                s.bind((host, port))
+                s.listen(1)
+            except OSError as exc:
+                reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+                _say(f"durable dev: port {port} {reason} ({name}); stop what uses it or set {name} to a free port",
+                     err=True)
+                raise SystemExit(2) from None
+
+
+async def _router_answers(host: str, port: int, timeout: float = 30.0) -> bool:
+    """Until the router answers HTTP. A TRACE request: the router allows no such method, so it
+    answers 405 itself, without running the app's routing code."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while loop.time() < end:
-        if len(worker.ownership.live) >= workers and set(worker.parts) == worker.ownership.desired():
-            return
-        await asyncio.sleep(0.1)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+            try:
+                writer.write(f"TRACE / HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
+                await writer.drain()
+                line = await asyncio.wait_for(reader.readline(), 5)
+                if line.startswith(b"HTTP/"):
+                    return True
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        except (OSError, TimeoutError):
+            pass
+        await asyncio.sleep(0.05)
+    return False
+
+
+class _Watchdog:
+    """Restarts what `durable dev` runs when it dies under it: nats-server, Postgres (on the same
+    port and data; the workers reconnect and take their partitions again) and worker processes."""
+
+    def __init__(self, settings: Settings, nats: EmbeddedNats | None, pg: EmbeddedPostgres | None,
+                 workers: list[asyncio.subprocess.Process]) -> None:
+        self.settings = settings
+        self.nats = nats
+        self.pg = pg
+        self.workers = workers
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name="dev-watchdog")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                if self.nats is not None and not self.nats.running:
+                    code = self.nats.process.returncode if self.nats.process else None
+                    log.warning("nats-server exited (%s); restarting it", code)
+                    await self.nats.start()
+                    log.warning("nats-server restarted (pid %s)", self.nats.pid)
+                if self.pg is not None and not self.pg.running:
+                    code = self.pg.process.returncode if self.pg.process else None
+                    log.warning("postgres exited (%s); restarting it", code)
+                    await self.pg.start()
+                    log.warning("postgres restarted (pid %s)", self.pg.pid)
+                for i, proc in enumerate(self.workers):
+                    if proc.returncode is not None:
+                        log.warning("worker process %d exited (%s); starting another", proc.pid, proc.returncode)
+                        self.workers[i] = await _spawn_worker(self.settings)
+                backoff = 0.5
+            except Exception as exc:  # noqa: BLE001 - keep watching; try again a little later
+                log.warning("restart failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
 
 
 async def _dev(reset: bool, workers: int) -> None:
     settings, config = _load({})
     config.load_classes()  # an unimportable class stops start-up here, with its binding named
-    data = settings.data_dir
+    data = settings.data_dir.resolve()
+    settings = settings.model_copy(update={"data_dir": data})
+    # leftovers of an earlier dev on this data directory (killed with no chance to clean up) go
+    # first: each is recognised by its command line, so nothing else is ever stopped
+    for pid, kind in await asyncio.to_thread(stop_leftovers, data):
+        _say(f"stopped a leftover {kind} (pid {pid}) of {data}", err=True)
+    _check_ports(settings)
     if reset and data.exists():
         shutil.rmtree(data)
-        print(f"reset: removed {data}", file=sys.stderr)
+        _say(f"reset: removed {data}", err=True)
     stop = _stop_event()
+    serving = asyncio.Event()
+    main = asyncio.create_task(_dev_run(settings, config, workers, stop, serving))
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait({main, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if not main.done() and not serving.is_set():  # stopped during start-up: unwind what has started
+        main.cancel()
+    waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await main
+    _say("stopped.", err=True)
+
+
+async def _dev_run(settings: Settings, config: AppConfig, workers: int, stop: asyncio.Event,
+                   serving: asyncio.Event) -> None:
+    data = settings.data_dir
     async with contextlib.AsyncExitStack() as stack:
         overrides: dict[str, object] = {}
+        nats: EmbeddedNats | None = None
+        pg: EmbeddedPostgres | None = None
         if not settings.nats_url:
             nats = await stack.enter_async_context(
                 EmbeddedNats(data / "nats", port=settings.nats_port, partitions=settings.partitions))
             overrides["nats_url"] = nats.url
-            print(f"nats-server     {nats.url}  (JetStream, data in {data / 'nats'}, pid {nats.pid})")
+            _say(f"nats-server     {nats.url}  (JetStream, data in {data / 'nats'}, pid {nats.pid})")
         if not settings.database_url:
             pg = await stack.enter_async_context(EmbeddedPostgres(data / "postgres", port=settings.postgres_port))
             overrides["database_url"] = pg.url
-            print(f"postgres        {pg.url}  (data in {data / 'postgres'}, pid {pg.pid})")
+            _say(f"postgres        {pg.url}  (data in {data / 'postgres'}, pid {pg.pid})")
         settings = settings.model_copy(update=overrides)
         from .objects.host import Worker  # noqa: PLC0415
 
@@ -140,20 +287,46 @@ async def _dev(reset: bool, workers: int) -> None:
         await worker.start()
         stack.push_async_callback(worker.stop)
         await worker.wait_ready(30)
-        print(f"worker          {worker.worker_id}  (classes: {', '.join(sorted(worker.classes))})")
+        _say(f"worker          {worker.worker_id}  (classes: {', '.join(sorted(worker.classes))})")
+        children: list[asyncio.subprocess.Process] = []
+
+        async def stop_children() -> None:
+            await asyncio.gather(*(_stop_process(p) for p in children))
+
+        stack.push_async_callback(stop_children)
         for _ in range(workers - 1):
             proc = await _spawn_worker(settings)
-            stack.push_async_callback(_stop_process, proc)
-            print(f"worker          pid {proc.pid}  (a separate process)")
-        if workers > 1:
-            await _wait_balanced(worker, workers)
-        print(f"partitions      {settings.partitions}, this process owns {len(worker.parts)}")
-        print(f"router          http://{settings.http_host}:{settings.http_port}")
-        print(f"ready. try:  curl -X POST http://127.0.0.1:{settings.http_port}/counter/demo/increment"
-              "   (Ctrl-C stops)", flush=True)
-        await _serve_router(settings, config, stop)
-        print("stopping...", file=sys.stderr)
-    print("stopped.", file=sys.stderr)
+            children.append(proc)
+            _say(f"worker          pid {proc.pid}  (a separate process)")
+        watchdog = _Watchdog(settings, nats, pg, children)
+        watchdog.start()
+        stack.push_async_callback(watchdog.stop)  # first thing to stop: nothing restarts while stopping
+        from .router.app import create_app  # noqa: PLC0415
+
+        server = _Server(server_config(create_app(settings, config), settings.http_host, settings.http_port))
+        router = asyncio.create_task(server.serve(), name="router")
+
+        async def stop_router() -> None:
+            server.should_exit = True
+            await asyncio.gather(router, return_exceptions=True)
+
+        stack.push_async_callback(stop_router)
+        balanced = await _wait_balanced(worker, workers)
+        answers = await _router_answers(settings.http_host, settings.http_port)
+        if router.done():
+            router.result()  # the router failed to start: raise why
+            raise RuntimeError("the router stopped")
+        if not balanced:
+            _say("warning: not every partition is owned yet (see `durable status`)", err=True)
+        if not answers:
+            _say(f"warning: the router does not answer on port {settings.http_port} yet", err=True)
+        _say(f"partitions      {settings.partitions}, {workers} worker(s), this process owns {len(worker.parts)}")
+        _say(f"router          http://{settings.http_host}:{settings.http_port}")
+        _say(f"ready. try:  curl -X POST http://127.0.0.1:{settings.http_port}/counter/demo/increment"
+             "   (Ctrl-C stops)")
+        serving.set()  # from here on a stop is orderly: this coroutine unwinds everything itself
+        await stop.wait()
+        _say("stopping...", err=True)
 
 
 async def _worker() -> None:
