@@ -467,7 +467,7 @@ class EmbeddedPostgres:
         # Popen here, in the event loop's thread: the parent-death signal follows the forking thread
         self.process = subprocess.Popen(  # type: ignore[call-overload]
             [self._bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.data_dir}",
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self._socket_dir()}",
              "-c", "max_connections=300", "-c", "fsync=on", "-c", "synchronous_commit=on"],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
             **self._run_as(signal.SIGINT),
@@ -478,6 +478,12 @@ class EmbeddedPostgres:
         except BaseException:
             await self.stop(signal.SIGQUIT)
             raise
+
+    def _socket_dir(self) -> str:
+        """The data directory for the Unix socket, or none (TCP only, which is all we use) when
+        its path would be over the 107 bytes a socket path may have (a deep project folder)."""
+        path = str(self.data_dir)
+        return path if len(f"{path}/.s.PGSQL.{self.port}.lock") <= 107 else ""
 
     async def _wait_ready(self, timeout: float) -> None:
         assert self.process is not None

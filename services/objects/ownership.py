@@ -125,6 +125,10 @@ class Ownership:
         while not self._stopping:
             try:
                 async with self._conn_lock:
+                    if self._conn is not None and self._conn.is_closed() and self.epochs:
+                        # the session that held our locks is gone (the server restarted, say):
+                        # a new one holds none of them, so take them again, under new epochs
+                        raise ConnectionError("the lock session was closed")
                     if self._conn is None or self._conn.is_closed():
                         self._conn = await self._open()
                     sent = time.monotonic()
