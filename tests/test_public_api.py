@@ -42,10 +42,11 @@ async def test_connect_without_a_nats_url_names_the_setting(monkeypatch, tmp_pat
 
 
 async def test_connect_calls_objects_with_the_apps_bindings(worker, settings) -> None:
-    async with durable.connect(settings.config_file, nats_url=settings.nats_url,
+    async with durable.connect(settings.config_file, nats_url=settings.nats_url, id_secret=settings.id_secret,
                                partitions=settings.partitions) as env:
         assert await env.COUNTERS.get_by_name("api").increment(3) == 3
-    env2 = await durable.connect(settings.config_file, nats_url=settings.nats_url, partitions=settings.partitions)
+    env2 = await durable.connect(settings.config_file, nats_url=settings.nats_url, partitions=settings.partitions,
+                                 id_secret=settings.id_secret)
     try:
         assert await env2.COUNTERS.get_by_name("api").increment(1) == 4
     finally:
