@@ -3,9 +3,9 @@ with `durable_app.run_alarm` instead of waiting for it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
+from durable.objects.patterns import session as session_module
 from durable.testing import DurableApp
 
 
@@ -19,10 +19,13 @@ async def test_put_get_delete(durable_app: DurableApp) -> None:
     assert (await durable_app.fetch("/session/s1")).status == 404
 
 
-async def test_the_alarm_expires_a_session_once_its_time_is_up(durable_app: DurableApp, env) -> None:
+async def test_the_alarm_expires_a_session_once_its_time_is_up(durable_app: DurableApp, env, monkeypatch) -> None:
     session = env.SESSIONS.get_by_name("short")
-    await session.start({"cart": [1, 2]}, 0.05)
-    await asyncio.sleep(0.1)  # its time to live is over; the alarm is run at once, not waited for
+    await session.start({"cart": [1, 2]}, 60)
+    assert await durable_app.run_alarm(session)  # early: the session is alive, the alarm re-arms itself
+    assert (await durable_app.fetch("/session/short")).status == 200
+    later = session_module._now_ms() + 61_000
+    monkeypatch.setattr(session_module, "_now_ms", lambda: later)  # a minute on, without waiting for it
     assert await durable_app.run_alarm(session)
     assert (await durable_app.fetch("/session/short")).status == 404
-    assert not await durable_app.run_alarm(session)  # nothing left to run
+    assert not await durable_app.run_alarm(session)  # deleted, alarm and all
