@@ -267,6 +267,13 @@ async def _dev(reset: bool, workers: int) -> None:
 async def _dev_run(settings: Settings, config: AppConfig, workers: int, stop: asyncio.Event,
                    serving: asyncio.Event) -> None:
     data = settings.data_dir
+
+    def go_on() -> None:
+        """A stop during start-up: unwind from here (a cancellation alone can be lost in a
+        library's wait_for, so every step also looks)."""
+        if stop.is_set():
+            raise asyncio.CancelledError
+
     async with contextlib.AsyncExitStack() as stack:
         overrides: dict[str, object] = {}
         nats: EmbeddedNats | None = None
@@ -276,17 +283,21 @@ async def _dev_run(settings: Settings, config: AppConfig, workers: int, stop: as
                 EmbeddedNats(data / "nats", port=settings.nats_port, partitions=settings.partitions))
             overrides["nats_url"] = nats.url
             _say(f"nats-server     {nats.url}  (JetStream, data in {data / 'nats'}, pid {nats.pid})")
+            go_on()
         if not settings.database_url:
             pg = await stack.enter_async_context(EmbeddedPostgres(data / "postgres", port=settings.postgres_port))
             overrides["database_url"] = pg.url
             _say(f"postgres        {pg.url}  (data in {data / 'postgres'}, pid {pg.pid})")
+            go_on()
         settings = settings.model_copy(update=overrides)
         from .objects.host import Worker  # noqa: PLC0415
 
         worker = Worker(settings, config)
         await worker.start()
         stack.push_async_callback(worker.stop)
+        go_on()
         await worker.wait_ready(30)
+        go_on()
         _say(f"worker          {worker.worker_id}  (classes: {', '.join(sorted(worker.classes))})")
         children: list[asyncio.subprocess.Process] = []
 
@@ -298,6 +309,7 @@ async def _dev_run(settings: Settings, config: AppConfig, workers: int, stop: as
             proc = await _spawn_worker(settings)
             children.append(proc)
             _say(f"worker          pid {proc.pid}  (a separate process)")
+            go_on()
         watchdog = _Watchdog(settings, nats, pg, children)
         watchdog.start()
         stack.push_async_callback(watchdog.stop)  # first thing to stop: nothing restarts while stopping
@@ -312,7 +324,9 @@ async def _dev_run(settings: Settings, config: AppConfig, workers: int, stop: as
 
         stack.push_async_callback(stop_router)
         balanced = await _wait_balanced(worker, workers)
+        go_on()
         answers = await _router_answers(settings.http_host, settings.http_port)
+        go_on()
         if router.done():
             router.result()  # the router failed to start: raise why
             raise RuntimeError("the router stopped")

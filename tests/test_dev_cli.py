@@ -152,6 +152,42 @@ class Dev:
                                          env=self.env(), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
 
+    def start_on_terminal(self, *args: str) -> int:
+        """Start with stdout and stderr on a pseudo-terminal; returns the terminal's master side
+        (close it, and the terminal is gone: every later write of dev's fails)."""
+        self.runs += 1
+        self.out = self.folder / f"dev{self.runs}.out"
+        self.err = self.folder / f"dev{self.runs}.err"
+        master, slave = os.openpty()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "durable.cli", "dev", *args], cwd=self.folder,
+                                         env=self.env(), stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        finally:
+            os.close(slave)
+        return master
+
+    def read_terminal(self, master: int, until: str, timeout: float = 90.0) -> str:
+        """What dev wrote to its terminal, until ``until`` appears (saved in dev<N>.out too)."""
+        import select  # noqa: PLC0415
+
+        assert self.proc is not None
+        seen = b""
+        deadline = time.monotonic() + timeout
+        while until.encode() not in seen:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"no {until!r} from durable dev ({self.proc.poll()}):\n"
+                                     f"{seen.decode(errors='replace')[-3000:]}")
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        self.out.write_bytes(seen)
+        self.err.write_bytes(b"")
+        return seen.decode(errors="replace")
+
     @property
     def pid(self) -> int:
         assert self.proc is not None
@@ -246,37 +282,88 @@ def _kinds(procs: set[Proc]) -> str:
     return ", ".join(f"{pid}: {cmdline(pid)[:100]}" for pid, _ in sorted(procs))
 
 
+def locks_held(dev: Dev) -> tuple[int, int]:
+    """(advisory locks held, distinct sessions holding them) in dev's Postgres."""
+    import asyncio  # noqa: PLC0415
+
+    import asyncpg  # noqa: PLC0415
+
+    async def query() -> tuple[int, int]:
+        conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{dev.ports['DURABLE_POSTGRES_PORT']}/postgres",
+                                     timeout=5)
+        try:
+            row = await conn.fetchrow("SELECT count(*), count(DISTINCT pid) FROM pg_locks "
+                                      "WHERE locktype = 'advisory' AND granted")
+            assert row is not None
+            return int(row[0]), int(row[1])
+        finally:
+            await conn.close()
+
+    return asyncio.run(query())
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["kill-9", "sighup"])
 def test_dev_killed_leaves_nothing_and_restarts_with_its_data(make_dev: type[Dev], tmp_path: Path,
                                                                sig: signal.Signals) -> None:
-    """kill -9 (nothing can clean up) or SIGHUP (the terminal was closed) of `durable dev
-    --workers 2`: no nats-server, postgres or worker of it remains, and a fresh dev on the
-    same folder and ports starts cleanly with the counter's value."""
+    """kill -9 (nothing can clean up) or SIGHUP with its terminal gone (the window was closed)
+    of `durable dev --workers 2`: no nats-server, postgres or worker of it remains, and a fresh
+    dev on the same folder and ports starts cleanly with the counter's value."""
     dev = make_dev(write_app(tmp_path / "app"), dev_ports())
-    dev.start("--workers", "2")
+    master = -1
+    if sig == signal.SIGHUP:
+        master = dev.start_on_terminal("--workers", "2")
+        shown = dev.read_terminal(master, "ready.")
+    else:
+        dev.start("--workers", "2")
     procs = dev.wait_ready()
     commands = [cmdline(pid) for pid, _ in procs]
     assert any("nats-server" in c for c in commands), commands
     assert any(f"-D {dev.data_dir / 'postgres'}" in c for c in commands), commands
-    assert any("durable.cli worker" in c for c in commands), commands
+    assert sum("durable.cli worker" in c for c in commands) == 1, commands
+    # "ready" means: every partition held, by both workers, and the router answers
+    assert locks_held(dev) == (256, 2)
+    if sig == signal.SIGHUP:
+        lines = [line for line in shown.splitlines() if line.strip()]
+        assert len(lines) <= 15, shown  # a few lines, not one per partition handed over
+        assert "Traceback" not in shown, shown
     for expected in (1, 2, 3):
         assert count(dev, "kept", "POST") == expected
 
+    if master >= 0:
+        os.close(master)  # the terminal is gone: dev's writes fail from now on
     dev.signal(sig)
     code = dev.wait(60)
     left = wait_gone(procs)
     assert not left, f"still running after dev got {sig.name}: {_kinds(left)}"
     if sig == signal.SIGHUP:
-        assert code == 0, dev.stderr()[-3000:]
-        assert "stopped." in dev.stderr()
+        assert code == 0
 
     dev.start()
-    dev.wait_ready()
+    procs = dev.wait_ready()
     assert "Traceback" not in dev.stderr(), dev.stderr()[-3000:]
+    assert "leftover" not in dev.stderr(), dev.stderr()  # nothing was left over to stop
     assert count(dev, "kept") == 3
     assert count(dev, "kept", "POST") == 4
-    dev.signal(signal.SIGINT)
+    dev.signal(signal.SIGINT)  # Ctrl-C
     assert dev.wait(60) == 0
+    assert not wait_gone(procs)
+
+
+def test_stop_during_start_up_leaves_nothing(make_dev: type[Dev], tmp_path: Path) -> None:
+    """SIGTERM while dev is still starting (its servers up, not yet ready): it stops what it
+    started and exits; nothing of it remains."""
+    dev = make_dev(write_app(tmp_path / "app"), dev_ports())
+    dev.start("--workers", "2")
+    deadline = time.monotonic() + 60
+    while "postgres " not in dev.stdout():
+        assert time.monotonic() < deadline and dev.proc is not None and dev.proc.poll() is None, dev.stderr()
+        time.sleep(0.01)
+    procs = descendants(dev.pid)
+    dev.seen |= procs
+    dev.signal(signal.SIGTERM)
+    assert dev.wait(60) == 0
+    assert "ready." not in dev.stdout()
+    assert not wait_gone(procs), _kinds(procs)
 
 
 def test_leftovers_of_its_own_data_dir_are_stopped_and_nothing_else(make_dev: type[Dev], tmp_path: Path) -> None:

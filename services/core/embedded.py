@@ -221,11 +221,14 @@ def stop_leftovers(data_dir: Path, timeout: float = 15.0) -> list[tuple[int, str
     soft = {"worker": signal.SIGTERM, "nats-server": signal.SIGTERM, "postgres": signal.SIGINT}
     for kind in sorted(order, key=order.__getitem__):
         group = [pid for pid, k in found if k == kind]
-        for pid in group:
+        for pid in list(group):
             try:
                 os.kill(pid, soft[kind])
             except ProcessLookupError:
                 pass
+            except PermissionError:  # another user's: not ours to stop (its port will be reported busy)
+                group.remove(pid)
+                found.remove((pid, kind))
         deadline = time.monotonic() + timeout
         while any(_alive(p) for p in group) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -455,7 +458,12 @@ class EmbeddedPostgres:
             )
             if result.returncode != 0:
                 out = (result.stderr or result.stdout).decode(errors="replace").strip()
-                raise RuntimeError(f"initdb failed (exit {result.returncode}):\n{out[-2000:]}")
+                hint = ""
+                if owner is not None:
+                    hint = (f"\n(user namespaces are not available, so Postgres runs as the system user "
+                            f"{_PG_SYSTEM_USER!r}, which must be able to reach {self._bin('initdb')} and "
+                            f"{parent}; durable changes no directory's permissions for it)")
+                raise RuntimeError(f"initdb failed (exit {result.returncode}):\n{out[-2000:]}{hint}")
             scratch.rename(self.data_dir)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
