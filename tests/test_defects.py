@@ -155,3 +155,22 @@ async def test_reconnecting_after_a_first_connect_is_never_given_up(tmp_path: Pa
             assert (await sub.next_msg(timeout=5)).data == b"pong"
     finally:
         await client.close()
+
+
+def test_a_worker_whose_nats_is_down_exits_with_one_line_naming_it(tmp_path) -> None:
+    """`durable worker` bounds its first connect like any client, and says so without a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from durable.core.embedded import free_port
+
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {**os.environ, "DURABLE_NATS_URL": url, "DURABLE_DATABASE_URL": "postgresql://x@127.0.0.1:1/x",
+           "DURABLE_ID_SECRET": "a-production-secret-for-this-test", "DURABLE_NATS_CONNECT_TIMEOUT": "1",
+           "DURABLE_CONFIG_FILE": str(Path(__file__).resolve().parents[1] / "durable.toml")}
+    result = subprocess.run([sys.executable, "-m", "durable.cli", "worker"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and url in lines[0] and "DURABLE_NATS_URL" in lines[0], result.stderr

@@ -173,8 +173,10 @@ class Worker:
     # ----- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.nc = await nats.connect(servers=self.settings.nats_servers, name=f"durable-worker:{self.worker_id}",
-                                     max_reconnect_attempts=-1, pending_size=8 * 1024 * 1024)
+        # bounded first connect with a clear error (DURABLE_NATS_CONNECT_TIMEOUT), reconnects for ever
+        self.client = await Client.connect(self.settings, self.config, name=f"durable-worker:{self.worker_id}",
+                                           pending_size=8 * 1024 * 1024)
+        self.nc = self.client.nc
         try:
             check_server(self.nc)  # alarms need JetStream message schedules: refuse to start without
         except BaseException:
@@ -185,7 +187,6 @@ class Worker:
         async with self.pool.acquire() as conn:
             await db.apply_schema(conn, self.settings.partitions)
             await db.apply_class_migrations(conn, self.config)
-        self.client = Client(self.nc, self.settings, self.config)
         self.env = Env(self.client, self.config)
         self.flusher.start()
         await self.micro.start()
