@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from .core import telemetry
 from .core.config import AppConfig, load_config
 from .core.embedded import DEV_MARKER, EmbeddedNats, EmbeddedPostgres, die_with_parent, stop_leftovers
-from .core.errors import ConfigError
+from .core.errors import ConfigError, Unavailable
 from .core.settings import DEV_CHILD_ENV, Settings, refuse_dev_secret
 
 log = logging.getLogger("durable")
@@ -203,6 +203,8 @@ class _Watchdog:
         self.pg = pg
         self.workers = workers
         self.task: asyncio.Task[None] | None = None
+        self._respawn_at: dict[int, float] = {}
+        self._respawn_delay: dict[int, float] = {}
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name="dev-watchdog")
@@ -227,10 +229,15 @@ class _Watchdog:
                     log.warning("postgres exited (%s); restarting it", code)
                     await self.pg.start()
                     log.warning("postgres restarted (pid %s)", self.pg.pid)
+                now = asyncio.get_running_loop().time()
                 for i, proc in enumerate(self.workers):
-                    if proc.returncode is not None:
+                    if proc.returncode is not None and now >= self._respawn_at.get(i, 0.0):
                         log.warning("worker process %d exited (%s); starting another", proc.pid, proc.returncode)
                         self.workers[i] = await _spawn_worker(self.settings)
+                        # one that keeps dying (a bad app, say) is started again less and less often
+                        delay = self._respawn_delay.get(i, 1.0)
+                        self._respawn_at[i] = now + delay
+                        self._respawn_delay[i] = min(delay * 2, 60.0)
                 backoff = 0.5
             except Exception as exc:  # noqa: BLE001 - keep watching; try again a little later
                 log.warning("restart failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
@@ -442,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"durable: configuration error:\n{exc.message}", file=sys.stderr)
         return 2
+    except Unavailable as exc:  # a server that is not there: say which, no traceback
+        print(f"durable: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 

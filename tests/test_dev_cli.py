@@ -438,10 +438,11 @@ def test_port_in_use_is_one_line_and_exit_2(make_dev: type[Dev], tmp_path: Path,
 
 
 def test_dead_servers_are_restarted_and_requests_succeed_again(make_dev: type[Dev], tmp_path: Path) -> None:
-    """Postgres, then nats-server, SIGKILLed under a running dev: dev restarts each and requests
-    through the router succeed again, without restarting dev."""
+    """Postgres, then nats-server, then a worker process, SIGKILLed under a running `durable dev
+    --workers 2`: dev restarts each, the workers take every partition again by themselves, and
+    requests through the router succeed again, without restarting dev."""
     dev = make_dev(write_app(tmp_path / "app"), dev_ports())
-    dev.start()
+    dev.start("--workers", "2")
     dev.wait_ready()
     assert count(dev, "c", "POST") == 1
 
@@ -461,6 +462,17 @@ def test_dead_servers_are_restarted_and_requests_succeed_again(make_dev: type[De
         values = [count(dev, "c", "POST") for _ in range(5)]
         assert values == list(range(values[0], values[0] + 5))
         print(f"{server} killed: requests succeed again after {recovered:.1f}s")
+    child = next(p for p in descendants(dev.pid) if "durable.cli worker" in cmdline(p[0]))
+    os.kill(child[0], signal.SIGKILL)
+    killed = time.monotonic()
+    while True:  # another worker process takes its place, and its share of the partitions
+        workers = [p for p in descendants(dev.pid) if "durable.cli worker" in cmdline(p[0])]
+        if workers and workers[0] != child and locks_held(dev) == (256, 2):
+            break
+        assert time.monotonic() - killed < 60, (workers, locks_held(dev), dev.stderr()[-3000:])
+        time.sleep(0.2)
+    values = [count(dev, "c", "POST") for _ in range(5)]
+    assert values == list(range(values[0], values[0] + 5))
     assert dev.proc is not None and dev.proc.poll() is None
     dev.seen |= descendants(dev.pid)
     dev.signal(signal.SIGTERM)
