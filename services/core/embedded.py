@@ -5,6 +5,11 @@ Readiness is read, never slept for: the NATS port and "Server is ready" come fro
 log, and Postgres is ready when a connection succeeds. Both keep their data in a directory of
 ours, so state survives a restart (as ``wrangler dev`` persists), and both can be stopped,
 killed, paused and restarted on the same port by the fault tests.
+
+Neither outlives the process that started it, whatever kills that process (Linux's parent-death
+signal); a run that was killed before this existed is cleaned up by :func:`stop_leftovers`, which
+recognises the servers of one data directory by their command lines. Under root, Postgres runs in
+a user namespace of its own instead of as another user, so no directory's permissions change.
 """
 
 from __future__ import annotations
