@@ -263,6 +263,15 @@ async def _dev(reset: bool, workers: int) -> None:
     main = asyncio.create_task(_dev_run(settings, config, workers, stop, serving))
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait({main, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():  # a second Ctrl-C (or SIGTERM, SIGHUP) while stopping: exit at once; what
+        loop = asyncio.get_running_loop()  # we started gets its parent-death signal
+
+        def at_once() -> None:
+            _say("durable dev: stopped at once", err=True)
+            os._exit(130)
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, at_once)
     if not main.done() and not serving.is_set():  # stopped during start-up: unwind what has started
         main.cancel()
     waiter.cancel()

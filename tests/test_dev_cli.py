@@ -366,6 +366,22 @@ def test_stop_during_start_up_leaves_nothing(make_dev: type[Dev], tmp_path: Path
     assert not wait_gone(procs), _kinds(procs)
 
 
+def test_second_ctrl_c_stops_at_once_and_leaves_nothing(make_dev: type[Dev], tmp_path: Path) -> None:
+    dev = make_dev(write_app(tmp_path / "app"), dev_ports())
+    dev.start("--workers", "2")
+    procs = dev.wait_ready()
+    dev.signal(signal.SIGINT)
+    time.sleep(0.05)
+    dev.signal(signal.SIGINT)
+    assert dev.wait(30) in (0, 130)  # 0: the orderly stop was done before the second one came
+    assert not wait_gone(procs), _kinds(procs)
+    dev.start()  # and the next start is clean
+    dev.wait_ready()
+    assert "leftover" not in dev.stderr() and "Traceback" not in dev.stderr(), dev.stderr()[-3000:]
+    dev.signal(signal.SIGINT)
+    assert dev.wait(60) == 0
+
+
 def test_leftovers_of_its_own_data_dir_are_stopped_and_nothing_else(make_dev: type[Dev], tmp_path: Path) -> None:
     """Leftovers of an older dev (here: servers started without a parent-death signal and left
     running) are stopped by the next dev on the same folder; the same servers of another
