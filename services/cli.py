@@ -352,8 +352,8 @@ async def _dev_run(settings: Settings, config: AppConfig, workers: int, stop: as
             _say(f"warning: the router does not answer on port {settings.http_port} yet", err=True)
         _say(f"partitions      {settings.partitions}, {workers} worker(s), this process owns {len(worker.parts)}")
         _say(f"router          http://{settings.http_host}:{settings.http_port}")
-        _say(f"ready. try:  curl -X POST http://127.0.0.1:{settings.http_port}/counter/demo/increment"
-             "   (Ctrl-C stops)")
+        routes = settings.routes or config.routes or "no routes (404)"
+        _say(f"ready.  http://127.0.0.1:{settings.http_port}/ -> {routes}   (Ctrl-C stops)")
         serving.set()  # from here on a stop is orderly: this coroutine unwinds everything itself
         await stop.wait()
         _say("stopping...", err=True)

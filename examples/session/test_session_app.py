@@ -29,3 +29,14 @@ async def test_the_alarm_expires_a_session_once_its_time_is_up(durable_app: Dura
     assert await durable_app.run_alarm(session)
     assert (await durable_app.fetch("/session/short")).status == 404
     assert not await durable_app.run_alarm(session)  # deleted, alarm and all
+
+
+async def test_due_alarms_run_on_demand(durable_app: DurableApp, env, monkeypatch) -> None:
+    await env.SESSIONS.get_by_name("a").start({"n": 1}, 60)
+    await env.SESSIONS.get_by_name("b").start({"n": 2}, 600)
+    assert await durable_app.run_due_alarms() == 0  # nothing is due yet
+    later = session_module._now_ms() + 61_000
+    monkeypatch.setattr(session_module, "_now_ms", lambda: later)
+    assert await durable_app.run_due_alarms(now_ms=later) == 1  # a's, not b's
+    assert (await durable_app.fetch("/session/a")).status == 404
+    assert (await durable_app.fetch("/session/b")).status == 200

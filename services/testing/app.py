@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -172,11 +173,30 @@ class DurableApp:
         inst.fail(ObjectReset("Durable Object was evicted by the test; this instance can no longer be used"))
         return True
 
+    async def run_due_alarms(self, now_ms: int | None = None) -> int:
+        """Run every alarm due by ``now_ms`` (epoch ms, default now: its time, or its retry's, has
+        come), as the alarm sweep would, in due order; returns how many handlers ran and succeeded.
+        A later ``now_ms`` runs the alarms of the future without waiting for them."""
+        when = int(time.time() * 1000) if now_ms is None else now_ms
+        async with self.worker.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT object_id, namespace FROM do_alarms WHERE coalesce(due_ms, scheduled_ms) <= $1 "
+                "ORDER BY coalesce(due_ms, scheduled_ms)", when)
+        ran = 0
+        for row in rows:
+            if row["namespace"] in self.worker.classes:
+                ran += await self._run_alarm_of(row["namespace"], row["object_id"])
+        return ran
+
     async def run_alarm(self, stub: Any) -> bool:
         """Run the object's alarm now, whatever its scheduled time (Cloudflare's
         ``runDurableObjectAlarm``): True if an alarm was set and its handler ran and succeeded
         (a failure is recorded as a retry, as in production)."""
-        namespace, object_id, partition = self._locate(stub)
+        namespace, object_id, _ = self._locate(stub)
+        return await self._run_alarm_of(namespace, object_id)
+
+    async def _run_alarm_of(self, namespace: str, object_id: str) -> bool:
+        partition = partition_of(object_id, self.settings.partitions)
         state = self.worker.parts.get(partition)
         if state is None:
             raise RuntimeError(f"partition {partition} is not owned by the test worker")
