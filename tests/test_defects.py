@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 from durable.client import Client, Env
 from durable.core.config import AppConfig
-from durable.core.embedded import EmbeddedNats
+from durable.core.embedded import EmbeddedNats, free_port
 from durable.core.errors import Unavailable
 from durable.core.settings import Settings
 from durable.objects import Worker
@@ -117,12 +116,6 @@ async def test_a_lone_surrogate_fails_the_frame_not_the_socket(gw: str, env: Env
 
 
 # ----- the client's first connect ------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_a_first_connect_to_nats_that_is_down_fails_fast_and_clearly(

@@ -1,7 +1,6 @@
 """The router over real HTTP: uvicorn serving the ASGI app, user routes calling objects."""
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -10,6 +9,7 @@ import pytest
 import uvicorn
 from durable.client import Client
 from durable.core.config import AppConfig
+from durable.core.embedded import free_port
 from durable.core.settings import Settings
 from durable.objects import Worker
 from durable.router.app import create_app
@@ -18,9 +18,7 @@ from durable.router.app import create_app
 @pytest.fixture
 async def http(worker: Worker, settings: Settings, config: AppConfig,
                client: Client) -> AsyncIterator[httpx.AsyncClient]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings, config, client=client), host="127.0.0.1",
                                            port=port, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())

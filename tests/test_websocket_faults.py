@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ import pytest
 from durable.client import Client, Env
 from durable.core import codec
 from durable.core.config import AppConfig
+from durable.core.embedded import free_port
 from durable.core.settings import Settings
 from durable.core.subjects import partition_of
 from durable.objects.websockets import gateway_subject
@@ -50,12 +50,6 @@ pytestmark = pytest.mark.timeout(120)
 
 
 # ----- helpers ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 class GatewayProcess:
     """``durable gateway`` in its own process (routing through tests/routes.py), to kill -9."""

@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -254,7 +255,31 @@ def stop_leftovers(data_dir: Path, timeout: float = 15.0) -> list[tuple[int, str
 SERVER_PINGS = "ping_interval: \"2s\"\nping_max: 2\n"
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections' source ports."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A port free now, for a server to listen on, chosen below the kernel's ephemeral range.
+
+    Port 0 would pick from that very range, where any outgoing connection (a reconnecting
+    client, a Postgres session) may take it as its source port before the server binds it or,
+    worse, while a server the fault tests stopped is down and must come back on the same port:
+    nats-server then fails with "address already in use" (seen in CI)."""
+    low = _ephemeral_low()
+    if low > 11000:
+        for _ in range(100):
+            port = random.randrange(10000, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
