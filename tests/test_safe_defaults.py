@@ -4,7 +4,6 @@ RateLimiter allows at most LIMIT requests in any window, with a clock its tests 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-from durable.cli import _Server, server_config
 from durable.client import Client, Env
 from durable.core.config import AppConfig
 from durable.core.errors import ConfigError, ObjectReset
@@ -26,6 +24,7 @@ from durable.core.subjects import partition_of
 from durable.objects import Worker
 from durable.objects.patterns import RateLimiter
 from durable.router.app import create_app
+from durable.testing.app import serve_asgi
 from pydantic import ValidationError
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -97,18 +96,8 @@ async def serve(settings: Settings, config: AppConfig, client: Client,
                 user_fetch: Any = _echo_address) -> AsyncIterator[str]:
     """The router app under uvicorn as `durable router` configures it (cli.server_config)."""
     app = create_app(settings, config, user_fetch=user_fetch, client=client)
-    server = _Server(server_config(app, "127.0.0.1", 0))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    async with serve_asgi(app) as port:
         yield f"127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def _addresses(base: str, forwarded: list[str]) -> tuple[list[str], list[str]]:

@@ -10,13 +10,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from durable.cli import _Server, server_config
 from durable.client import Env
 from durable.core.config import AppConfig
 from durable.core.settings import Settings
 from durable.gateway import Gateway
 from durable.objects import Worker
 from durable.router.app import create_app
+from durable.testing.app import serve_asgi
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -28,18 +28,8 @@ from .conftest import WorkerFactory, assert_eventually
 async def inproc_gateway(settings: Settings, config: AppConfig) -> AsyncIterator[tuple[str, Gateway]]:
     """A gateway (the router app with WebSockets) in this process on a free port: (ws:// URL, Gateway)."""
     app = create_app(settings, config, user_fetch=routes.fetch)
-    server = _Server(server_config(app, "127.0.0.1", 0))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    async with serve_asgi(app) as port:
         yield f"ws://127.0.0.1:{port}", app.state.gateway
-    finally:
-        server.should_exit = True
-        await task
 
 
 @asynccontextmanager

@@ -15,17 +15,16 @@ import asyncio
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import uvicorn
 
 from ..client import Client, Env
 from ..core.config import AppConfig
-from ..core.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from ..core.embedded import EmbeddedNats, EmbeddedPostgres
 from ..core.errors import UnknownNamespace
 from ..core.http import Request, Response
 from ..core.settings import Settings
@@ -37,12 +36,24 @@ from ..router.app import UserFetch, load_routes
 _databases = itertools.count()
 
 
-class _QuietServer(uvicorn.Server):
-    """uvicorn without signal handlers of its own: Ctrl-C belongs to pytest."""
+@asynccontextmanager
+async def serve_asgi(app: Any) -> AsyncIterator[int]:
+    """``app`` under uvicorn as ``durable router`` configures it (``cli.server_config``), on a
+    port the OS picks, without signal handlers of its own; yields the port."""
+    from ..cli import _Server, server_config  # noqa: PLC0415 - uvicorn only where served
 
-    @contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+    server = _Server(server_config(app, "127.0.0.1", 0))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("the server stopped before it started")
+            await asyncio.sleep(0.01)
+        yield int(server.servers[0].sockets[0].getsockname()[1])
+    finally:
+        server.should_exit = True
+        await task
 
 #: a test deployment's settings: short leases and timeouts, so a broken test fails fast
 TEST_SETTINGS: dict[str, Any] = {
@@ -135,23 +146,10 @@ class DurableApp:
     async def serve(self) -> AsyncIterator[str]:
         """The router and its WebSocket gateway on a free port, for tests that need real HTTP or
         WebSockets (browsers, ``websockets`` clients); yields the base URL ``http://127.0.0.1:<port>``."""
-        from ..cli import server_config  # noqa: PLC0415 - uvicorn only where served
-        from ..router.app import create_app  # noqa: PLC0415
+        from ..router.app import create_app  # noqa: PLC0415 - the router only where served
 
-        port = free_port()
-        settings = self.settings.model_copy(update={"http_port": port})
-        server = _QuietServer(server_config(create_app(settings, self.config, client=self.client), "127.0.0.1", port))
-        task = asyncio.create_task(server.serve())
-        try:
-            while not server.started:
-                if task.done():
-                    task.result()
-                    raise RuntimeError("the router stopped before it started")
-                await asyncio.sleep(0.01)
+        async with serve_asgi(create_app(self.settings, self.config, client=self.client)) as port:
             yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            await task
 
     def _locate(self, stub: Any) -> tuple[str, str, int]:
         namespace, object_id = stub._namespace, stub.id.hex
