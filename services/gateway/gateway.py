@@ -333,6 +333,11 @@ class Gateway:
                 self._apply(op)
             except Exception as exc:  # noqa: BLE001 - one bad operation must not stop the others
                 log.warning("dropping a malformed gateway operation %.200r: %s", op, exc)
+        if msg.reply:  # the object waits for auto-response changes to be in place
+            try:
+                await msg.respond(b"")
+            except Exception as exc:  # noqa: BLE001 - the object logs the missing confirmation
+                log.debug("could not confirm gateway operations: %s", exc)
 
     def _apply(self, op: Any) -> None:
         """One operation of gateway_message.json."""

@@ -408,9 +408,18 @@ class Worker:
         """Frames an object sent, past its output gate: one NATS message per gateway."""
         for gateway, ops in outbox.items():
             for chunk in split_ops(ops):
+                subject = gateway_subject(self.settings.deployment_key, gateway)
+                body = codec.dumps({"ops": chunk}, False)
                 try:
-                    await self.nc.publish(gateway_subject(self.settings.deployment_key, gateway),
-                                          codec.dumps({"ops": chunk}, False))
+                    if any(op[0] == "auto" for op in chunk):
+                        # an auto-response applies to the frames that follow the event's reply:
+                        # the gateway confirms it holds the pair before that reply goes out (the
+                        # reply travels on another connection, which NATS does not order with this)
+                        await self.nc.request(subject, body, timeout=2.0)
+                    else:
+                        await self.nc.publish(subject, body)
+                except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                    log.warning("gateway %s did not confirm an auto-response change", gateway)
                 except Exception as exc:  # noqa: BLE001 - a gateway we cannot reach has lost its sockets
                     log.warning("could not send to gateway %s: %s: %s", gateway, type(exc).__name__, exc)
 
