@@ -64,7 +64,7 @@ from durable.core import codec  # noqa: E402
 from durable.core.config import AppConfig, load_config  # noqa: E402
 from durable.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from durable.core.settings import Settings  # noqa: E402
-from durable.core.subjects import partition_of  # noqa: E402
+from durable.core.wire import partition_of  # noqa: E402
 
 from tests.faults import ClusterWorker, owners, wait_balanced  # noqa: E402
 

@@ -45,7 +45,7 @@ from durable.client.namespace import Stub  # noqa: E402
 from durable.core.config import load_config  # noqa: E402
 from durable.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from durable.core.settings import Settings  # noqa: E402
-from durable.core.subjects import partition_of  # noqa: E402
+from durable.core.wire import partition_of  # noqa: E402
 
 from tests.faults import ClusterWorker, Load, owners, wait_balanced  # noqa: E402
 

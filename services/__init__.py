@@ -5,7 +5,7 @@ The public API is what this module exports (pinned by ``tests/test_public_api.py
     from durable import DurableObject, Request, Response, WebSocket, AlarmInfo, Env, Client, connect
 
 Errors live in :mod:`durable.errors`; the pytest plugin in :mod:`durable.testing`. Everything
-else (``durable.core``, ``durable.objects.host``, ...) is the runtime's own and may change.
+else (``durable.core``, ``durable.objects.worker``, ...) is the runtime's own and may change.
 """
 
 from .client import Client, Env

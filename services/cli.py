@@ -62,7 +62,7 @@ def server_config(app: Any, host: str, port: int, trusted_proxies: list[str] | N
     X-Forwarded-For/-Proto are believed only from ``trusted_proxies`` (by default the app's
     ``DURABLE_TRUSTED_PROXIES``, which :func:`create_app` records), never from loopback alone
     as uvicorn's own default would."""
-    from .objects.websockets import MAX_MESSAGE_BYTES  # noqa: PLC0415
+    from .core.wire import MAX_MESSAGE_BYTES  # noqa: PLC0415
 
     if trusted_proxies is None:
         trusted_proxies = list(getattr(getattr(app, "state", None), "trusted_proxies", None) or [])
@@ -113,7 +113,7 @@ async def _stop_process(proc: asyncio.subprocess.Process, timeout: float = 15.0)
 async def _wait_balanced(worker: object, workers: int, timeout: float = 60.0) -> bool:
     """Until every partition is held (an advisory lock in Postgres, as every owner takes one),
     by ``workers`` workers, this one holding and serving just its share."""
-    from .objects.host import Worker  # noqa: PLC0415
+    from .objects.worker import Worker  # noqa: PLC0415
 
     assert isinstance(worker, Worker)
     settings = worker.settings
@@ -306,7 +306,7 @@ async def _dev_run(settings: Settings, config: AppConfig, workers: int, stop: as
             _say(f"postgres        {pg.url}  (data in {data / 'postgres'}, pid {pg.pid})")
             go_on()
         settings = settings.model_copy(update=overrides)
-        from .objects.host import Worker  # noqa: PLC0415
+        from .objects.worker import Worker  # noqa: PLC0415
 
         worker = Worker(settings, config)
         await worker.start()
@@ -364,7 +364,7 @@ async def _worker() -> None:
     if not settings.nats_url or not settings.database_url:
         raise ConfigError("durable worker needs DURABLE_NATS_URL and DURABLE_DATABASE_URL")
     refuse_dev_secret(settings, "worker")
-    from .objects.host import Worker  # noqa: PLC0415
+    from .objects.worker import Worker  # noqa: PLC0415
 
     stop = _stop_event()
     worker = Worker(settings, config)

@@ -244,7 +244,7 @@ class Edge(DurableObject):
         """Put, then ctx.abort(): at once (the write is dropped) or once its flush is in flight."""
         await self.ctx.storage.put(key, value)
         if once_in_flight:
-            await _until(lambda: self.ctx.storage._inflight, "the flush of the put")
+            await _until(lambda: self.ctx.storage._output.flushing, "the flush of the put")
         self.ctx.abort("aborted by the test")
 
     async def put_then_wait_for_reset(self, key: str, value: Any) -> str:

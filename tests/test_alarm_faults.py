@@ -34,9 +34,9 @@ from durable.core.config import AppConfig
 from durable.core.embedded import SERVER_PINGS, EmbeddedNats, nats_server_binary
 from durable.core.errors import ConfigError
 from durable.core.settings import Settings
-from durable.core.subjects import partition_of, server_mapping
+from durable.core.wire import partition_of, server_mapping
 from durable.objects import Worker
-from durable.objects.alarms import AlarmStream, check_server
+from durable.objects.alarm_stream import AlarmStream, check_server
 
 from .conftest import PARTITIONS, ROOT, WorkerFactory, assert_eventually, make_settings, worker_env
 from .faults import ClusterWorker, owners, wait_balanced
@@ -246,7 +246,7 @@ async def test_an_alarm_whose_schedule_jetstream_lost_is_run_by_the_sweep(
     async def attached() -> bool:
         # taking a partition re-publishes the schedules due soon: a reconcile that ran after the
         # purge would restore the wake-up, and the sweep would not be what runs the alarm
-        return bool(worker.parts) and not any(t.get_name().startswith("alarm-attach") for t in worker.alarms._tasks)
+        return bool(worker.parts) and not any(t.get_name().startswith("alarm-attach") for t in worker.alarms.tasks)
 
     await assert_eventually(attached, 10, "every partition's alarms are reconciled")
     lost, kept = env.ALARMERS.get_by_name("lost-schedule"), env.ALARMERS.get_by_name("kept-schedule")
@@ -256,7 +256,7 @@ async def test_an_alarm_whose_schedule_jetstream_lost_is_run_by_the_sweep(
         js = nc.jetstream()
         stream = AlarmStream(nc, s)
         due = {lost.id.hex: await lost.arm(2500), kept.id.hex: await kept.arm(2500)}
-        subject = stream.schedule_subject(partition_of(lost.id.hex, s.partitions), lost.id.hex)
+        subject = stream.subjects.schedule(partition_of(lost.id.hex, s.partitions), lost.id.hex)
 
         async def published() -> bool:
             try:

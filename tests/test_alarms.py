@@ -232,13 +232,13 @@ async def test_a_stale_or_duplicate_wake_up_is_acknowledged_and_ignored(worker: 
     """Wake-ups published by hand on the fire subject: a wrong generation runs nothing, the right
     one runs the alarm, a duplicate of it runs nothing again; every one is acknowledged."""
     from durable.core import codec
-    from durable.objects.alarms import AlarmStream
+    from durable.objects.alarm_stream import AlarmStream
 
     a = env.ALARMERS.get_by_name("stale-fire")
     await a.arm(120_000)
     row = await alarm_row(settings, a.id.hex)
     stream = AlarmStream(worker.nc, settings)
-    subject = stream.fire_subject(row["partition"], a.id.hex)
+    subject = stream.subjects.fire(row["partition"], a.id.hex)
     js = worker.nc.jetstream()
 
     async def fire(generation: int) -> None:
@@ -271,7 +271,7 @@ async def test_a_stale_or_duplicate_wake_up_is_acknowledged_and_ignored(worker: 
     ("weird", True, "not a version number"),
 ])
 def test_the_start_up_check_names_the_version_found(version: str, jetstream: bool, expect: str | None) -> None:
-    from durable.objects.alarms import schedule_support_problem
+    from durable.objects.alarm_rules import schedule_support_problem
 
     problem = schedule_support_problem(version, jetstream)
     if expect is None:

@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 from durable.client import Env
-from durable.client.client import ERROR_CODE_HEADER, ERROR_HEADER, NAME_HEADER
+from durable.core.wire import ERROR_CODE_HEADER, ERROR_HEADER, NAME_HEADER
 from durable.core import codec
 from durable.core.errors import PayloadTooLarge, RemoteError, UnknownMethod
 from durable.objects import Worker
@@ -245,7 +245,7 @@ async def test_blank_error_message_still_fills_the_error_header(worker: Worker, 
     await raw_nc.flush()
     pending = asyncio.ensure_future(raw_nc.request("test.blank-error", b"", timeout=5))
     msg = await sub.next_msg(timeout=5)
-    await worker._reply_error(msg, RemoteError(" \n "), False)
+    await worker.dispatcher.reply_error(msg, RemoteError(" \n "), False)
     reply = await pending
     assert reply.headers is not None
     assert reply.headers[ERROR_HEADER] == "remote"

@@ -31,7 +31,7 @@ from durable.client import Client, Env
 from durable.core.config import AppConfig, load_config
 from durable.core.embedded import EmbeddedNatsCluster, EmbeddedPostgres
 from durable.core.settings import Settings
-from durable.core.subjects import partition_of
+from durable.core.wire import partition_of
 
 from .conftest import make_settings
 from .faults import (

@@ -10,7 +10,7 @@ import nats
 from durable.client import Client, Env
 from durable.core.config import AppConfig
 from durable.core.settings import Settings
-from durable.core.subjects import partition_of
+from durable.core.wire import partition_of
 from durable.objects import Worker
 
 from tests.conftest import PARTITIONS, WorkerFactory, WorkerProcess, assert_eventually

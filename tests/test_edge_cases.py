@@ -20,7 +20,7 @@ from durable.core import codec
 from durable.core.config import AppConfig
 from durable.core.errors import DurableError, ObjectReset, RequestTimeout
 from durable.core.settings import Settings
-from durable.core.subjects import partition_of
+from durable.core.wire import partition_of
 from durable.objects import Worker
 from durable.objects.instance import Instance
 from nats.aio.subscription import Subscription
@@ -292,7 +292,7 @@ async def test_a_call_from_the_constructor_waits_for_the_output_gate(
         async def call_waits_or_went_out() -> bool:
             inst = _live(worker, settings, booter)
             return "registry called" in Edge.notes.get(name, []) or (
-                inst is not None and bool(inst.storage._waiters))
+                inst is not None and bool(inst.output._waiters))
 
         await assert_eventually(call_waits_or_went_out, 10, "the constructor's call at the output gate")
         await row.release()

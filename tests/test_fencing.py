@@ -24,7 +24,7 @@ from durable.core import codec
 from durable.core.config import AppConfig
 from durable.core.errors import ObjectReset, RequestTimeout
 from durable.core.settings import Settings
-from durable.core.subjects import partition_of
+from durable.core.wire import partition_of
 
 from .conftest import WorkerFactory, WorkerProcess, assert_eventually
 

@@ -8,8 +8,8 @@ import json
 from typing import Any
 
 from durable.client import Env
-from durable.client.client import ERROR_CODE_HEADER, ERROR_HEADER
-from durable.core.subjects import partition_of
+from durable.core.wire import ERROR_CODE_HEADER, ERROR_HEADER
+from durable.core.wire import partition_of
 from durable.objects import Worker
 from durable.objects.micro import SERVICE_NAME
 from nats.aio.client import Client as NatsClient

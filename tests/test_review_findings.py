@@ -21,7 +21,7 @@ from durable.core.config import AppConfig
 from durable.core.http import Request, Response
 from durable.core.settings import Settings
 from durable.objects import Worker
-from durable.objects.websockets import gateway_subject
+from durable.core.wire import gateway_subject
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 

@@ -20,7 +20,7 @@ from durable.core.config import AppConfig
 from durable.core.errors import ConfigError, ObjectReset
 from durable.core.http import Request, Response
 from durable.core.settings import DEV_CHILD_ENV, DEV_ID_SECRET, Settings, client_address, refuse_dev_secret
-from durable.core.subjects import partition_of
+from durable.core.wire import partition_of
 from durable.objects import Worker
 from durable.objects.patterns import RateLimiter
 from durable.router.app import create_app

@@ -21,14 +21,14 @@ import jsonschema
 import nats
 import pytest
 from durable.client import Env
-from durable.client.client import ERROR_HEADER, NAME_HEADER
+from durable.core.wire import ERROR_HEADER, NAME_HEADER
 from durable.core import codec
 from durable.core.config import AppConfig
 from durable.core.embedded import EmbeddedNats
 from durable.core.errors import _REGISTRY, RemoteError, UnknownMethod
 from durable.core.http import Request
 from durable.core.settings import Settings
-from durable.core.subjects import partition_of
+from durable.core.wire import partition_of
 from durable.objects import Worker
 from nats.aio.client import Client as NatsClient
 

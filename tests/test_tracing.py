@@ -2,7 +2,7 @@
 
 import pytest
 from durable.client import Env
-from durable.core.subjects import partition_of
+from durable.core.wire import partition_of
 from durable.objects import Worker
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider

@@ -36,8 +36,8 @@ from durable.core import codec
 from durable.core.config import AppConfig
 from durable.core.embedded import free_port
 from durable.core.settings import Settings
-from durable.core.subjects import partition_of
-from durable.objects.websockets import gateway_subject
+from durable.core.wire import partition_of
+from durable.core.wire import gateway_subject
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State

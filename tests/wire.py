@@ -17,7 +17,7 @@ import msgpack
 import nats
 import pytest
 from durable.client import Env
-from durable.client.client import ERROR_CODE_HEADER, ERROR_HEADER
+from durable.core.wire import ERROR_CODE_HEADER, ERROR_HEADER
 from durable.core.embedded import EmbeddedNats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg

@@ -13,32 +13,25 @@ import logging
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-from ..core import codec, telemetry
+from ..core import telemetry
 from ..core.config import AppConfig
 from ..core.context import current_event
 from ..core.errors import (
     ConfigError,
-    DurableError,
     NotOwner,
     PayloadTooLarge,
-    ProtocolError,
     RequestTimeout,
     Unavailable,
 )
 from ..core.settings import Settings
-from ..core.subjects import partition_of, request_subject
+from ..core.wire import decode_reply, partition_of, request_subject
 
 log = logging.getLogger("durable.client")
-
-ERROR_HEADER = "Nats-Service-Error"
-ERROR_CODE_HEADER = "Nats-Service-Error-Code"
-NAME_HEADER = "Do-Name"
 
 
 class _Retry(Exception):
@@ -46,23 +39,6 @@ class _Retry(Exception):
 
     def __init__(self, cause: Exception) -> None:
         self.cause = cause
-
-
-def decode_reply(msg: Msg) -> Any:
-    """The reply's value, or the remote error rebuilt as its DurableError class."""
-    headers = msg.headers
-    if headers and ERROR_HEADER in headers:
-        try:
-            body = codec.unpack(msg.data) if msg.data else None
-        except Exception:  # noqa: BLE001
-            body = None
-        if isinstance(body, dict) and "error" in body:
-            raise DurableError.from_wire(body["error"])
-        raise ProtocolError(f"{headers.get(ERROR_CODE_HEADER)} {headers[ERROR_HEADER]}")
-    try:
-        return codec.unpack(msg.data) if msg.data else None
-    except Exception as exc:  # noqa: BLE001
-        raise ProtocolError(f"malformed reply: {exc}") from None
 
 
 def _describe(exc: BaseException) -> str:
@@ -161,7 +137,7 @@ class Client:
                 "so it was not repeated"
             ) from None
         try:
-            return decode_reply(msg)
+            return decode_reply(msg.headers, msg.data)
         except NotOwner as exc:
             raise _Retry(exc) from None
 

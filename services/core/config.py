@@ -33,7 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
-from .subjects import is_token
+from .wire import is_token
 
 
 class _Rename(BaseModel):

@@ -33,7 +33,7 @@ from types import TracebackType
 
 import asyncpg
 
-from .subjects import server_mapping
+from .wire import server_mapping
 
 _PG_SYSTEM_USER = "embedded_postgres"
 

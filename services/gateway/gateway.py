@@ -17,7 +17,6 @@ close (1006) the sockets of a gateway that died.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -36,18 +35,28 @@ from starlette.websockets import WebSocket as StarletteWebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..client import Client, Env
-from ..core import codec
 from ..core.errors import DurableError, RemoteError, StorageError, UnknownMethod, UnknownSocket
 from ..core.http import Request, Response
 from ..core.settings import Settings, client_address
-from ..objects.websockets import (
+from ..core.wire import (
     AUTO_RESPONSE_HEADER,
     GATEWAY_HEADER,
     OBJECT_HEADER,
     SOCKET_ID_HEADER,
+    AutoOp,
+    CloseOp,
+    SendOp,
+    decode_ops,
+    gateway_heartbeat,
     gateway_query_subject,
     gateway_subject,
     heartbeat_subject,
+    op_from_wire,
+    parse_auto_response_header,
+    parse_socket_query,
+    socket_query_answer,
+    ws_close,
+    ws_message,
 )
 
 log = logging.getLogger("durable.gateway")
@@ -142,7 +151,7 @@ class Gateway:
 
     async def _beat(self) -> None:
         await self.nc.publish(heartbeat_subject(self.settings.deployment_key),
-                              codec.dumps({"gw": self.id, "sockets": len(self.conns)}, False))
+                              gateway_heartbeat(self.id, len(self.conns)))
 
     async def _heartbeats(self) -> None:
         while True:
@@ -185,8 +194,7 @@ class Gateway:
         conn.namespace, conn.object_id = address.split(".", 1)
         raw_auto = response.headers.get(AUTO_RESPONSE_HEADER)
         if raw_auto:
-            request_text, response_text = json.loads(raw_auto)
-            conn.auto = (request_text, response_text)
+            conn.auto = parse_auto_response_header(raw_auto)
         code, reason, clean = 1006, "", False
         try:
             # inside the try: a client that left while the object was accepting must still be
@@ -203,8 +211,7 @@ class Gateway:
             if conn.gateway_close is not None:  # the gateway gave up on the client (too slow)
                 code, reason, clean = *conn.gateway_close, True
             if not conn.closed_by_object:
-                self._spawn(self._tell_close(conn, {"sid": socket_id, "code": code, "reason": reason,
-                                                    "clean": clean}))
+                self._spawn(self._tell_close(conn, ws_close(socket_id, code, reason, clean)))
 
     async def _deny(self, ws: StarletteWebSocket, response: Response) -> None:
         """Refuse the upgrade with the object's (or routing code's) HTTP status and body."""
@@ -242,7 +249,7 @@ class Gateway:
                 continue
             try:
                 await self.client.call(conn.namespace, conn.object_id, "ws.message",
-                                           codec.dumps({"sid": conn.socket_id, "data": data}, False))
+                                       ws_message(conn.socket_id, data))
             except (RemoteError, StorageError, UnknownMethod) as exc:
                 # the object's handler raised (a storage call it made refused a value, say): that
                 # frame failed, the object did not; the socket stays open
@@ -268,12 +275,12 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _tell_close(self, conn: Conn, event: dict[str, Any], attempts: int = 6) -> None:
+    async def _tell_close(self, conn: Conn, event: bytes, attempts: int = 6) -> None:
         """Tell the object its socket closed; keep trying for about a minute (through a failover),
         or it would keep a socket nobody holds."""
         for attempt in range(attempts):
             try:
-                await self.client.call(conn.namespace, conn.object_id, "ws.close", codec.dumps(event, False))
+                await self.client.call(conn.namespace, conn.object_id, "ws.close", event)
                 return
             except RemoteError:
                 return  # delivered; the object's websocket_close raised
@@ -322,55 +329,43 @@ class Gateway:
 
     async def _on_ops(self, msg: Msg) -> None:
         try:
-            ops = codec.loads(msg.data, False)["ops"]
-            if not isinstance(ops, list):
-                raise TypeError(f"'ops' must be a list, not {type(ops).__name__}")
+            ops = decode_ops(msg.data)
         except Exception as exc:  # noqa: BLE001 - not ours
             log.warning("dropping a malformed gateway message: %s", exc)
             return
-        for op in ops:
+        for raw in ops:
             try:
-                self._apply(op)
+                self._apply(op_from_wire(raw))
             except Exception as exc:  # noqa: BLE001 - one bad operation must not stop the others
-                log.warning("dropping a malformed gateway operation %.200r: %s", op, exc)
+                log.warning("dropping a malformed gateway operation %.200r: %s", raw, exc)
         if msg.reply:  # the object waits for auto-response changes to be in place
             try:
                 await msg.respond(b"")
             except Exception as exc:  # noqa: BLE001 - the object logs the missing confirmation
                 log.debug("could not confirm gateway operations: %s", exc)
 
-    def _apply(self, op: Any) -> None:
+    def _apply(self, op: SendOp | CloseOp | AutoOp) -> None:
         """One operation of gateway_message.json."""
-        if not isinstance(op, list) or not op:
-            raise TypeError("an operation is a non-empty list")
-        if op[0] == "send":
-            _, sids, data = op
-            if not isinstance(data, str | bytes):
-                raise TypeError(f"a frame is str or bytes, not {type(data).__name__}")
-            kind = "text" if isinstance(data, str) else "bytes"
-            for sid in sids:
+        if isinstance(op, SendOp):
+            kind = "text" if isinstance(op.data, str) else "bytes"
+            for sid in op.socket_ids:
                 conn = self.conns.get(sid)
                 if conn is not None:
-                    self._enqueue(conn, kind, data)
-        elif op[0] == "close":
-            _, sid, code, reason = op
-            conn = self.conns.get(sid)
+                    self._enqueue(conn, kind, op.data)
+        elif isinstance(op, CloseOp):
+            conn = self.conns.get(op.socket_id)
             if conn is not None:
                 conn.closed_by_object = True
-                self._enqueue(conn, "close", (int(code), str(reason), True))
-        elif op[0] == "auto":
-            _, sids, request_text, response_text = op
-            pair = None if request_text is None else (str(request_text), str(response_text))
-            for sid in sids:
+                self._enqueue(conn, "close", (op.code, op.reason, True))
+        else:
+            for sid in op.socket_ids:
                 conn = self.conns.get(sid)
                 if conn is not None:
-                    conn.auto = pair
-        else:
-            raise ValueError(f"unknown operation {op[0]!r}")
+                    conn.auto = op.pair
 
     async def _on_query(self, msg: Msg) -> None:
         try:
-            conn = self.conns.get(codec.loads(msg.data, False)["sid"])
-            await msg.respond(codec.dumps(None if conn is None else conn.auto_ts, False))
+            conn = self.conns.get(parse_socket_query(msg.data))
+            await msg.respond(socket_query_answer(None if conn is None else conn.auto_ts))
         except Exception as exc:  # noqa: BLE001 - the asker times out
             log.debug("bad gateway query: %s", exc)

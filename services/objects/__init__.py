@@ -2,10 +2,10 @@
 
 from ..core.http import Request, Response
 from .base import AlarmInfo, DurableObject
-from .host import Worker
-from .instance import Context
+from .context import Context
+from .sockets import WebSocket
 from .storage import Storage, Transaction
-from .websockets import WebSocket
+from .worker import Worker
 
 __all__ = ["AlarmInfo", "Context", "DurableObject", "Request", "Response", "Storage", "Transaction", "WebSocket",
            "Worker"]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..client.namespace import Env
-    from .instance import Context
+    from .context import Context
 
 
 @dataclass(frozen=True)

@@ -13,22 +13,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Protocol
 
 from ..core.errors import ObjectReset
-
-if TYPE_CHECKING:
-    from .alarms import AlarmRow
-    from .host import Worker
-    from .storage import Batch, ReplySender, Storage
+from ..core.tasks import TaskSet
+from .alarm_rules import AlarmRow
+from .output_gate import ReplySender
+from .pending import Batch
+from .sql import ObjectStore, Owner, flush_rows
 
 log = logging.getLogger("durable.flusher")
 
-BatchItem = tuple["Storage", "Batch"]
 
-#: one round trip: fence + every write, as one transaction (infra/migrations/003_alarms.sql)
-_FLUSH = ("SELECT do_flush($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, "
-          "$20, $21, $22, $23, $24, $25, $26, $27, $28)")
+class Flushable(Protocol):
+    """An object with writes to commit (instance.py implements it)."""
+
+    owner: Owner
+
+    def take_batch(self) -> Batch | None:
+        """Its pending writes; None when there are none or a flush of it is in flight."""
+
+    def flushed(self, seq: int) -> list[ReplySender]:
+        """Its writes up to ``seq`` committed: the replies now free to go."""
+
+    def fail(self, error: BaseException) -> None:
+        """Its writes were not committed: reset it."""
+
+
+BatchItem = tuple[Flushable, Batch]
+#: an alarm row just committed: (partition, object id, namespace, row)
+CommittedAlarm = tuple[int, str, str, AlarmRow]
 
 
 class _Fenced(Exception):
@@ -45,7 +60,7 @@ class _Lane:
     """One flush pipeline: its own dirty set, one transaction in flight at a time."""
 
     def __init__(self) -> None:
-        self.dirty: dict[Storage, None] = {}
+        self.dirty: dict[Flushable, None] = {}
         self.wake = asyncio.Event()
 
 
@@ -56,20 +71,27 @@ class Flusher:
     share-lock the same ``do_partitions`` row: two FOR SHARE holders of one row would make
     Postgres create a MultiXact, which costs more than the overlap gains."""
 
-    def __init__(self, worker: Worker, concurrency: int = 1, max_objects: int = 2000) -> None:
-        self.worker = worker
+    def __init__(self, store: ObjectStore, on_fenced: Callable[[int, int], None],
+                 on_alarms: Callable[[list[CommittedAlarm]], None], audit_worker: str | None = None,
+                 concurrency: int = 1, max_objects: int = 2000) -> None:
+        self.store = store
+        #: (partition, epoch) whose epoch was superseded: the worker steps down from it
+        self._on_fenced = on_fenced
+        #: alarm rows just committed: their wake-ups are published
+        self._on_alarms = on_alarms
+        self.audit_worker = audit_worker
         self.concurrency = concurrency
         self.max_objects = max_objects
         self._lanes = [_Lane() for _ in range(concurrency)]
         self._tasks: list[asyncio.Task[None]] = []
-        self._senders: set[asyncio.Task[None]] = set()
+        self._senders = TaskSet()
         self._in_flight: dict[str, asyncio.Event] = {}
         self.commits = 0
         self.rows = 0
 
-    def mark_dirty(self, storage: Storage) -> None:
-        lane = self._lanes[storage._instance.partition % self.concurrency]
-        lane.dirty[storage] = None
+    def mark_dirty(self, obj: Flushable) -> None:
+        lane = self._lanes[obj.owner.partition % self.concurrency]
+        lane.dirty[obj] = None
         lane.wake.set()
 
     def start(self) -> None:
@@ -78,8 +100,7 @@ class Flusher:
 
     async def replies_sent(self) -> None:
         """Wait for the reply senders of flushes that already committed."""
-        while self._senders:
-            await asyncio.gather(*list(self._senders), return_exceptions=True)
+        await self._senders.join()
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -98,13 +119,13 @@ class Flusher:
 
     def _take(self, lane: _Lane) -> list[BatchItem]:
         taken: list[BatchItem] = []
-        for storage in list(lane.dirty):
+        for obj in list(lane.dirty):
             if len(taken) >= self.max_objects:
                 break
-            lane.dirty.pop(storage, None)
-            item = storage.take_batch()
+            lane.dirty.pop(obj, None)
+            item = obj.take_batch()
             if item is not None:
-                taken.append((storage, item))
+                taken.append((obj, item))
         return taken
 
     async def settled(self, object_id: str) -> None:
@@ -116,8 +137,9 @@ class Flusher:
 
     async def _flush(self, batch: list[BatchItem]) -> None:
         events = {}
-        for storage, _ in batch:
-            events[storage._object_id] = self._in_flight[storage._object_id] = asyncio.Event()
+        for obj, _ in batch:
+            oid = obj.owner.object_id
+            events[oid] = self._in_flight[oid] = asyncio.Event()
         try:
             await self._flush_batch(batch)
         finally:
@@ -131,106 +153,46 @@ class Flusher:
             try:
                 await self._commit(batch)
             except _Fenced as fenced:
-                stale = {item[0]._instance.partition: item[0]._instance.epoch for item in batch
-                         if item[0]._instance.partition in fenced.partitions}
+                stale = {obj.owner.partition: obj.owner.epoch for obj, _ in batch
+                         if obj.owner.partition in fenced.partitions}
                 keep = []
                 for item in batch:
-                    storage = item[0]
-                    if storage._instance.partition in fenced.partitions:
-                        storage._instance.fail(ObjectReset(
-                            f"partition {storage._instance.partition} was taken over by another worker; "
-                            "the write was not committed"))
+                    obj = item[0]
+                    if obj.owner.partition in fenced.partitions:
+                        obj.fail(ObjectReset(f"partition {obj.owner.partition} was taken over by another worker; "
+                                             "the write was not committed"))
                     else:
                         keep.append(item)
                 for p, epoch in stale.items():
                     # a slow batch may be fenced on an epoch we already stepped down from and
                     # re-acquired since: only the ownership it was written under steps down
-                    if self.worker.ownership.epochs.get(p) == epoch:
-                        self.worker.step_down(p, "fenced: its epoch was superseded")
+                    self._on_fenced(p, epoch)
                 batch = keep
                 continue
             except Exception as exc:  # noqa: BLE001 - any commit failure resets the objects involved
                 log.warning("flush of %d objects failed: %s: %s", len(batch), type(exc).__name__, exc)
                 error = ObjectReset(f"Durable Object reset because its storage write failed: {exc}")
-                for storage, _ in batch:
-                    storage._instance.fail(error)
+                for obj, _ in batch:
+                    obj.fail(error)
                 return
             replies: list[ReplySender] = []
-            scheduled: list[tuple[int, str, str, AlarmRow]] = []
-            for storage, done in batch:
-                replies.extend(storage.flushed(done.seq))
+            scheduled: list[CommittedAlarm] = []
+            for obj, done in batch:
+                replies.extend(obj.flushed(done.seq))
                 if done.alarm_changed and done.alarm is not None:
-                    inst = storage._instance
-                    scheduled.append((inst.partition, inst.object_id, inst.namespace, done.alarm))
+                    owner = obj.owner
+                    scheduled.append((owner.partition, owner.object_id, owner.namespace, done.alarm))
             if scheduled:
-                self.worker.alarms.committed(scheduled)
+                self._on_alarms(scheduled)
             if replies:
                 # sent by a task of their own, so the next flush starts at once
-                task = asyncio.get_running_loop().create_task(_send_replies(replies))
-                self._senders.add(task)
-                task.add_done_callback(self._senders.discard)
+                self._senders.spawn(_send_replies(replies), "replies")
             return
 
     async def _commit(self, batch: list[BatchItem]) -> None:
-        epochs: dict[int, int] = {}
-        wiped: list[str] = []
-        del_o: list[str] = []
-        del_k: list[bytes] = []
-        up_o: list[str] = []
-        up_k: list[bytes] = []
-        up_ns: list[str] = []
-        up_v: list[bytes] = []
-        alarm_del: list[str] = []
-        alarm_o: list[str] = []
-        alarm_ns: list[str] = []
-        alarm_p: list[int] = []
-        alarm_sched: list[int] = []
-        alarm_due: list[int] = []
-        alarm_gen: list[int] = []
-        alarm_retry: list[int] = []
-        sock_del: list[str] = []
-        sock: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [], [])
-        for storage, b in batch:
-            inst = storage._instance
-            epochs[inst.partition] = inst.epoch
-            if b.delete_all:
-                wiped.append(inst.object_id)
-            if b.alarm_changed:
-                row = b.alarm
-                if row is None:
-                    alarm_del.append(inst.object_id)
-                else:
-                    alarm_o.append(inst.object_id)
-                    alarm_ns.append(inst.namespace)
-                    alarm_p.append(inst.partition)
-                    alarm_sched.append(row.scheduled_ms)
-                    alarm_due.append(row.due_ms)
-                    alarm_gen.append(row.generation)
-                    alarm_retry.append(row.retry_count)
-            for socket_id, srow in b.sockets.items():
-                if srow is None:
-                    sock_del.append(socket_id)
-                else:
-                    for column, value in zip(sock, (socket_id, inst.object_id, inst.namespace, inst.partition,
-                                                    *srow), strict=True):
-                        column.append(value)
-            for k, v in b.writes.items():
-                if v is None:
-                    del_o.append(inst.object_id)
-                    del_k.append(k)
-                else:
-                    up_o.append(inst.object_id)
-                    up_k.append(k)
-                    up_ns.append(inst.namespace)
-                    up_v.append(v)
-        parts = sorted(epochs)
-        eps = [epochs[p] for p in parts]
-        async with self.worker.pool.acquire() as conn:
-            ok = await conn.fetchval(_FLUSH, parts, eps, wiped, del_o, del_k, up_o, up_k, up_ns, up_v,
-                                     alarm_del, alarm_o, alarm_ns, alarm_p, alarm_sched, alarm_due, alarm_gen,
-                                     alarm_retry, sock_del, *sock,
-                                     self.worker.worker_id if self.worker.audit_commits else None)
-        if len(ok) != len(parts):
-            raise _Fenced(set(parts) - set(ok))
+        rows = flush_rows([(obj.owner, b) for obj, b in batch], self.audit_worker)
+        ok = await self.store.flush(rows)
+        if len(ok) != len(rows.parts):
+            raise _Fenced(set(rows.parts) - ok)
         self.commits += 1
-        self.rows += len(up_o) + len(del_o) + len(alarm_o) + len(alarm_del) + len(sock_del) + len(sock[0])
+        self.rows += rows.row_count

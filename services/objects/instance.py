@@ -1,14 +1,11 @@
-"""A live object: the user's instance plus its gates, storage and lifecycle.
+"""A live object: the user's instance with its gates, pending writes, storage and sockets.
 
-Input gate: an event runs while holding the instance's *turn*; awaiting its own storage keeps
-the turn, so no other event starts meanwhile and a read-modify-write is atomic. A call to
-another object opens the gate for its duration (events may interleave there, as Cloudflare
-allows), unless it happens inside ``block_concurrency_while`` or a transaction.
+Input gate (input_gate.py): an event runs holding the object's turn; a call to another object
+opens it unless a blocking section is active. Output gate (output_gate.py): a reply, frames or
+an outgoing call wait until the writes made before them are durable.
 
-Output gate: a reply, or an outgoing call, waits until the writes made before it are durable.
-
-Reset: a failed flush, an exception out of ``block_concurrency_while`` or ``ctx.abort()`` drop
-the instance; the next event builds a new one from committed state.
+Reset: a failed flush, an exception out of ``block_concurrency_while``, ``ctx.abort()``, a lost
+lease or eviction drop the instance; the next event builds a new one from committed state.
 """
 
 from __future__ import annotations
@@ -16,73 +13,44 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..core.context import current_event
 from ..core.errors import NotOwner, ObjectReset, RemoteError
 from ..core.ids import ObjectId
+from ..core.tasks import TaskSet
+from .context import Context
+from .gateway_link import GatewayLink
+from .input_gate import InputGate
+from .output_gate import OutputGate, ReplySender
+from .pending import Batch, PendingWrites
+from .sockets import Sockets
+from .sql import ObjectStore, Owner
 from .storage import Storage
-from .websockets import Sockets, WebSocket
-
-if TYPE_CHECKING:
-    from .host import Worker
 
 #: Cloudflare resets an object whose block_concurrency_while runs longer than this.
 BLOCK_CONCURRENCY_TIMEOUT = 30.0
 
 
-class Context:
-    """``self.ctx`` of an object."""
+class Runtime(Protocol):
+    """What a live object needs from the worker hosting it (partitions.py implements it)."""
 
-    def __init__(self, instance: Instance, object_id: ObjectId) -> None:
-        self._instance = instance
-        self.id = object_id
-        self.storage = instance.storage
+    env: Any
+    store: ObjectStore
+    gateways: GatewayLink
+    tasks: TaskSet
 
-    def block_concurrency_while(self, fn: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
-        """Run ``fn`` with no other event delivered; returns its result. From ``__init__`` it
-        runs before the first event. A timeout (30 s) or an exception resets the object."""
-        inst = self._instance
-        if inst.constructing:
-            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            inst.init_fns.append((fn, fut))
-            return fut
-        return inst.run_blocking(fn)
+    def owns(self, partition: int, epoch: int) -> bool:
+        """This worker still holds ``partition`` at ``epoch`` under a valid lease."""
 
-    # ----- WebSockets (Cloudflare's hibernation API) -------------------------------------
+    def mark_dirty(self, inst: Instance) -> None:
+        """The instance has writes for the flusher."""
 
-    def accept_websocket(self, ws: WebSocket, tags: list[str] | None = None) -> None:
-        """Accept the socket of an upgrade request (``request.websocket``), then return
-        ``Response(status=101)`` from fetch. At most 10 tags of at most 256 characters."""
-        self._instance.sockets.accept(ws, tags)
+    async def settled(self, object_id: str) -> None:
+        """No flush of an earlier instance of ``object_id`` is in flight any more."""
 
-    async def get_websockets(self, tag: str | None = None) -> list[WebSocket]:
-        """Every open socket of this object (or those with ``tag``), also after hibernation."""
-        await self._instance.sockets.load()
-        return self._instance.sockets.all(tag)
-
-    def get_tags(self, ws: WebSocket) -> list[str]:
-        self._instance.sockets.check_usable(ws, "get_tags")
-        return list(ws.tags)
-
-    def set_websocket_auto_response(self, request: str | None = None, response: str | None = None) -> None:
-        """Frames equal to ``request`` are answered with ``response`` by the gateway, without waking
-        the object (each at most 2048 characters); no arguments clears it."""
-        self._instance.sockets.set_auto_response(request, response)
-
-    async def get_websocket_auto_response(self) -> tuple[str, str] | None:
-        await self._instance.sockets.load()
-        return self._instance.sockets.auto
-
-    async def get_websocket_auto_response_timestamp(self, ws: WebSocket) -> int | None:
-        """Epoch ms of the last auto-response the gateway sent on ``ws``, or None."""
-        self._instance.sockets.check_usable(ws, "get_websocket_auto_response_timestamp")
-        return await self._instance.host.auto_response_timestamp(ws.gateway, ws.id)
-
-    def abort(self, reason: str = "Application called abort() to reset Durable Object.") -> None:
-        error = ObjectReset(reason)
-        self._instance.fail(error)
-        raise error
+    def drop(self, inst: Instance) -> None:
+        """Forget a reset instance: the next event builds a new one."""
 
 
 class EventGuard:
@@ -100,54 +68,42 @@ class EventGuard:
         inst = self.instance
         inst.check()
         inst.check_owner()
-        await inst.storage.wait_durable(inst.storage.write_seq)
-        reopen = inst.blocking == 0 and asyncio.current_task() is self.task and inst.turn.locked()
-        if reopen:
-            inst.turn.release()
-        return reopen
+        await inst.output.wait_durable(inst.output.write_seq)
+        return inst.input.open_for_call(self.task)
 
     async def after_outgoing(self, reopened: bool) -> None:
         if reopened:
-            await _reacquire(self.instance.turn)
+            await self.instance.input.close_after_call()
             self.instance.check()
-
-
-async def _reacquire(lock: asyncio.Lock) -> None:
-    """Take the turn back even if cancelled meanwhile: the event must hold it when it ends
-    (asyncio locks have no owner, so releasing one we do not hold would free another event)."""
-    acquiring = asyncio.ensure_future(lock.acquire())
-    cancelled = False
-    while not acquiring.done():
-        try:
-            await asyncio.shield(acquiring)
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
 
 
 class Instance:
     """One live object in this worker."""
 
-    def __init__(self, host: Worker, partition: int, epoch: int, namespace: str, cls: type,
+    def __init__(self, runtime: Runtime, partition: int, epoch: int, namespace: str, cls: type,
                  object_id: ObjectId) -> None:
-        self.host = host
+        self.runtime = runtime
+        self.gateways = runtime.gateways
         self.partition = partition
         self.epoch = epoch
         self.namespace = namespace
         self.cls = cls
         self.object_id = object_id.hex
-        self.turn = asyncio.Lock()
-        self.blocking = 0
-        self.storage = Storage(self)
-        self.sockets = Sockets(self)
+        self.owner = Owner(self.object_id, namespace, partition, epoch)
+        self.input = InputGate()
+        self.output = OutputGate(runtime.tasks)
+        self.pending = PendingWrites(self._wrote)
+        self.storage = Storage(self.object_id, runtime.store, self.pending, self.output, self.input,
+                               self._check_can_set_alarm)
+        #: tasks an event started that must finish before its reply (see Sockets.set_auto_response)
+        self.before_reply: list[asyncio.Task[Any]] = []
+        self.sockets = Sockets(self.object_id, runtime.store, self.pending, self.output, self.storage._check_open,
+                               runtime.gateways, runtime.tasks, self.before_reply)
         self.ctx = Context(self, object_id)
         self.obj: Any = None
         self.constructing = False
         self.init_fns: list[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = []
         self.inflight = 0
-        #: tasks an event started that must finish before its reply (see Sockets.set_auto_response)
-        self.before_reply: list[asyncio.Task[Any]] = []
         self.last_active = time.monotonic()
         self.broken: BaseException | None = None
 
@@ -157,11 +113,16 @@ class Instance:
 
     def check_owner(self) -> None:
         """A lapsed lease: this instance may be stale; it must not act (nothing ran yet)."""
-        if not self.host.ownership.owns(self.partition, self.epoch):
+        if not self.runtime.owns(self.partition, self.epoch):
             raise NotOwner(f"this worker no longer holds the lease on partition {self.partition}")
 
+    def _check_can_set_alarm(self) -> None:
+        if not self.constructing and getattr(self.cls, "alarm", None) is None:
+            raise TypeError(f"Your Durable Object class must have an alarm() handler in order to call "
+                            f"set_alarm() ({self.cls.__name__} has none)")
+
     async def run_blocking(self, fn: Callable[[], Awaitable[Any]]) -> Any:
-        self.blocking += 1
+        self.input.block()
         try:
             return await asyncio.wait_for(fn(), BLOCK_CONCURRENCY_TIMEOUT)
         except TimeoutError:
@@ -173,13 +134,13 @@ class Instance:
             self.fail(ObjectReset(f"block_concurrency_while raised {type(exc).__name__}: {exc}"))
             raise
         finally:
-            self.blocking -= 1
+            self.input.unblock()
 
     async def _start(self) -> None:
         """Construct the user object, then run what its constructor deferred, before any event."""
         self.constructing = True
         try:
-            self.obj = self.cls(self.ctx, self.host.env)
+            self.obj = self.cls(self.ctx, self.runtime.env)
         except BaseException as exc:
             self.fail(ObjectReset(f"constructor raised {type(exc).__name__}: {exc}"))
             raise
@@ -200,7 +161,7 @@ class Instance:
         its reply must wait for): the reply, error or not, goes behind the output gate."""
         self.inflight += 1
         try:
-            async with self.turn:
+            async with self.input:
                 self.check()
                 self.check_owner()
                 # the guard is set before the constructor runs: outgoing calls made by its
@@ -208,21 +169,21 @@ class Instance:
                 token = current_event.set(EventGuard(self))
                 try:
                     if self.obj is None:
-                        await self.host.flusher.settled(self.object_id)
+                        await self.runtime.settled(self.object_id)
                         await self._start()
                     result = await handler(self.obj)
                     while self.before_reply:  # work the event started that its reply must follow
                         await self.before_reply.pop(0)
                     self.sockets.flush()  # the event's frames are queued ahead of its reply
-                    return True, result, self.storage.write_seq
+                    return True, result, self.output.write_seq
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
                         raise  # the event itself is being cancelled (shutdown)
                     error = RemoteError("the handler was cancelled", remote_type="CancelledError")
-                    return False, error, self.storage.write_seq
+                    return False, error, self.output.write_seq
                 except Exception as exc:  # noqa: BLE001 - an ordinary handler error fails only this call
-                    return False, exc, self.storage.write_seq
+                    return False, exc, self.output.write_seq
                 finally:
                     current_event.reset(token)
                     self.last_active = time.monotonic()
@@ -233,9 +194,35 @@ class Instance:
         """Drop this instance: storage refuses further use, waiting replies get the error."""
         if self.broken is None:
             self.broken = error
-        self.storage.fail(error)
-        self.host.drop_instance(self)
+        self.storage.close(error)
+        self.output.fail(error)
+        self.runtime.drop(self)
 
     @property
     def idle(self) -> bool:
-        return self.inflight == 0 and not self.storage.has_unflushed and not self.turn.locked()
+        return self.inflight == 0 and not self.output.has_unflushed and not self.input.held
+
+    @property
+    def has_unflushed(self) -> bool:
+        return self.output.has_unflushed
+
+    # ----- what the flusher sees ----------------------------------------------------------
+
+    def _wrote(self) -> None:
+        self.output.wrote()
+        self.runtime.mark_dirty(self)
+
+    def take_batch(self) -> Batch | None:
+        """The pending writes, for one flush; None when there is nothing or a flush is in flight."""
+        output = self.output
+        if output.flushing or output.failed is not None or not output.has_unflushed:
+            return None
+        output.flushing = True
+        return self.pending.take(output.write_seq)
+
+    def flushed(self, seq: int) -> list[ReplySender]:
+        """A flush committed up to ``seq``: the replies now free to go."""
+        ready = self.output.flushed(seq)
+        if self.output.has_unflushed:
+            self.runtime.mark_dirty(self)
+        return ready

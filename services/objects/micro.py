@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from ..core.errors import DurableError
 
-if TYPE_CHECKING:
-    from .host import Worker
+log = logging.getLogger("durable.worker")
 
 SERVICE_NAME = "durable"
 SERVICE_VERSION = "0.1.0"
@@ -35,10 +37,11 @@ class EndpointStats:
 
 
 class MicroService:
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+    def __init__(self, nc: NatsClient, namespaces: Iterable[str], metadata: Callable[[], dict[str, str]]) -> None:
+        self.nc = nc
+        self._metadata = metadata
         self.id = uuid.uuid4().hex
-        self.stats: dict[str, EndpointStats] = {b.class_name: EndpointStats() for b in worker.config.bindings}
+        self.stats: dict[str, EndpointStats] = {name: EndpointStats() for name in namespaces}
         self._subs: list[Subscription] = []
         self.started = dt.datetime.now(dt.UTC)
 
@@ -51,16 +54,6 @@ class MicroService:
         if error is not None:
             stats.num_errors += 1
             stats.last_error = f"{error.status}:{error.message}"[:500]
-
-    def _metadata(self) -> dict[str, str]:
-        return {
-            "worker_id": self.worker.worker_id,
-            "partitions_owned": str(len(self.worker.parts)),
-            "partitions_total": str(self.worker.settings.partitions),
-            "live_objects": str(self.worker.live_objects()),
-            "alarms_run": str(self.worker.alarms.fired),
-            "alarms_abandoned": str(self.worker.alarms.abandoned),
-        }
 
     def _identity(self, kind: str) -> dict[str, Any]:
         return {"type": f"io.nats.micro.v1.{kind}_response", "name": SERVICE_NAME, "id": self.id,
@@ -94,7 +87,7 @@ class MicroService:
         }
 
     async def start(self) -> None:
-        nc = self.worker.nc
+        nc = self.nc
         for verb, build in (("PING", self.ping), ("INFO", self.info), ("STATS", self.stats_response)):
             async def handler(msg: Msg, build: Any = build) -> None:
                 await msg.respond(json.dumps(build()).encode())
@@ -106,6 +99,6 @@ class MicroService:
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001 - the connection may be gone already
+                log.debug("could not unsubscribe a micro-service endpoint: %s", exc)
         self._subs = []

@@ -9,17 +9,17 @@ Every check runs before anything is written: a call that breaks a limit changes 
 
 from __future__ import annotations
 
-import asyncio
-import builtins
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from ..core import codec
 from ..core.errors import ObjectReset, StorageError
-from .alarms import AlarmRow, alarm_time_ms, new_generation, now_ms
-
-if TYPE_CHECKING:
-    from .instance import Instance
+from .alarm_rules import AlarmRow
+from .alarm_state import ObjectAlarm
+from .input_gate import InputGate
+from .output_gate import OutputGate
+from .pending import PendingWrites
+from .sql import ObjectStore
 
 MAX_KEY_BYTES = 2048
 MAX_VALUE_BYTES = 128 * 1024
@@ -28,36 +28,6 @@ VALUE_FRAMING_SLACK = 34
 MAX_BATCH = 128
 
 _ABSENT = None  # cache marker: the key is known not to exist
-
-#: a socket registration as written: (gateway, tags as JSON, attachment, auto request, auto response)
-SocketRow = tuple[str, str, bytes | None, str | None, str | None]
-
-
-class Batch:
-    """One object's pending writes, handed to the flusher as a unit (atomic in one commit)."""
-
-    __slots__ = ("delete_all", "writes", "alarm_changed", "alarm", "sockets", "seq")
-
-    def __init__(self, delete_all: bool, writes: dict[bytes, bytes | None], alarm_changed: bool,
-                 alarm: AlarmRow | None, sockets: dict[str, SocketRow | None], seq: int) -> None:
-        self.delete_all = delete_all
-        #: key -> encoded value, or None for a delete
-        self.writes = writes
-        #: the alarm row is written (``alarm``) or deleted (None) after the keys
-        self.alarm_changed = alarm_changed
-        self.alarm = alarm
-        #: socket id -> its registration (gateway, tags JSON, attachment, auto pair) or None: gone
-        self.sockets = sockets
-        self.seq = seq
-
-#: sends one event's reply; called with None once its writes are durable, or with the error
-ReplySender = Callable[[BaseException | None], Awaitable[None]]
-
-
-async def _send_failures(replies: list[ReplySender], error: BaseException) -> None:
-    for send in replies:
-        await send(error)
-
 
 def _utf8(text: str, what: str) -> bytes:
     try:
@@ -147,33 +117,27 @@ class ListRange:
 
 
 class Storage:
-    """``ctx.storage`` of one live instance."""
+    """``ctx.storage`` of one live instance: the key-value cache, the alarm API and transactions.
 
-    def __init__(self, instance: Instance) -> None:
-        self._instance = instance
-        self._object_id = instance.object_id
+    Writes go to the cache at once and to the object's pending writes, which the flusher
+    commits; the output gate holds back what the object says until they are durable."""
+
+    def __init__(self, object_id: str, store: ObjectStore, pending: PendingWrites, output: OutputGate,
+                 input_gate: InputGate, can_set_alarm: Callable[[], None]) -> None:
+        self._object_id = object_id
+        self._store = store
+        self._pending = pending
+        self._output = output
+        self._input = input_gate
         self._cache: dict[bytes, bytes | None] = {}
         #: the cache holds every key (after delete_all or a full list)
         self._complete = False
         #: bumped by delete_all(), so reads that were in flight across it are discarded
         self._generation = 0
-        self._pending: dict[bytes, bytes | None] = {}
-        self._pending_delete_all = False
-        self._write_seq = 0
-        self._durable_seq = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._replies: list[tuple[int, ReplySender]] = []
-        self._inflight = False
         self._txn_depth = 0
+        #: why the object was reset; storage refuses every call from then on
         self.closed: BaseException | None = None
-        #: the alarm as this instance knows it (valid once _alarm_known)
-        self._alarm: AlarmRow | None = None
-        self._alarm_known = False
-        self._pending_alarm_changed = False
-        #: an alarm handler is running / it (or anything else) set or deleted the alarm meanwhile
-        self.alarm_running = False
-        self._alarm_touched = False
-        self._pending_sockets: dict[str, SocketRow | None] = {}
+        self.alarm = ObjectAlarm(object_id, store, pending, self._check_open, can_set_alarm)
 
     # ----- reading -----------------------------------------------------------------------
 
@@ -187,7 +151,7 @@ class Storage:
         if not missing or self._complete:
             return
         generation = self._generation
-        rows = await self._instance.host.read_keys(self._object_id, missing)
+        rows = await self._store.read_keys(self._object_id, missing)
         self._check_open()
         if generation != self._generation:
             return  # delete_all() ran meanwhile: these rows are gone, and the cache is complete
@@ -228,7 +192,7 @@ class Storage:
             hidden = sum(1 for k, v in self._cache.items() if v is None and rng.contains(k))
             db_limit = None if rng.limit is None else rng.limit + hidden
             generation = self._generation
-            rows = await self._instance.host.read_range(self._object_id, rng.lo, rng.hi, rng.reverse, db_limit)
+            rows = await self._store.read_range(self._object_id, rng.lo, rng.hi, rng.reverse, db_limit)
             self._check_open()
             fresh = generation == self._generation  # else delete_all() ran: the cache alone is the truth
             for k, v in rows if fresh else ():
@@ -253,9 +217,7 @@ class Storage:
 
     def _apply(self, writes: Mapping[bytes, bytes | None]) -> None:
         self._cache.update(writes)
-        self._pending.update(writes)
-        self._write_seq += 1
-        self._instance.host.flusher.mark_dirty(self)
+        self._pending.put(writes)
 
     async def put(self, key: str | Mapping[str, Any], value: Any = None) -> None:
         """Write one key, or a dict of up to 128 keys atomically."""
@@ -293,100 +255,31 @@ class Storage:
         if self._txn_depth:
             raise StorageError("Cannot call delete_all() within a transaction")
         self._cache.clear()
-        self._pending.clear()
         self._generation += 1
         self._complete = True
-        self._pending_delete_all = True
-        # the wipe deletes the alarm row too (Cloudflare, since 2026-02-24)
-        self._alarm = None
-        self._alarm_known = True
-        self._pending_alarm_changed = False
-        if self.alarm_running:
-            self._alarm_touched = True
-        self._write_seq += 1
-        self._instance.host.flusher.mark_dirty(self)
+        self.alarm.wiped()  # the wipe deletes the alarm row too (Cloudflare, since 2026-02-24)
+        self._pending.wipe()
 
     # ----- the alarm -------------------------------------------------------------------
-
-    async def load_alarm(self) -> AlarmRow | None:
-        """The stored alarm row (read once per instance; this instance is its only writer)."""
-        if not self._alarm_known:
-            generation = self._generation
-            row = await self._instance.host.read_alarm(self._object_id)
-            self._check_open()
-            if not self._alarm_known and generation == self._generation:
-                self._alarm = row
-                self._alarm_known = True
-        return self._alarm
-
-    def prime_alarm(self, row: AlarmRow | None) -> None:
-        """The alarm row as just read from Postgres by the runtime, for a fresh instance."""
-        if not self._alarm_known and not self._pending_alarm_changed:
-            self._alarm = row
-            self._alarm_known = True
 
     async def get_alarm(self) -> int | None:
         """The alarm's time in epoch milliseconds, or None. None inside the running alarm
         handler, unless something set a new alarm meanwhile (Cloudflare)."""
         self._check_open()
-        if self.alarm_running and not self._alarm_touched:
-            return None
-        row = await self.load_alarm()
-        return None if row is None else row.scheduled_ms
+        return await self.alarm.get()
 
     async def set_alarm(self, scheduled_time: Any) -> None:
         """Set the object's one alarm (replacing any other) to a datetime or epoch milliseconds;
         a time in the past runs it promptly. The class needs an ``alarm(info)`` handler."""
         self._check_open()
-        await self.write_alarm(self._new_alarm(scheduled_time))
-
-    def _new_alarm(self, scheduled_time: Any) -> AlarmRow:
-        inst = self._instance
-        if not inst.constructing and getattr(inst.cls, "alarm", None) is None:
-            raise TypeError(f"Your Durable Object class must have an alarm() handler in order to call "
-                            f"set_alarm() ({inst.cls.__name__} has none)")
-        ms = max(alarm_time_ms(scheduled_time), now_ms())
-        return AlarmRow(ms, ms, new_generation())
+        self.alarm.write(self.alarm.new_row(scheduled_time))
 
     async def delete_alarm(self) -> None:
         """Delete the alarm; one already running is not cancelled, but will not be retried."""
         self._check_open()
-        await self.write_alarm(None)
+        self.alarm.write(None)
 
-    async def write_alarm(self, row: AlarmRow | None) -> None:
-        """Stage the alarm row (None deletes it) as a write of the current event."""
-        self._check_open()
-        if row is None and self._alarm_known and self._alarm is None and not self.alarm_running:
-            return  # nothing stored, nothing to delete
-        self._alarm = row
-        self._alarm_known = True
-        self._pending_alarm_changed = True
-        if self.alarm_running:
-            self._alarm_touched = True
-        self._write_seq += 1
-        self._instance.host.flusher.mark_dirty(self)
-
-    def alarm_changed_since(self, generation: int) -> bool:
-        """This instance knows of a newer alarm (or none) than the stored ``generation``."""
-        return self._alarm_known and (self._alarm is None or self._alarm.generation != generation)
-
-    def stage_socket(self, socket_id: str, row: SocketRow | None) -> None:
-        """A socket registration (None: removal) written with the current event's writes."""
-        self._check_open()
-        self._pending_sockets[socket_id] = row
-        self._write_seq += 1
-        self._instance.host.flusher.mark_dirty(self)
-
-    def begin_alarm(self) -> None:
-        self.alarm_running = True
-        self._alarm_touched = False
-
-    def end_alarm(self) -> bool:
-        """The handler returned or failed: whether the alarm was set or deleted while it ran."""
-        touched = self._alarm_touched
-        self.alarm_running = False
-        self._alarm_touched = False
-        return touched
+    # ----- transactions and durability ----------------------------------------------------
 
     def transaction(self) -> Transaction:
         """``async with storage.transaction() as txn:``; rolls back on exception or ``txn.rollback()``."""
@@ -396,87 +289,12 @@ class Storage:
     async def sync(self) -> None:
         """Wait until every write made so far is durable."""
         self._check_open()
-        await self.wait_durable(self._write_seq)
+        await self._output.wait_durable(self._output.write_seq)
 
-    # ----- output gate and flushing (used by the instance and the flusher) ---------------
-
-    @property
-    def write_seq(self) -> int:
-        return self._write_seq
-
-    def is_durable(self, seq: int) -> bool:
-        return self._durable_seq >= seq
-
-    async def wait_durable(self, seq: int) -> None:
-        if self._durable_seq >= seq:
-            return
-        if self.closed is not None:
-            raise ObjectReset(f"the object was reset before its writes were durable ({self.closed})")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((seq, fut))
-        await fut
-
-    @property
-    def has_unflushed(self) -> bool:
-        return self._durable_seq < self._write_seq
-
-    def take_batch(self) -> Batch | None:
-        """Hand the pending writes to the flusher; None when there is nothing or a flush is in flight."""
-        if self._inflight or self.closed is not None or self._durable_seq >= self._write_seq:
-            return None
-        batch = Batch(self._pending_delete_all, self._pending, self._pending_alarm_changed, self._alarm,
-                      self._pending_sockets, self._write_seq)
-        self._pending_sockets = {}
-        self._pending = {}
-        self._pending_delete_all = False
-        self._pending_alarm_changed = False
-        self._inflight = True
-        return batch
-
-    def reply_when_durable(self, seq: int, send: ReplySender) -> None:
-        """Queue a reply behind the output gate: the flusher sends it once ``seq`` is durable.
-        Cheaper than a task waiting on a future, on the hottest path there is."""
-        self._replies.append((seq, send))
-
-    def flushed(self, seq: int) -> builtins.list[ReplySender]:
-        """A flush committed up to ``seq``: wake waiters, return the replies now free to go."""
-        self._inflight = False
-        self._durable_seq = max(self._durable_seq, seq)
-        durable = self._durable_seq
-        if self._waiters:
-            still = []
-            for s, fut in self._waiters:
-                if s <= durable:
-                    if not fut.done():
-                        fut.set_result(None)
-                else:
-                    still.append((s, fut))
-            self._waiters = still
-        ready: builtins.list[ReplySender] = []
-        if self._replies:
-            waiting: builtins.list[tuple[int, ReplySender]] = []
-            for s, send in self._replies:
-                if s <= durable:
-                    ready.append(send)
-                else:
-                    waiting.append((s, send))
-            self._replies = waiting
-        if durable < self._write_seq:
-            self._instance.host.flusher.mark_dirty(self)
-        return ready
-
-    def fail(self, error: BaseException) -> None:
-        """A flush failed or the instance was dropped: every waiter gets the error."""
-        self._inflight = False
+    def close(self, error: BaseException) -> None:
+        """The object was reset: refuse every further call."""
         if self.closed is None:
             self.closed = error
-        for _, fut in self._waiters:
-            if not fut.done():
-                fut.set_exception(error)
-        self._waiters = []
-        replies, self._replies = self._replies, []
-        if replies:
-            asyncio.get_running_loop().create_task(_send_failures([send for _, send in replies], error))
 
 
 class Transaction:
@@ -498,13 +316,13 @@ class Transaction:
 
     async def __aenter__(self) -> Transaction:
         self._storage._txn_depth += 1
-        self._storage._instance.blocking += 1
+        self._storage._input.block()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: object) -> bool:
         self._storage._txn_depth -= 1
-        self._storage._instance.blocking -= 1
+        self._storage._input.unblock()
         state, self._state = self._state, "done"
         if exc_type is None and state == "open" and (self._writes or self._alarm is not None):
             self._storage._check_open()
@@ -512,7 +330,7 @@ class Transaction:
             if self._writes:
                 self._storage._apply(self._writes)
             if self._alarm is not None:
-                await self._storage.write_alarm(self._alarm[0])
+                self._storage.alarm.write(self._alarm[0])
         return False
 
     def rollback(self) -> None:
@@ -534,7 +352,7 @@ class Transaction:
 
     async def set_alarm(self, scheduled_time: Any) -> None:
         self._check("set_alarm")
-        self._alarm = (self._storage._new_alarm(scheduled_time),)
+        self._alarm = (self._storage.alarm.new_row(scheduled_time),)
 
     async def delete_alarm(self) -> None:
         self._check("delete_alarm")

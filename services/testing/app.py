@@ -28,9 +28,9 @@ from ..core.embedded import EmbeddedNats, EmbeddedPostgres
 from ..core.errors import UnknownNamespace
 from ..core.http import Request, Response
 from ..core.settings import Settings
-from ..core.subjects import partition_of
-from ..objects.alarms import run_alarm
-from ..objects.host import Worker
+from ..core.wire import partition_of
+from ..objects.alarm_rules import RunOutcome
+from ..objects.worker import Worker
 from ..router.app import UserFetch, load_routes
 
 _databases = itertools.count()
@@ -198,12 +198,4 @@ class DurableApp:
         state = self.worker.parts.get(partition)
         if state is None:
             raise RuntimeError(f"partition {partition} is not owned by the test worker")
-        row = await self.worker.read_alarm(object_id)
-        if row is None:
-            return False
-        inst = self.worker.instance_for(state, namespace, object_id)
-        ok, value, seq = await inst.run_event(lambda obj: run_alarm(inst, obj, row.generation))
-        if not ok:
-            raise value if isinstance(value, BaseException) else RuntimeError(str(value))
-        await inst.storage.wait_durable(seq)
-        return value == "ran"
+        return await self.worker.alarms.run_now(state, namespace, object_id) is RunOutcome.RAN

@@ -25,7 +25,7 @@ from typing import Any
 from ...core.errors import StorageError
 from ...core.http import Request, Response
 from ..base import AlarmInfo, DurableObject
-from ..websockets import WebSocket
+from ..sockets import WebSocket
 
 HISTORY = 100
 MAX_CONTENT_CHARS = 2000

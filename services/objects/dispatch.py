@@ -1,0 +1,283 @@
+"""Requests to objects: from a NATS message to the handler it names, and the reply back.
+
+A request's verb (the subject's tail) picks the handler: ``rpc.<method>``, ``fetch``, ``alarm``
+(a wake-up forwarded by another worker) or ``ws.message|close|error`` (a gateway's socket
+events). The handler runs as one event of the object; its reply, value or error, leaves behind
+the output gate, and never from an instance whose lease lapsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind
+
+from ..core import codec, telemetry, wire
+from ..core.errors import (
+    DurableError,
+    InvalidRequest,
+    NotOwner,
+    ObjectReset,
+    PayloadTooLarge,
+    RemoteError,
+    UnknownMethod,
+    UnknownSocket,
+)
+from ..core.http import Request, Response
+from .alarm_rules import RunOutcome
+from .alarms import Alarms
+from .base import DurableObject
+from .instance import Instance
+from .micro import MicroService
+from .partitions import Partitions, PartitionState
+from .sockets import SocketState
+
+log = logging.getLogger("durable.worker")
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+
+def parse_rpc_payload(payload: Any) -> tuple[list[Any], dict[str, Any]]:
+    """An RPC call's arguments: a list of args, or a map with ``args`` and/or ``kwargs``."""
+    if payload is None:
+        return [], {}
+    if isinstance(payload, list):
+        return payload, {}
+    if isinstance(payload, dict):
+        unknown = set(payload) - {"args", "kwargs", "name"}
+        if unknown:
+            raise InvalidRequest(f"rpc payload has unknown fields {sorted(unknown)}; expected 'args' and/or "
+                                 "'kwargs'")
+        args, kwargs = payload.get("args", []), payload.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise InvalidRequest("rpc payload: 'args' must be a list and 'kwargs' a map of str keys")
+        return args, kwargs
+    raise InvalidRequest(f"rpc payload must be a list of args or a map with args/kwargs, not {type(payload).__name__}")
+
+
+def claimed_name(payload: Any, headers: dict[str, str]) -> str | None:
+    """The name the caller made the id from: ``name`` in the payload (stubs), or the
+    percent-encoded ``Do-Name`` header (raw publishers). Checked against the id later."""
+    if isinstance(payload, dict) and "name" in payload:
+        name = payload["name"]
+        if not isinstance(name, str):
+            raise InvalidRequest(f"'name' must be a string, not {type(name).__name__}")
+        return name
+    raw = wire.header(headers, wire.NAME_HEADER)
+    return unquote(raw) if raw is not None else None
+
+
+def rpc_handler(cls: type, method: str, payload: Any) -> Handler:
+    if method.startswith("_"):
+        raise UnknownMethod(f"method {method!r} is private: methods starting with '_' are not callable")
+    if method in DurableObject.EVENT_HANDLERS:
+        raise UnknownMethod(f"{method!r} is an event handler, delivered by the runtime; it is not "
+                            f"callable as an RPC method of {cls.__name__}")
+    attr = getattr(cls, method, None)
+    if attr is None or not callable(attr):
+        raise UnknownMethod(f"{cls.__name__} has no RPC method {method!r}")
+    args, kwargs = parse_rpc_payload(payload)
+
+    async def rpc(obj: Any) -> Any:
+        result = getattr(obj, method)(*args, **kwargs)
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+
+    return rpc
+
+
+def fetch_handler(inst: Instance, payload: Any) -> Handler:
+    """fetch(request); for a WebSocket upgrade from a gateway, request.websocket is the socket
+    offered, and a 101 answer carries the accepting object's address back to the gateway."""
+    cls = inst.cls
+    if getattr(cls, "fetch", None) is None:
+        raise UnknownMethod(f"{cls.__name__} does not define fetch()")
+    try:
+        request = Request.from_wire(payload)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest(f"malformed fetch request: {exc}") from None
+
+    socket_id, gateway = request.headers.get(wire.SOCKET_ID_HEADER), request.headers.get(wire.GATEWAY_HEADER)
+    if socket_id and gateway:
+        request.websocket = inst.sockets.offered(socket_id, gateway)
+
+    async def do_fetch(obj: Any) -> Any:
+        ws = request.websocket
+        if ws is not None:
+            await inst.sockets.load()  # the auto-response pair goes back with an accept
+        try:
+            response = await obj.fetch(request)
+            if not isinstance(response, Response):
+                raise TypeError(f"fetch() must return a Response, not {type(response).__name__}")
+        except BaseException:
+            if ws is not None and ws.state is SocketState.OPEN:
+                inst.sockets.closed(ws.id)  # accepted, then failed: the client never connects
+            raise
+        if response.status == 101:
+            if ws is None or ws.state is not SocketState.OPEN:
+                raise RemoteError("fetch() answered 101 without ctx.accept_websocket(request.websocket)"
+                                  if ws is not None else
+                                  "fetch() answered 101 to a request that is not a WebSocket upgrade",
+                                  remote_type="TypeError")
+            response.headers.set(wire.OBJECT_HEADER, f"{inst.namespace}.{inst.object_id}")
+            if inst.sockets.auto is not None:
+                response.headers.set(wire.AUTO_RESPONSE_HEADER, wire.auto_response_header(inst.sockets.auto))
+        elif ws is not None and ws.state is SocketState.OPEN:
+            inst.sockets.closed(ws.id)  # accepted, then refused: the client never connected
+        return response.to_wire()
+
+    return do_fetch
+
+
+def socket_event_handler(inst: Instance, kind: str, payload: Any) -> Handler:
+    """A gateway's event for one of this object's sockets: message, close or error."""
+    event = wire.parse_ws_event(kind, payload)
+    sid = event["sid"]
+
+    async def deliver(obj: Any) -> Any:
+        await inst.sockets.load()
+        if kind == "close":
+            ws = inst.sockets.closed(sid)
+            handler = getattr(obj, "websocket_close", None)
+            if ws is not None and handler is not None:
+                await handler(ws, event["code"], event["reason"], event["clean"])
+            return None
+        ws = inst.sockets.by_id.get(sid)
+        if ws is None:
+            raise UnknownSocket(f"socket {sid[:80]} is not an open WebSocket of this object")
+        handler = getattr(obj, f"websocket_{kind}", None)
+        if handler is None:
+            if kind == "error":
+                return None
+            raise UnknownMethod(f"{inst.cls.__name__} has no websocket_message() handler")
+        await handler(ws, event["data"] if kind == "message" else event["error"])
+        return None
+
+    return deliver
+
+
+class Dispatcher:
+    """Runs the requests of the owned partitions and sends their replies."""
+
+    def __init__(self, nc: NatsClient, partitions: Partitions, alarms: Alarms, micro: MicroService,
+                 owns: Callable[[int, int], bool], max_request_bytes: int) -> None:
+        self.nc = nc
+        self.partitions = partitions
+        self.alarms = alarms
+        self.micro = micro
+        self._owns = owns
+        self.max_request_bytes = max_request_bytes
+        #: when the last request arrived (a stopping worker lingers only if requests were flowing)
+        self.last_request = 0.0
+
+    def handler(self, inst: Instance, verb: list[str], payload: Any) -> Handler:
+        if len(verb) == 2 and verb[0] == "ws":
+            return socket_event_handler(inst, verb[1], payload)
+        if verb == ["alarm"]:  # a wake-up forwarded by the worker that received it
+            event = self.alarms.alarm_event(inst, wire.parse_alarm_wakeup(payload))
+
+            async def alarm(obj: Any) -> str:
+                outcome: RunOutcome = await event(obj)
+                return outcome.value  # the forwarding worker acknowledges the fire, or not ("busy")
+
+            return alarm
+        if len(verb) == 2 and verb[0] == "rpc":
+            return rpc_handler(inst.cls, verb[1], payload)
+        if verb == ["fetch"]:
+            return fetch_handler(inst, payload)
+        raise InvalidRequest(f"unknown verb {'.'.join(verb)!r}: expected rpc.<method> or fetch")
+
+    async def handle(self, state: PartitionState, msg: Msg) -> None:
+        """One request of ``state``'s partition (``state.begin()`` was called when it arrived)."""
+        try:
+            await self._handle(state, msg)
+        finally:
+            state.end()
+
+    async def _handle(self, state: PartitionState, msg: Msg) -> None:
+        started = time.perf_counter()
+        headers = msg.headers or {}
+        as_json = (wire.header(headers, "Content-Type") or "").lower().startswith(codec.JSON_CONTENT_TYPE)
+        namespace = wire.namespace_of_subject(msg.subject)
+        inst: Instance | None = None
+        try:
+            if not self.partitions.is_current(state) or not self._owns(state.partition, state.epoch):
+                raise NotOwner(f"partition {state.partition} is not owned by this worker")
+            address = wire.parse_request_subject(msg.subject)
+            if len(msg.data) > self.max_request_bytes:
+                raise PayloadTooLarge(f"request of {len(msg.data)} bytes is over the limit of "
+                                      f"{self.max_request_bytes} bytes")
+            payload = codec.loads(msg.data, as_json)
+            inst = self.partitions.instance(state, namespace, address.object_id, claimed_name(payload, headers))
+            handler = self.handler(inst, address.verb, payload)
+            trace_context = telemetry.extract(headers)
+            if trace_context is None:
+                ok, value, seq = await inst.run_event(handler)
+            else:
+                with telemetry.tracer.start_as_current_span(
+                    f"{namespace} {'.'.join(address.verb)}", context=trace_context, kind=SpanKind.SERVER,
+                    attributes={"do.partition": state.partition, "do.epoch": state.epoch,
+                                "do.object_id": inst.object_id},
+                ):
+                    ok, value, seq = await inst.run_event(handler)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            await self._finish(state, msg, as_json, namespace, started, False, exc, None)
+            return
+        output = inst.output
+        if output.is_durable(seq):
+            await self._finish(state, msg, as_json, namespace, started, ok, value, None)
+        elif output.failed is not None:
+            # reset before its writes were durable (abort, failed flush): nothing will flush them
+            error = ObjectReset("Durable Object was reset before its writes were confirmed durable (a flush "
+                                f"already in flight may still commit them): {output.failed}")
+            await self._finish(state, msg, as_json, namespace, started, ok, value, error)
+        else:
+            # the output gate: the flusher sends this reply once the writes before it commit
+            output.reply_when_durable(
+                seq, functools.partial(self._finish, state, msg, as_json, namespace, started, ok, value))
+
+    async def _finish(self, state: PartitionState, msg: Msg, as_json: bool, namespace: str, started: float,
+                      ok: bool, value: Any, flush_error: BaseException | None) -> None:
+        """Send the reply (or error) of one event, once its writes are durable."""
+        try:
+            if flush_error is not None:
+                raise flush_error
+            if not ok:
+                raise value
+            try:
+                body = codec.dumps(value, as_json)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise RemoteError(f"the return value cannot be sent: {exc}",
+                                  remote_type=type(exc).__name__) from None
+            if not self._owns(state.partition, state.epoch):
+                return  # never reply from an instance whose lease lapsed
+            if msg.reply:
+                await self.nc.publish(msg.reply, body,
+                                      headers={"Content-Type": codec.JSON_CONTENT_TYPE} if as_json else None)
+            self.micro.record(namespace, time.perf_counter() - started, None)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+            error = exc if isinstance(exc, DurableError) else RemoteError(str(exc), remote_type=type(exc).__name__)
+            self.micro.record(namespace, time.perf_counter() - started, error)
+            # runtime errors carry no object state, so they are sent even after the lease lapsed
+            # (a flush failure must reach its caller, not become a timeout); errors raised by
+            # object code are state, and follow the success path's rule
+            if isinstance(error, NotOwner | ObjectReset) or self._owns(state.partition, state.epoch):
+                await self.reply_error(msg, error, as_json)
+
+    async def reply_error(self, msg: Msg, error: DurableError, as_json: bool) -> None:
+        if not msg.reply:
+            return
+        headers, body = wire.encode_error_reply(error, as_json)
+        try:
+            await self.nc.publish(msg.reply, body, headers=headers)
+        except Exception as exc:  # noqa: BLE001 - a lost reply is the caller's timeout, not our crash
+            log.warning("could not send error reply: %s", exc)

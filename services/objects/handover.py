@@ -1,0 +1,132 @@
+"""Taking, handing over and losing partitions: when this worker serves a partition's requests.
+
+Acquired: subscribe to the partition's requests (queue group ``p<partition>``) and reconcile
+its alarms. Handed over (rebalancing): refuse new requests with NotOwner, which callers retry,
+finish the events in flight, flush, release the lock; the subscription stays a little longer,
+refusing what NATS still routes here, so no request is dropped unanswered. Lost (lease lapsed,
+fenced): reset every instance at once; their callers get ObjectReset, not a silent retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from ..core.errors import ObjectReset
+from ..core.nats_private import withdraw_interest
+from ..core.tasks import TaskSet
+from ..core.wire import partition_filter, partition_queue
+from .alarms import Alarms
+from .dispatch import Dispatcher
+from .flusher import Flusher
+from .partitions import Partitions, PartitionState
+
+log = logging.getLogger("durable.worker")
+
+#: how long a released partition's subscription keeps refusing requests before it is dropped
+HANDOVER_LINGER = 0.5
+
+
+class Handover:
+    """The ownership callbacks (ownership.py calls them) and the drain of a stopping worker."""
+
+    def __init__(self, nc: NatsClient, partitions: Partitions, dispatcher: Dispatcher, alarms: Alarms,
+                 flusher: Flusher, release: Callable[[int], Awaitable[None]]) -> None:
+        self.nc = nc
+        self.partitions = partitions
+        self.dispatcher = dispatcher
+        self.alarms = alarms
+        self.flusher = flusher
+        self._release = release
+        self.tasks = TaskSet()
+
+    async def acquired(self, partition: int, epoch: int) -> None:
+        state = self.partitions.open(partition, epoch)
+        dispatcher, tasks = self.dispatcher, self.tasks
+
+        async def on_msg(msg: Msg) -> None:
+            dispatcher.last_request = time.monotonic()
+            state.begin()
+            tasks.spawn(dispatcher.handle(state, msg))
+
+        state.sub = await self.nc.subscribe(
+            partition_filter(partition), queue=partition_queue(partition), cb=on_msg,
+            pending_msgs_limit=200_000, pending_bytes_limit=256 * 1024 * 1024,
+        )
+        self.alarms.attach(state)
+
+    def lost(self, partition: int, reason: str) -> None:
+        state = self.partitions.get(partition)
+        if state is None:
+            return
+        log.warning("stepping down from partition %d (epoch %d): %s", partition, state.epoch, reason)
+        # ObjectReset, not NotOwner: these events may have run (and a flush may be in flight), so
+        # the caller must not retry them blindly as it does a NotOwner that proves nothing ran
+        self.partitions.close(partition, ObjectReset(
+            f"this worker stepped down from partition {partition} ({reason}); "
+            "the object was reset; writes not yet acknowledged may be lost"))
+        if state.sub is not None:
+            sub, state.sub = state.sub, None
+            self.tasks.spawn(_unsubscribe(sub), "unsubscribe")
+
+    async def hand_over(self, partition: int, grace: float = 5.0) -> None:
+        """Give a partition to the worker it is now assigned to (see the module docstring)."""
+        state = self.partitions.get(partition)
+        if state is None:
+            return
+        log.debug("handing over partition %d", partition)  # ownership logs one line for the lot
+        await self.quiesce([state], grace)
+        closed = self.partitions.close(partition, ObjectReset(
+            f"partition {partition} was handed over to another worker; retry"), state)
+        if closed is None:
+            return  # stepped down meanwhile
+        await self._release(partition)
+        await self.linger([state])
+
+    async def quiesce(self, states: list[PartitionState], grace: float) -> None:
+        """Refuse new requests, then wait for those taken to finish and their replies to go out."""
+        for state in states:
+            state.closing = True
+            if state.sub is not None:
+                await self._withdraw(state.sub)
+        deadline = time.monotonic() + grace
+        while any(state.busy() for state in states) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        await self.flusher.replies_sent()
+
+    async def _withdraw(self, sub: Subscription) -> None:
+        """Tell the server we want no more messages, but keep the subscription registered in
+        the client: a request the server routed to us just before it saw the UNSUB can still
+        arrive (even after a PING round trip), and nats-py drops messages of unknown
+        subscriptions, which would leave the caller waiting for a timeout. Kept, it is refused
+        with NotOwner and retried."""
+        try:
+            await withdraw_interest(self.nc, sub)
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            log.debug("could not withdraw a subscription (%s); the server drops it with the connection", exc)
+        except Exception as exc:  # noqa: BLE001 - nats-py raises its own errors when the connection is closed
+            if type(exc).__module__.startswith("nats"):
+                log.debug("could not withdraw a subscription (%s); the server drops it with the connection", exc)
+            else:
+                raise
+
+    async def linger(self, states: list[PartitionState]) -> None:
+        """Drop the withdrawn subscriptions once stragglers have had time to arrive and be refused."""
+        await asyncio.sleep(HANDOVER_LINGER)
+        for state in states:
+            if state.sub is not None:
+                sub, state.sub = state.sub, None
+                await _unsubscribe(sub)
+
+
+async def _unsubscribe(sub: Subscription) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception as exc:  # noqa: BLE001 - the connection may be gone; the server drops it then
+        log.debug("could not unsubscribe: %s", exc)

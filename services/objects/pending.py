@@ -1,0 +1,79 @@
+"""An object's writes not yet handed to the flusher: keys, a wipe, its alarm and its sockets.
+
+Everything an object writes between two flushes goes into one :class:`Batch`, which the
+flusher commits in one transaction: the keys, the alarm row and the socket registrations of an
+event are atomic together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from .alarm_rules import AlarmRow
+
+#: a socket registration as written: (gateway, tags as JSON, attachment, auto request, auto response)
+SocketRow = tuple[str, str, bytes | None, str | None, str | None]
+
+
+class Batch:
+    """One object's pending writes, handed to the flusher as a unit (atomic in one commit)."""
+
+    __slots__ = ("delete_all", "writes", "alarm_changed", "alarm", "sockets", "seq")
+
+    def __init__(self, delete_all: bool, writes: dict[bytes, bytes | None], alarm_changed: bool,
+                 alarm: AlarmRow | None, sockets: dict[str, SocketRow | None], seq: int) -> None:
+        #: every stored key (and the alarm) of the object is deleted first
+        self.delete_all = delete_all
+        #: key -> encoded value, or None for a delete
+        self.writes = writes
+        #: the alarm row is written (``alarm``) or deleted (None) after the keys
+        self.alarm_changed = alarm_changed
+        self.alarm = alarm
+        #: socket id -> its registration (gateway, tags JSON, attachment, auto pair) or None: gone
+        self.sockets = sockets
+        #: the write sequence this batch makes durable
+        self.seq = seq
+
+
+class PendingWrites:
+    """Staged writes; ``on_write`` runs after each (it advances the output gate and marks the
+    object dirty for the flusher)."""
+
+    __slots__ = ("kv", "delete_all", "alarm_changed", "alarm", "sockets", "_on_write")
+
+    def __init__(self, on_write: Callable[[], None]) -> None:
+        self.kv: dict[bytes, bytes | None] = {}
+        self.delete_all = False
+        self.alarm_changed = False
+        self.alarm: AlarmRow | None = None
+        self.sockets: dict[str, SocketRow | None] = {}
+        self._on_write = on_write
+
+    def put(self, writes: Mapping[bytes, bytes | None]) -> None:
+        self.kv.update(writes)
+        self._on_write()
+
+    def wipe(self) -> None:
+        """delete_all(): the keys staged so far are moot, and the wipe deletes the alarm row too."""
+        self.kv.clear()
+        self.delete_all = True
+        self.alarm_changed = False
+        self.alarm = None
+        self._on_write()
+
+    def set_alarm(self, row: AlarmRow | None) -> None:
+        self.alarm = row
+        self.alarm_changed = True
+        self._on_write()
+
+    def set_socket(self, socket_id: str, row: SocketRow | None) -> None:
+        self.sockets[socket_id] = row
+        self._on_write()
+
+    def take(self, seq: int) -> Batch:
+        batch = Batch(self.delete_all, self.kv, self.alarm_changed, self.alarm, self.sockets, seq)
+        self.kv = {}
+        self.sockets = {}
+        self.delete_all = False
+        self.alarm_changed = False
+        return batch

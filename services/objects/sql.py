@@ -1,0 +1,187 @@
+"""Every SQL statement the object side runs (ownership's lock session has its own, in
+ownership.py): storage reads, alarm and socket reads, and the flush.
+
+A flush is one call of the ``do_flush`` function (infra/migrations): the epoch fence and every
+write of many objects in one round trip. Its arguments are column arrays, built by the pure
+:func:`flush_rows` and passed by name, so a column can never slide into its neighbour's place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import asyncpg
+
+from ..core.errors import StorageUnavailable
+from .alarm_rules import AlarmRow
+from .pending import Batch
+
+_READ_KEYS = "SELECT key, value FROM do_storage WHERE object_id = $1 AND key = ANY($2::bytea[])"
+_READ_RANGE = (
+    "SELECT key, value FROM do_storage WHERE object_id = $1 AND key >= $2 "
+    "AND ($3::bytea IS NULL OR key < $3) ORDER BY key {order} LIMIT $4"
+)
+_READ_SOCKETS = (
+    "SELECT socket_id, gateway, tags, attachment, auto_request, auto_response FROM do_sockets "
+    "WHERE object_id = $1 ORDER BY accepted_at, socket_id"
+)
+_READ_ALARM = "SELECT scheduled_ms, due_ms, generation, retry_count FROM do_alarms WHERE object_id = $1"
+_READ_DUE = (
+    "SELECT object_id, namespace, partition, due_ms, generation FROM do_alarms "
+    "WHERE partition = ANY($1::int[]) AND due_ms <= $2 ORDER BY due_ms LIMIT $3"
+)
+_SOCKETS_OF_LOST_GATEWAYS = (
+    "SELECT socket_id, object_id, namespace, partition FROM do_sockets "
+    "WHERE partition = ANY($1::int[]) AND NOT (gateway = ANY($2::text[])) LIMIT 10000"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Whose writes a batch item is: the object and the ownership it was written under."""
+
+    object_id: str
+    namespace: str
+    partition: int
+    epoch: int
+
+
+@dataclass
+class FlushRows:
+    """The arguments of ``do_flush``, named as its parameters are."""
+
+    parts: list[int] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+    wiped: list[str] = field(default_factory=list)
+    del_o: list[str] = field(default_factory=list)
+    del_k: list[bytes] = field(default_factory=list)
+    up_o: list[str] = field(default_factory=list)
+    up_k: list[bytes] = field(default_factory=list)
+    up_ns: list[str] = field(default_factory=list)
+    up_v: list[bytes] = field(default_factory=list)
+    alarm_del: list[str] = field(default_factory=list)
+    alarm_o: list[str] = field(default_factory=list)
+    alarm_ns: list[str] = field(default_factory=list)
+    alarm_p: list[int] = field(default_factory=list)
+    alarm_sched: list[int] = field(default_factory=list)
+    alarm_due: list[int] = field(default_factory=list)
+    alarm_gen: list[int] = field(default_factory=list)
+    alarm_retry: list[int] = field(default_factory=list)
+    sock_del: list[str] = field(default_factory=list)
+    sock_id: list[str] = field(default_factory=list)
+    sock_o: list[str] = field(default_factory=list)
+    sock_ns: list[str] = field(default_factory=list)
+    sock_p: list[int] = field(default_factory=list)
+    sock_gw: list[str] = field(default_factory=list)
+    sock_tags: list[str] = field(default_factory=list)
+    sock_att: list[bytes | None] = field(default_factory=list)
+    sock_auto_req: list[str | None] = field(default_factory=list)
+    sock_auto_res: list[str | None] = field(default_factory=list)
+    #: records each commit in do_commit_audit (tests of fencing), or None
+    audit_worker: str | None = None
+
+    @property
+    def row_count(self) -> int:
+        return (len(self.up_o) + len(self.del_o) + len(self.alarm_o) + len(self.alarm_del) + len(self.sock_del)
+                + len(self.sock_id))
+
+
+_FLUSH_PARAMS = [f.name for f in fields(FlushRows)]
+_FLUSH = "SELECT do_flush(" + ", ".join(f"{name} => ${i}" for i, name in enumerate(_FLUSH_PARAMS, 1)) + ")"
+
+
+def flush_rows(items: list[tuple[Owner, Batch]], audit_worker: str | None = None) -> FlushRows:
+    """The column arrays of one flush of many objects' batches."""
+    rows = FlushRows(audit_worker=audit_worker)
+    epochs: dict[int, int] = {}
+    for owner, b in items:
+        oid = owner.object_id
+        epochs[owner.partition] = owner.epoch
+        if b.delete_all:
+            rows.wiped.append(oid)
+        if b.alarm_changed:
+            alarm = b.alarm
+            if alarm is None:
+                rows.alarm_del.append(oid)
+            else:
+                rows.alarm_o.append(oid)
+                rows.alarm_ns.append(owner.namespace)
+                rows.alarm_p.append(owner.partition)
+                rows.alarm_sched.append(alarm.scheduled_ms)
+                rows.alarm_due.append(alarm.due_ms)
+                rows.alarm_gen.append(alarm.generation)
+                rows.alarm_retry.append(alarm.retry_count)
+        for socket_id, srow in b.sockets.items():
+            if srow is None:
+                rows.sock_del.append(socket_id)
+                continue
+            gateway, tags, attachment, auto_request, auto_response = srow
+            rows.sock_id.append(socket_id)
+            rows.sock_o.append(oid)
+            rows.sock_ns.append(owner.namespace)
+            rows.sock_p.append(owner.partition)
+            rows.sock_gw.append(gateway)
+            rows.sock_tags.append(tags)
+            rows.sock_att.append(attachment)
+            rows.sock_auto_req.append(auto_request)
+            rows.sock_auto_res.append(auto_response)
+        for k, v in b.writes.items():
+            if v is None:
+                rows.del_o.append(oid)
+                rows.del_k.append(k)
+            else:
+                rows.up_o.append(oid)
+                rows.up_k.append(k)
+                rows.up_ns.append(owner.namespace)
+                rows.up_v.append(v)
+    rows.parts = sorted(epochs)
+    rows.epochs = [epochs[p] for p in rows.parts]
+    return rows
+
+
+class ObjectStore:
+    """The object side's Postgres statements, on the worker's pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def _read(self, sql: str, *args: Any) -> list[Any]:
+        """A storage read; Postgres trouble is the runtime's, not the object's: a retryable error."""
+        try:
+            async with self.pool.acquire() as conn:
+                return list(await conn.fetch(sql, *args))
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StorageUnavailable(f"storage read failed: {type(exc).__name__}: {exc}") from None
+
+    async def read_keys(self, object_id: str, keys: list[bytes]) -> list[Any]:
+        return await self._read(_READ_KEYS, object_id, keys)
+
+    async def read_range(self, object_id: str, lo: bytes, hi: bytes | None, reverse: bool,
+                         limit: int | None) -> list[Any]:
+        return await self._read(_READ_RANGE.format(order="DESC" if reverse else "ASC"), object_id, lo, hi, limit)
+
+    async def read_alarm(self, object_id: str) -> AlarmRow | None:
+        rows = await self._read(_READ_ALARM, object_id)
+        if not rows:
+            return None
+        r = rows[0]
+        return AlarmRow(r["scheduled_ms"], r["due_ms"], r["generation"], r["retry_count"])
+
+    async def read_sockets(self, object_id: str) -> list[Any]:
+        return await self._read(_READ_SOCKETS, object_id)
+
+    async def read_due_alarms(self, partitions: list[int], due_by_ms: int, limit: int) -> list[Any]:
+        async with self.pool.acquire() as conn:
+            return list(await conn.fetch(_READ_DUE, partitions, due_by_ms, limit))
+
+    async def sockets_of_lost_gateways(self, partitions: list[int], live_gateways: list[str]) -> list[Any]:
+        async with self.pool.acquire() as conn:
+            return list(await conn.fetch(_SOCKETS_OF_LOST_GATEWAYS, partitions, live_gateways))
+
+    async def flush(self, rows: FlushRows) -> set[int]:
+        """Commit ``rows`` if every partition's epoch is still the one given; returns the
+        partitions whose epoch matched (all of them, or the commit did not happen)."""
+        async with self.pool.acquire() as conn:
+            ok = await conn.fetchval(_FLUSH, *(getattr(rows, name) for name in _FLUSH_PARAMS))
+        return set(ok)

@@ -1,0 +1,204 @@
+"""The worker: the composition root that wires an object host's parts and starts and stops them.
+
+Parts, each in the module named for it: ownership (the lease over partitions), handover (serving,
+handing over and losing them), partitions (the live objects, eviction), dispatch (requests to
+handlers and replies), flusher (group commit), alarms, the lost-gateway watch and the NATS
+micro-service endpoints. Parts receive what they need when they are built; none holds the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+
+import asyncpg
+import nats
+
+from ..client import Client, Env
+from ..client.client import close_nats
+from ..core import db
+from ..core.config import AppConfig
+from ..core.ids import IdFactory, namespace_key
+from ..core.settings import Settings
+from .alarm_stream import check_server
+from .alarms import Alarms
+from .base import DurableObject
+from .dispatch import Dispatcher
+from .flusher import CommittedAlarm, Flusher
+from .gateway_link import GatewayLink
+from .gateway_watch import GatewayWatch
+from .handover import Handover
+from .micro import MicroService
+from .ownership import Ownership
+from .partitions import Partitions, PartitionState
+from .sql import ObjectStore
+
+log = logging.getLogger("durable.worker")
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool connections only run our own statements and never change session state (the
+    advisory locks live on the ownership connection), so the default reset query, a round
+    trip on every release, is skipped."""
+
+
+class Worker:
+    """An object host. Use as an async context manager; ``stop()`` hands everything over cleanly."""
+
+    def __init__(self, settings: Settings, config: AppConfig, classes: dict[str, type] | None = None,
+                 audit_commits: bool | None = None) -> None:
+        self.settings = settings
+        self.config = config
+        self.classes = classes if classes is not None else config.load_classes()
+        for name, cls in self.classes.items():
+            if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
+                raise TypeError(f"{name}: object classes must subclass DurableObject")
+        self.worker_id = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.audit_commits = settings.audit_commits if audit_commits is None else audit_commits
+        self.ids = {
+            b.class_name: IdFactory(b.class_name, namespace_key(settings.id_secret, b.identity))
+            for b in config.bindings
+        }
+        self.ownership = Ownership(settings, self.worker_id, self._acquired, self._lost, self._hand_over)
+        self.started_at = time.time()
+        # built by start(), once NATS and Postgres are connected
+        self.nc: nats.NATS
+        self.pool: asyncpg.Pool
+        self.client: Client
+        self.env: Env
+        self.store: ObjectStore
+        self.flusher: Flusher
+        self.partitions: Partitions
+        self.alarms: Alarms
+        self.micro: MicroService
+        self.dispatcher: Dispatcher
+        self.handover: Handover
+        self.gateways: GatewayWatch
+
+    @property
+    def parts(self) -> dict[int, PartitionState]:
+        """The owned partitions by number."""
+        return self.partitions.states
+
+    def live_objects(self) -> int:
+        return self.partitions.live_objects()
+
+    # ----- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        settings = self.settings
+        # bounded first connect with a clear error (DURABLE_NATS_CONNECT_TIMEOUT), reconnects for ever
+        self.client = await Client.connect(settings, self.config, name=f"durable-worker:{self.worker_id}",
+                                           pending_size=8 * 1024 * 1024)
+        self.nc = self.client.nc
+        try:
+            check_server(self.nc)  # alarms need JetStream message schedules: refuse to start without
+        except BaseException:
+            await close_nats(self.nc)
+            raise
+        self.pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=8,
+                                              reset=_keep_session, command_timeout=settings.lease_ttl)
+        async with self.pool.acquire() as conn:
+            await db.apply_schema(conn, settings.partitions)
+            await db.apply_class_migrations(conn, self.config)
+        self.env = Env(self.client, self.config)
+        self._build()
+        self.flusher.start()
+        await self.micro.start()
+        await self.alarms.start()
+        await self.gateways.start()
+        await self.ownership.start()
+        self.partitions.start_eviction(settings.idle_timeout)
+
+    def _build(self) -> None:
+        """Wire the parts: each gets the few collaborators it uses."""
+        settings = self.settings
+        self.store = ObjectStore(self.pool)
+        self.flusher = Flusher(self.store, self._fenced, self._alarms_committed,
+                               audit_worker=self.worker_id if self.audit_commits else None,
+                               concurrency=settings.flush_concurrency)
+        self.partitions = Partitions(settings.partitions, self.classes, self.ids, self.env, self.store,
+                                     GatewayLink(self.nc, settings.deployment_key), self.flusher,
+                                     self.ownership.owns)
+        self.alarms = Alarms(self.nc, settings, self.partitions, self.store, self.client)
+        self.micro = MicroService(self.nc, [b.class_name for b in self.config.bindings], self._metadata)
+        self.dispatcher = Dispatcher(self.nc, self.partitions, self.alarms, self.micro, self.ownership.owns,
+                                     settings.max_request_bytes)
+        self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
+                                 self.ownership.release)
+        self.gateways = GatewayWatch(self.nc, settings, self.worker_id, self.partitions, self.store)
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        """Wait until the desired partitions are owned and subscribed."""
+        deadline = time.monotonic() + timeout
+        want: set[int] = set()
+        while time.monotonic() < deadline:
+            want = self.ownership.desired()
+            serving = {p for p, s in self.parts.items() if s.sub is not None}
+            if self.ownership.live and want <= serving:
+                await self.nc.flush()
+                return
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"worker owns {len(self.parts)} of the {len(want)} partitions assigned to it "
+                           f"after {timeout}s")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop taking requests, finish in-flight events, flush, release the partitions."""
+        await self.partitions.stop_eviction()
+        await self.alarms.withdraw()  # alarm wake-ups go to the other workers from now on
+        states = list(self.parts.values())
+        # stragglers can only be on their way if requests were flowing, or someone takes over
+        linger = len(self.ownership.live) > 1 or time.monotonic() - self.dispatcher.last_request < 1.0
+        await self.handover.quiesce(states, grace)
+        await self.flusher.stop()
+        await self.ownership.stop()
+        if linger:  # refuse (rather than drop) what is still routed here
+            await self.handover.linger(states)
+        await self.handover.tasks.wait(2.0)  # the last refusals go out
+        await self.partitions.tasks.wait(2.0)
+        await self.alarms.stop()
+        await self.gateways.stop()
+        await self.micro.stop()
+        await self.pool.close()
+        await close_nats(self.nc)
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ----- what the parts report back ------------------------------------------------------
+
+    async def _acquired(self, partition: int, epoch: int) -> None:
+        await self.handover.acquired(partition, epoch)
+
+    def _lost(self, partition: int, reason: str) -> None:
+        self.handover.lost(partition, reason)
+
+    async def _hand_over(self, partition: int) -> None:
+        await self.handover.hand_over(partition)
+
+    def _fenced(self, partition: int, epoch: int) -> None:
+        """A flush found ``partition``'s epoch superseded: step down, unless that ownership is
+        already gone (a slow batch fenced on an epoch we stepped down from and re-acquired since)."""
+        if self.ownership.epochs.get(partition) == epoch:
+            self.ownership.step_down(partition, "fenced: its epoch was superseded")
+
+    def _alarms_committed(self, items: list[CommittedAlarm]) -> None:
+        self.alarms.committed(items)
+
+    def _metadata(self) -> dict[str, str]:
+        return {
+            "worker_id": self.worker_id,
+            "partitions_owned": str(len(self.parts)),
+            "partitions_total": str(self.settings.partitions),
+            "live_objects": str(self.live_objects()),
+            "alarms_run": str(self.alarms.fired),
+            "alarms_abandoned": str(self.alarms.abandoned),
+        }
