@@ -300,8 +300,7 @@ class Durable:
     async def wait_fired(self, last_due: float, timeout: float) -> None:
         """Until no alarm due by ``last_due`` is left in do_alarms (each fire deletes its row in
         the same commit as its record), or ``timeout`` after ``last_due``."""
-        while now_ms() < last_due:
-            await asyncio.sleep(min(1.0, (last_due - now_ms()) / 1000 + 0.01))
+        await asyncio.sleep(max(0.0, (last_due - now_ms()) / 1000 + 0.01))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             left = await self.conn.fetchval("SELECT count(*) FROM do_alarms WHERE due_ms <= $1", int(last_due))
@@ -482,8 +481,8 @@ def fmt_row(label: str, mine: Lateness, bare: Lateness | None) -> str:
 def report(args: argparse.Namespace, rows: list[tuple[str, Lateness, Lateness | None]],
            rates: tuple[int, float, float], notes: list[str], fo: FailoverResult | None) -> None:
     print("\nalarm lateness, ms (alarm() start - scheduled_time; bare: receipt - @at time)")
-    bare = f"bare NATS, {args.bare_consumers} consumer{'s' if args.bare_consumers > 1 else ''}"
-    print(f"{'':<44} {'':>7} {'durable':^26} {bare:^26} {'durable / bare':^23}")
+    bare_label = f"bare NATS, {args.bare_consumers} consumer{'s' if args.bare_consumers > 1 else ''}"
+    print(f"{'':<44} {'':>7} {'durable':^26} {bare_label:^26} {'durable / bare':^23}")
     print(f"{'shape':<44} {'n':>7} " + " ".join(f"{h:>8}" for h in ("p50", "p99", "max") * 2)
           + " " + " ".join(f"{h:>7}" for h in ("p50", "p99", "max")))
     for label, mine, bare in rows:
@@ -575,24 +574,18 @@ async def measure_main(args: argparse.Namespace, ns: EmbeddedNats, pg: EmbeddedP
         notes += log_warnings(worker)
 
 
-async def main(args: argparse.Namespace) -> None:
+async def main(args: argparse.Namespace, tmp: Path) -> None:
     began = time.perf_counter()
     load_before = os.getloadavg()
-    tmp = Path(tempfile.mkdtemp(prefix="durable-alarms-"))
-    tmp.chmod(0o755)
     config = load_config(CONFIG_FILE)
     notes: list[str] = []
-    try:
-        async with EmbeddedNats(tmp / "nats", partitions=PARTITIONS) as ns, EmbeddedPostgres(tmp / "pg") as pg:
-            rows, rates = await measure_main(args, ns, pg, tmp, config, notes)
-            fo = None
-            if args.failover_trials:
-                fo = await failover(ns, pg, tmp, config, args.failover_objects, args.failover_trials,
-                                    args.lease_ttl, args.heartbeat, args.tap)
-            report(args, rows, rates, notes, fo)
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+    async with EmbeddedNats(tmp / "nats", partitions=PARTITIONS) as ns, EmbeddedPostgres(tmp / "pg") as pg:
+        rows, rates = await measure_main(args, ns, pg, tmp, config, notes)
+        fo = None
+        if args.failover_trials:
+            fo = await failover(ns, pg, tmp, config, args.failover_objects, args.failover_trials,
+                                args.lease_ttl, args.heartbeat, args.tap)
+        report(args, rows, rates, notes, fo)
     print(f"(1 `durable worker` process for (a)-(d), 3 for (e); idle_timeout {args.idle_timeout:g}s; {PARTITIONS} "
           f"partitions; cpu: {os.cpu_count()} cores; load average {load_before[0]:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after; total run time {time.perf_counter() - began:.0f}s)")
@@ -624,4 +617,10 @@ if __name__ == "__main__":
     for name, (full, quick) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
-    asyncio.run(main(args))
+    tmp = Path(tempfile.mkdtemp(prefix="durable-alarms-"))
+    tmp.chmod(0o755)  # Postgres runs as a user of its own when the bench runs as root
+    try:
+        asyncio.run(main(args, tmp))
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,23 +81,27 @@ async def wait_balanced(database_url: str, workers: int, timeout: float = 60) ->
     raise TimeoutError("workers did not balance")
 
 
-async def wait_line(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> None:
+async def wait_line(proc: asyncio.subprocess.Process, text: str, timeout: float = 30) -> None:
     assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = await asyncio.to_thread(proc.stdout.readline)
-        if text in line:
-            return
-        if not line and proc.poll() is not None:
-            raise RuntimeError(f"process exited before printing {text!r}")
-    raise TimeoutError(text)
+    try:
+        async with asyncio.timeout(timeout):
+            while line := await proc.stdout.readline():
+                if text in line.decode(errors="replace"):
+                    return
+    except TimeoutError:
+        raise TimeoutError(text) from None
+    raise RuntimeError(f"process exited before printing {text!r}")
 
 
-async def main(seconds: float, rounds: int, workers: int) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="durable-bench-"))
-    atexit.register(shutil.rmtree, tmp, True)  # the servers' data: gone when the run ends
-    tmp.chmod(0o755)
-    procs: list[subprocess.Popen[str]] = []
+async def stop(procs: list[asyncio.subprocess.Process]) -> None:
+    for p in procs:
+        if p.returncode is None:
+            p.terminate()
+        await asyncio.wait_for(p.wait(), 10)
+
+
+async def main(tmp: Path, seconds: float, rounds: int, workers: int) -> None:
+    procs: list[asyncio.subprocess.Process] = []
     async with EmbeddedNats(tmp / "nats", partitions=PARTITIONS) as ns, EmbeddedPostgres(tmp / "pg") as pg:
         settings = Settings(nats_url=ns.url, database_url=pg.url, partitions=PARTITIONS,
                             config_file=ROOT / "durable.toml", idle_timeout=600)
@@ -107,13 +109,14 @@ async def main(seconds: float, rounds: int, workers: int) -> None:
                     "DURABLE_PARTITIONS": str(PARTITIONS), "DURABLE_CONFIG_FILE": str(ROOT / "durable.toml"),
                     "DURABLE_IDLE_TIMEOUT": "600", "PYTHONPATH": str(ROOT)}
         try:
-            echo = subprocess.Popen([sys.executable, str(ROOT / "bench" / "echo_server.py"), ns.url],
-                                    stdout=subprocess.PIPE, text=True)
+            echo = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "bench" / "echo_server.py"),
+                                                        ns.url, stdout=asyncio.subprocess.PIPE)
             procs.append(echo)
             await wait_line(echo, "ready")
             for _ in range(workers):
-                worker = subprocess.Popen([sys.executable, "-m", "durable.cli", "worker"], env=env_vars,
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+                worker = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "durable.cli", "worker", env=env_vars, cwd=ROOT,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
                 procs.append(worker)
                 await wait_line(worker, "started")
 
@@ -182,9 +185,7 @@ async def main(seconds: float, rounds: int, workers: int) -> None:
             await nc.close()
             await conn.close()
         finally:
-            for p in procs:
-                p.terminate()
-                p.wait(10)
+            await stop(procs)
 
 
 if __name__ == "__main__":
@@ -193,4 +194,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3, help="rounds per figure (median reported)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the partitions")
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.rounds, args.workers))
+    tmp = Path(tempfile.mkdtemp(prefix="durable-bench-"))
+    tmp.chmod(0o755)  # Postgres runs as a user of its own when the bench runs as root
+    try:
+        asyncio.run(main(tmp, args.seconds, args.rounds, args.workers))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the servers' data

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,20 +51,17 @@ def postgres_cpu_seconds() -> float:
     return total
 
 
-async def main(inflight: int, seconds: float) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="durable-cpu-"))
-    atexit.register(shutil.rmtree, tmp, True)  # the servers' data: gone when the run ends
-    tmp.chmod(0o755)
+async def main(tmp: Path, inflight: int, seconds: float) -> None:
     async with EmbeddedNats(tmp / "nats") as ns, EmbeddedPostgres(tmp / "pg") as pg:
         env = {**os.environ, "DURABLE_NATS_URL": ns.url, "DURABLE_DATABASE_URL": pg.url,
                "DURABLE_CONFIG_FILE": str(ROOT / "durable.toml"), "PYTHONPATH": str(ROOT)}
-        worker = subprocess.Popen([sys.executable, "-m", "durable.cli", "worker"], env=env,
-                                  stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        echo = subprocess.Popen([sys.executable, str(ROOT / "bench" / "echo_server.py"), ns.url],
-                                stdout=subprocess.PIPE, text=True)
+        worker = await asyncio.create_subprocess_exec(sys.executable, "-m", "durable.cli", "worker", env=env,
+                                                      stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+        echo = await asyncio.create_subprocess_exec(sys.executable, str(ROOT / "bench" / "echo_server.py"), ns.url,
+                                                    stdout=asyncio.subprocess.PIPE)
         assert worker.stdout is not None and echo.stdout is not None
-        worker.stdout.readline()
-        echo.stdout.readline()
+        await worker.stdout.readline()
+        await echo.stdout.readline()
         settings = Settings(nats_url=ns.url, database_url=pg.url, config_file=ROOT / "durable.toml")
         client = await Client.connect(settings, load_config(settings.config_file))
         counters = Env(client, client.config).COUNTERS  # type: ignore[arg-type]
@@ -104,8 +99,8 @@ async def main(inflight: int, seconds: float) -> None:
                   f"{per[3]:6.0f} {per[4]:6.0f}")
         worker.terminate()
         echo.terminate()
-        worker.wait(10)
-        echo.wait(10)
+        await asyncio.wait_for(worker.wait(), 10)
+        await asyncio.wait_for(echo.wait(), 10)
         await client.close()
         await nc.close()
 
@@ -115,4 +110,9 @@ if __name__ == "__main__":
     parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
-    asyncio.run(main(args.inflight, args.seconds))
+    tmp = Path(tempfile.mkdtemp(prefix="durable-cpu-"))
+    tmp.chmod(0o755)  # Postgres runs as a user of its own when the bench runs as root
+    try:
+        asyncio.run(main(tmp, args.inflight, args.seconds))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the servers' data

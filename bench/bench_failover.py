@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import os
 import shutil
 import statistics
@@ -148,10 +147,7 @@ def report(kind: str, trials: list[Trial]) -> None:
               f"median {statistics.median(shares):.0%}, max {max(shares):.0%}")
 
 
-async def main(trials: int, lease_ttl: float, heartbeat: float) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="durable-failover-"))
-    atexit.register(shutil.rmtree, tmp, True)  # the servers' data: gone when the run ends
-    tmp.chmod(0o755)
+async def main(tmp: Path, trials: int, lease_ttl: float, heartbeat: float) -> None:
     async with EmbeddedNats(tmp / "nats", partitions=PARTITIONS) as ns, EmbeddedPostgres(tmp / "pg") as pg:
         settings = Settings(nats_url=ns.url, database_url=pg.url, partitions=PARTITIONS,
                             config_file=ROOT / "durable.toml", idle_timeout=600, lease_ttl=lease_ttl,
@@ -199,4 +195,9 @@ if __name__ == "__main__":
     parser.add_argument("--lease-ttl", type=float, default=3.0, help="DURABLE_LEASE_TTL of the workers")
     parser.add_argument("--heartbeat", type=float, default=0.5, help="DURABLE_HEARTBEAT_INTERVAL")
     args = parser.parse_args()
-    asyncio.run(main(args.trials, args.lease_ttl, args.heartbeat))
+    tmp = Path(tempfile.mkdtemp(prefix="durable-failover-"))
+    tmp.chmod(0o755)  # Postgres runs as a user of its own when the bench runs as root
+    try:
+        asyncio.run(main(tmp, args.trials, args.lease_ttl, args.heartbeat))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the servers' data

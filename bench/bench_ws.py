@@ -48,7 +48,6 @@ import resource
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,11 +91,17 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-async def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+def log_text(path: Path) -> str:
+    """A log file's text so far ("" before it exists)."""
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def wait_port(port: int, proc: asyncio.subprocess.Process, log: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        if proc.returncode is not None:
+            text = await asyncio.to_thread(log_text, log)
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{text[-3000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -105,13 +110,14 @@ async def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout
     raise TimeoutError(f"nothing listens on port {port}; see {log}")
 
 
-async def wait_text(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+async def wait_text(path: Path, text: str, proc: asyncio.subprocess.Process, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
+        seen = await asyncio.to_thread(log_text, path)
+        if text in seen:
             return
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}:\n{path.read_text()[-3000:]}")
+        if proc.returncode is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}:\n{seen[-3000:]}")
         await asyncio.sleep(0.05)
     raise TimeoutError(f"{text!r} not in {path}")
 
@@ -131,7 +137,7 @@ class ClientProc:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        with open(self.log, "ab") as err:
+        with await asyncio.to_thread(open, self.log, "ab") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, str(ROOT / "bench" / "ws_clients.py"),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err)
@@ -203,7 +209,7 @@ class Bench:
         self.args = args
         self.tmp = tmp
         self.seq = 0
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[asyncio.subprocess.Process] = []
         self.env_vars: dict[str, str] = {}
         self.nats_pid = 0
         self.worker_pid = 0
@@ -211,20 +217,21 @@ class Bench:
 
     # ----- processes ---------------------------------------------------------------------
 
-    async def spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    async def spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+        with await asyncio.to_thread(open, log, "ab") as out:
+            proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=ROOT, stdin=asyncio.subprocess.DEVNULL,
+                                                        stdout=out, stderr=out)
         self.procs.append(proc)
         return proc
 
-    async def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
+    async def stop(self, proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
             proc.terminate()
             try:
-                await asyncio.to_thread(proc.wait, 30)
-            except subprocess.TimeoutExpired:
+                await asyncio.wait_for(proc.wait(), 30)
+            except TimeoutError:
                 proc.kill()
-                await asyncio.to_thread(proc.wait)
+                await proc.wait()
 
     async def start_gateway(self, name: str) -> tuple[int, str, Path]:
         port = free_port()

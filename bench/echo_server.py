@@ -4,12 +4,13 @@ import asyncio
 import sys
 
 import nats
+from nats.aio.msg import Msg
 
 
 async def main(url: str) -> None:
     nc = await nats.connect(url)
 
-    async def echo(msg: nats.aio.msg.Msg) -> None:
+    async def echo(msg: Msg) -> None:
         await msg.respond(msg.data)
 
     await nc.subscribe("bench.echo", cb=echo, pending_msgs_limit=200_000)

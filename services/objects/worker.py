@@ -16,7 +16,7 @@ import time
 import uuid
 
 import asyncpg
-import nats
+from nats.aio.client import Client as NatsClient
 
 from ..client import Client, Env
 from ..client.client import close_nats
@@ -66,7 +66,7 @@ class Worker:
         self.ownership = Ownership(settings, self.worker_id, self._acquired, self._lost, self._hand_over)
         self.started_at = time.time()
         # built by start(), once NATS and Postgres are connected
-        self.nc: nats.NATS
+        self.nc: NatsClient
         self.pool: asyncpg.Pool
         self.client: Client
         self.env: Env
