@@ -38,6 +38,7 @@ from ..client import Client, Env
 from ..core.errors import DurableError, RemoteError, StorageError, UnknownMethod, UnknownSocket
 from ..core.http import Request, Response
 from ..core.settings import Settings, client_address
+from ..core.tasks import TaskSet
 from ..core.wire import (
     AUTO_RESPONSE_HEADER,
     GATEWAY_HEADER,
@@ -106,7 +107,8 @@ class Gateway:
         self.conns: dict[str, Conn] = {}
         self._subs: list[Subscription] = []
         self._heartbeat: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        #: telling objects their sockets closed (retried through a failover)
+        self._tasks = TaskSet()
         self.frames_in = 0
         self.frames_out = 0
         self.auto_responses = 0
@@ -133,10 +135,9 @@ class Gateway:
         shutting = [asyncio.create_task(self._shut(c)) for c in list(self.conns.values())]
         if shutting:
             await asyncio.wait(shutting, timeout=grace)
-        if self._tasks:  # the objects' close events; what is still retrying after the grace
-            await asyncio.wait(list(self._tasks), timeout=grace)  # is left to the lost-gateway watch
-            for task in list(self._tasks):
-                task.cancel()
+        # the objects' close events; what is still retrying after the grace is left to the
+        # lost-gateway watch
+        await self._tasks.close(grace)
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
@@ -211,7 +212,7 @@ class Gateway:
             if conn.gateway_close is not None:  # the gateway gave up on the client (too slow)
                 code, reason, clean = *conn.gateway_close, True
             if not conn.closed_by_object:
-                self._spawn(self._tell_close(conn, ws_close(socket_id, code, reason, clean)))
+                self._tasks.spawn(self._tell_close(conn, ws_close(socket_id, code, reason, clean)), "tell-close")
 
     async def _deny(self, ws: StarletteWebSocket, response: Response) -> None:
         """Refuse the upgrade with the object's (or routing code's) HTTP status and body."""
@@ -269,11 +270,6 @@ class Gateway:
                 await conn.ws.close(code, reason[:120])
         except Exception:  # noqa: BLE001 - already gone
             pass
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _tell_close(self, conn: Conn, event: bytes, attempts: int = 6) -> None:
         """Tell the object its socket closed; keep trying for about a minute (through a failover),

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from ..core.settings import Settings
+from ..core.tasks import TaskSet
 from .balance import assign
 
 log = logging.getLogger("durable.ownership")
@@ -76,6 +77,8 @@ class Ownership:
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        #: lock releases of partitions stepped down from (fenced), running in the background
+        self._unlocks = TaskSet()
         #: asyncpg connections take one operation at a time
         self._conn_lock = asyncio.Lock()
 
@@ -255,7 +258,7 @@ class Ownership:
         if self.epochs.pop(partition, None) is None:
             return
         self._on_lost(partition, reason)
-        asyncio.get_running_loop().create_task(self._unlock([partition]))
+        self._unlocks.spawn(self._unlock([partition]), f"unlock-{partition}")
 
     async def stop(self) -> None:
         """Release everything (after the worker drained its partitions)."""
@@ -267,6 +270,7 @@ class Ownership:
         for task in list(self._handing_over.values()):
             task.cancel()
         await asyncio.gather(*self._handing_over.values(), return_exceptions=True)
+        await self._unlocks.wait(2.0)  # background unlocks of fenced partitions; _unlock_now covers the rest
         if self._conn is not None and not self._conn.is_closed():
             await self._unlock_now(sorted(self.epochs))
             try:
