@@ -1,7 +1,7 @@
 """Group commit: the pending writes of many objects in one Postgres transaction.
 
 Each object's writes are still atomic (its whole pending batch is in one transaction) and each
-reply still waits behind its own output gate (``Storage.wait_durable``). While a flush is in
+reply still waits behind its own output gate (output_gate.py). While a flush is in
 flight, events keep running and their writes gather into the next batch, so a hot object's
 consecutive writes coalesce. The first statement of every transaction is the epoch fence:
 ``SELECT ... FROM do_partitions WHERE (partition, epoch) = ... FOR SHARE``. A partition whose
