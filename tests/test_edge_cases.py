@@ -200,7 +200,7 @@ async def test_a_call_cancelled_while_taking_the_gate_back_still_takes_it(
 
         async def first_waits_for_the_gate() -> bool:
             inst = _live(worker, settings, obj)
-            return inst is not None and bool(inst.turn._waiters)
+            return inst is not None and bool(inst.input._turn._waiters)
 
         await assert_eventually(first_waits_for_the_gate, 10, "the first event waiting for the gate")
         timeout = Edge.timeouts[tag]
@@ -321,7 +321,7 @@ async def test_a_new_instance_waits_for_the_flush_of_the_one_before(
 
         async def read_done_or_waiting() -> bool:
             inst = _live(worker, settings, obj)
-            return read.done() or (inst is not None and inst.obj is None and inst.turn.locked())
+            return read.done() or (inst is not None and inst.obj is None and inst.input.held)
 
         await assert_eventually(read_done_or_waiting, 10, "the read")
         await row.release()  # the flush commits
