@@ -302,7 +302,7 @@ class Edge(DurableObject):
     async def committed(self, tag: str, object_id: str, key: str) -> bool:
         """Whether another object's ``key`` is committed in Postgres (read past its storage API)."""
         Edge.note(tag, "registry called")
-        async with self.ctx._instance.host.pool.acquire() as conn:
+        async with self.ctx._instance.runtime.store.pool.acquire() as conn:
             found = await conn.fetchval("SELECT count(*) FROM do_storage WHERE object_id = $1 AND key = $2",
                                         object_id, key.encode())
         return bool(found)

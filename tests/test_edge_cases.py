@@ -263,7 +263,7 @@ async def test_a_task_left_by_an_evicted_instance_cannot_break_a_group_commit(
                    asyncio.create_task(other.put("y", 1))]
 
         async def pending() -> bool:
-            return all((inst := _live(worker, settings, s)) is not None and inst.storage.has_unflushed
+            return all((inst := _live(worker, settings, s)) is not None and inst.has_unflushed
                        for s in (obj, other))
 
         await assert_eventually(pending, 10, "the writes waiting for the next batch")
