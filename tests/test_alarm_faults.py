@@ -38,8 +38,10 @@ from durable.core.subjects import partition_of, server_mapping
 from durable.objects import Worker
 from durable.objects.alarms import AlarmStream, check_server
 
-from .conftest import PARTITIONS, ROOT, WorkerFactory, assert_eventually, make_settings, worker_env
-from .faults import ClusterWorker, owners, wait_balanced
+from tests.helpers.faults import ClusterWorker, owners, wait_balanced
+from tests.helpers.settings import PARTITIONS, ROOT, make_settings, worker_env
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,7 +12,7 @@ from durable.core.errors import RemoteError
 from durable.core.settings import Settings
 from durable.objects import Worker
 
-from .conftest import assert_eventually
+from tests.helpers.waiting import assert_eventually
 
 
 async def stored_rows(settings: Settings, object_id: str) -> int:

@@ -13,7 +13,8 @@ from durable.core.errors import RemoteError
 from durable.core.settings import Settings
 from durable.objects import Worker
 
-from .conftest import WorkerFactory, assert_eventually
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 
 def now_ms() -> int:

@@ -17,16 +17,15 @@ from durable.core.errors import PayloadTooLarge, RemoteError, UnknownMethod
 from durable.objects import Worker
 from nats.aio.client import Client as NatsClient
 
-from .conftest import WorkerFactory
-from .wire import (
+from tests.helpers.wire import (
     JSON_HEADERS,
     as_json,
     assert_error,
     assert_ok,
     assert_serving,
-    raw_nc,  # noqa: F401 - fixture
     raw_request,
 )
+from tests.helpers.workers import WorkerFactory
 
 NAME = "bad-input"
 
@@ -45,7 +44,7 @@ def _subject(env: Env, binding: str, verb: str, name: str = NAME) -> str:
     return f"do.{ns.name}.{ns.id_from_name(name).hex}.{verb}"
 
 
-async def test_malformed_msgpack(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_malformed_msgpack(worker: Worker, env: Env, raw_nc: NatsClient) -> None:
     subject = _subject(env, "COUNTERS", "rpc.increment")
     for payload in (b"\xc1", b"\x92\x01", b"\x01\x02", b'{"args":[1]}', b"\xdd\xff\xff\xff\xff"):
         await _expect(raw_nc, env, subject, payload, "invalid_request", 400, "malformed msgpack payload")
@@ -53,7 +52,7 @@ async def test_malformed_msgpack(worker: Worker, env: Env, raw_nc: NatsClient) -
                   "malformed msgpack payload")
 
 
-async def test_malformed_json(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_malformed_json(worker: Worker, env: Env, raw_nc: NatsClient) -> None:
     subject = _subject(env, "COUNTERS", "rpc.increment")
     for payload in (b"{not json", b"[1,", b"\xff\xfe\x00", b'{"args":[1]} trailing', b"\x92\x01",
                     b'{"args":[{"$bytes":"%%%"}]}', b'{"args":[{"$datetime":"not a date"}]}'):
@@ -61,7 +60,7 @@ async def test_malformed_json(worker: Worker, env: Env, raw_nc: NatsClient) -> N
                       headers=JSON_HEADERS)
 
 
-async def test_payloads_of_the_wrong_shape(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_payloads_of_the_wrong_shape(worker: Worker, env: Env, raw_nc: NatsClient) -> None:
     subject = _subject(env, "COUNTERS", "rpc.increment")
     cases: list[tuple[Any, str]] = [
         ("text", "rpc payload must be a list of args or a map with args/kwargs, not str"),
@@ -82,7 +81,7 @@ async def test_payloads_of_the_wrong_shape(worker: Worker, env: Env, raw_nc: Nat
                   404, "Lifecycle does not define fetch()")
 
 
-async def test_unknown_verb(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_unknown_verb(worker: Worker, env: Env, raw_nc: NatsClient) -> None:
     for verb in ("bogus", "rpc", "rpc.increment.extra", "alarm.x", "ws", "ws.message.extra"):
         await _expect(raw_nc, env, _subject(env, "COUNTERS", verb), b"", "invalid_request", 400,
                       f"unknown verb '{verb}'")
@@ -91,7 +90,7 @@ async def test_unknown_verb(worker: Worker, env: Env, raw_nc: NatsClient) -> Non
                       "integer 'gen'")
 
 
-async def test_unknown_namespace(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_unknown_namespace(worker: Worker, env: Env, raw_nc: NatsClient) -> None:
     oid = env.COUNTERS.id_from_name(NAME).hex
     for cls in ("Nope", "COUNTERS", "counter"):
         error = await _expect(raw_nc, env, f"do.{cls}.{oid}.rpc.increment", b"", "unknown_namespace", 404,
@@ -100,7 +99,7 @@ async def test_unknown_namespace(worker: Worker, env: Env, raw_nc: NatsClient) -
 
 
 async def test_unknown_namespace_does_not_reach_a_live_object_with_that_id(
-        worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+        worker: Worker, env: Env, raw_nc: NatsClient) -> None:
     counter = env.COUNTERS.get_by_name(NAME)
     assert await counter.increment() == 1  # now live in the worker
     await _expect(raw_nc, env, f"do.Nope.{counter.id.hex}.rpc.increment", b"", "unknown_namespace", 404, "Nope")
@@ -112,7 +111,7 @@ async def test_unknown_namespace_does_not_reach_a_live_object_with_that_id(
 
 
 async def test_unknown_private_and_event_handler_methods(worker: Worker, env: Env,
-                                                         raw_nc: NatsClient) -> None:  # noqa: F811
+                                                         raw_nc: NatsClient) -> None:
     await _expect(raw_nc, env, _subject(env, "COUNTERS", "rpc.nope"), b"", "unknown_method", 404,
                   "Counter has no RPC method 'nope'")
     for method in ("_private", "__init__", "__class__", "_load"):
@@ -126,7 +125,7 @@ async def test_unknown_private_and_event_handler_methods(worker: Worker, env: En
                   "Probe has no RPC method 'EVENT_HANDLERS'")
 
 
-async def test_oversize_payload(start_worker: WorkerFactory, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_oversize_payload(start_worker: WorkerFactory, env: Env, raw_nc: NatsClient) -> None:
     worker = await start_worker(max_request_bytes=1000)
     assert raw_nc.max_payload >= 2000
     subject = _subject(env, "PROBES", "rpc.echo")
@@ -141,7 +140,7 @@ async def test_oversize_payload(start_worker: WorkerFactory, env: Env, raw_nc: N
     assert worker.micro.stats["Probe"].num_errors == 3
 
 
-async def test_invalid_ids(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_invalid_ids(worker: Worker, env: Env, raw_nc: NatsClient) -> None:
     good = env.COUNTERS.id_from_name(NAME).hex
     for bad in ("g" * 64, "ab" * 16, good + "00", good[:-1], good.upper(), "x"):
         await _expect(raw_nc, env, f"do.Counter.{bad}.rpc.increment", b"", "invalid_id", 400,
@@ -155,7 +154,7 @@ async def test_invalid_ids(worker: Worker, env: Env, raw_nc: NatsClient) -> None
 
 
 @pytest.mark.parametrize("live", [False, True])
-async def test_do_name_that_does_not_match_the_id(worker: Worker, env: Env, raw_nc: NatsClient,  # noqa: F811
+async def test_do_name_that_does_not_match_the_id(worker: Worker, env: Env, raw_nc: NatsClient,
                                                    live: bool) -> None:
     probe = env.PROBES.get_by_name(NAME)
     if live:
@@ -173,7 +172,7 @@ async def test_do_name_that_does_not_match_the_id(worker: Worker, env: Env, raw_
 
 
 async def test_return_value_that_cannot_be_encoded(worker: Worker, env: Env,
-                                                   raw_nc: NatsClient) -> None:  # noqa: F811
+                                                   raw_nc: NatsClient) -> None:
     probe = env.PROBES.get_by_name(NAME)
     with pytest.raises(RemoteError, match="the return value cannot be sent: values of type set") as info:
         await probe.bad_return()
@@ -190,7 +189,7 @@ async def test_return_value_that_cannot_be_encoded(worker: Worker, env: Env,
     assert assert_ok(msg) == {"args": [math.inf], "kwargs": {}}
 
 
-async def test_wrong_arguments(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_wrong_arguments(worker: Worker, env: Env, raw_nc: NatsClient) -> None:
     counter = env.COUNTERS.get_by_name(NAME)
     with pytest.raises(RemoteError, match=r"increment\(\) takes from 1 to 2 positional arguments") as info:
         await counter.increment(1, 2)
@@ -228,7 +227,7 @@ async def test_stub_unknown_and_event_handler_methods_raise_unknown_method(worke
 
 
 async def test_headers_are_matched_case_insensitively(worker: Worker, env: Env,
-                                                      raw_nc: NatsClient) -> None:  # noqa: F811
+                                                      raw_nc: NatsClient) -> None:
     subject = _subject(env, "PROBES", "rpc.whoami")
     for headers in ({"content-type": "application/json"}, {"CONTENT-TYPE": "Application/JSON; charset=utf-8"}):
         msg = await raw_request(raw_nc, subject, b"[]", headers)
@@ -238,7 +237,7 @@ async def test_headers_are_matched_case_insensitively(worker: Worker, env: Env,
     assert_error(msg, "invalid_request", 400, "is not the name of object")
 
 
-async def test_blank_error_message_still_fills_the_error_header(worker: Worker, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_blank_error_message_still_fills_the_error_header(worker: Worker, raw_nc: NatsClient) -> None:
     """NATS trims header values, so a whitespace-only message must not leave Nats-Service-Error
     empty. Object code can raise such an error; here the worker answers a real request with it."""
     sub = await raw_nc.subscribe("test.blank-error")
@@ -263,6 +262,6 @@ async def test_stub_names_with_edge_whitespace_or_newlines(worker: Worker, env: 
     assert await stub.whoami() == {"id": stub.id.hex, "name": name}
 
 
-async def test_stub_request_over_the_nats_max_payload(worker: Worker, env: Env, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_stub_request_over_the_nats_max_payload(worker: Worker, env: Env, raw_nc: NatsClient) -> None:
     with pytest.raises(PayloadTooLarge, match=str(raw_nc.max_payload)):
         await env.PROBES.get_by_name(NAME).echo("x" * (raw_nc.max_payload + 1))

@@ -17,7 +17,7 @@ from durable.core.config import AppConfig
 from durable.core.settings import Settings
 from durable.objects import Worker
 
-from .test_websockets import gateway
+from tests.helpers.gateway import gateway
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 

@@ -33,8 +33,7 @@ from durable.core.embedded import EmbeddedNatsCluster, EmbeddedPostgres
 from durable.core.settings import Settings
 from durable.core.subjects import partition_of
 
-from .conftest import make_settings
-from .faults import (
+from tests.helpers.faults import (
     ROOT,
     ClusterWorker,
     Load,
@@ -48,6 +47,7 @@ from .faults import (
     wait_all_owned,
     wait_balanced,
 )
+from tests.helpers.settings import make_settings
 
 pytestmark = pytest.mark.timeout(300)
 

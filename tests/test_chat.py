@@ -9,20 +9,11 @@ import asyncpg
 import httpx
 import pytest
 from durable.client.chat import ChatClient
-from durable.core.config import AppConfig
 from durable.core.settings import Settings
-from durable.objects import Worker
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from .conftest import assert_eventually
-from .test_websockets import gateway
-
-
-@pytest.fixture
-async def gw(worker: Worker, settings: Settings, config: AppConfig):  # type: ignore[no-untyped-def]
-    async with gateway(settings, config) as url:
-        yield url
+from tests.helpers.waiting import assert_eventually
 
 
 def http_url(gw: str) -> str:

@@ -13,7 +13,9 @@ from durable.core.settings import Settings
 from durable.core.subjects import partition_of
 from durable.objects import Worker
 
-from tests.conftest import PARTITIONS, WorkerFactory, WorkerProcess, assert_eventually
+from tests.helpers.settings import PARTITIONS
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory, WorkerProcess
 
 
 def _balanced(workers: list[Worker]) -> bool:

@@ -17,7 +17,7 @@ from durable.core.config import AppConfig
 from durable.core.settings import Settings
 from durable.objects import Worker
 
-from .conftest import WorkerFactory, WorkerProcess
+from tests.helpers.workers import WorkerFactory, WorkerProcess
 
 CLIENTS = 64
 CALLS = 50

@@ -7,33 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from durable.client import Client, Env
-from durable.core.config import AppConfig
 from durable.core.embedded import EmbeddedNats, free_port
 from durable.core.errors import Unavailable
 from durable.core.settings import Settings
 from durable.objects import Worker
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from .conftest import assert_eventually
-from .test_websockets import gateway
-
-
-@pytest.fixture
-async def gw(worker: Worker, settings: Settings, config: AppConfig) -> AsyncIterator[str]:
-    async with gateway(settings, config) as url:
-        yield url
-
-
-async def recv_json(ws: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
+from tests.helpers.gateway import recv_json
+from tests.helpers.waiting import assert_eventually
 
 # ----- ChatRoom: ?userId= as the original specification's clients send it --------------------
 

@@ -25,8 +25,9 @@ from durable.objects import Worker
 from durable.objects.instance import Instance
 from nats.aio.subscription import Subscription
 
-from .conftest import WorkerFactory, assert_eventually
-from .objects import Edge
+from tests.helpers.objects import Edge
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,7 +7,8 @@ from durable.client import Env
 from durable.core.errors import DurableError, RemoteError
 from durable.objects import Worker
 
-from tests.conftest import WorkerFactory, assert_eventually
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 
 async def test_a_read_modify_write_is_atomic_across_a_storage_read(start_worker: WorkerFactory, env: Env) -> None:

@@ -26,7 +26,8 @@ from durable.core.errors import ObjectReset, RequestTimeout
 from durable.core.settings import Settings
 from durable.core.subjects import partition_of
 
-from .conftest import WorkerFactory, WorkerProcess, assert_eventually
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory, WorkerProcess
 
 pytestmark = pytest.mark.timeout(120)
 #: a lease that a slow, shared machine does not lose by accident (heartbeat at most ttl / 4)

@@ -29,8 +29,11 @@ from durable.core.errors import DurableError, ObjectReset, RequestTimeout
 from durable.core.settings import Settings
 from durable.objects import Worker
 
-from .conftest import WorkerFactory, assert_eventually, dedicated_postgres, make_settings
-from .objects import Edge
+from tests.helpers.objects import Edge
+from tests.helpers.postgres import dedicated_postgres
+from tests.helpers.settings import make_settings
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 pytestmark = pytest.mark.timeout(120)
 WRITERS = 8

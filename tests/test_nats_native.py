@@ -14,12 +14,11 @@ from durable.objects import Worker
 from durable.objects.micro import SERVICE_NAME
 from nats.aio.client import Client as NatsClient
 
-from .conftest import PARTITIONS
-from .wire import (
+from tests.helpers.settings import PARTITIONS
+from tests.helpers.wire import (
     JSON_HEADERS,
     as_json,
     assert_error,
-    raw_nc,  # noqa: F401 - fixture
     raw_request,
     validate,
 )
@@ -32,7 +31,7 @@ async def _json_call(nc: NatsClient, subject: str, payload: bytes) -> Any:
 
 
 async def test_counter_over_the_canonical_subject_in_json(worker: Worker, env: Env,
-                                                          raw_nc: NatsClient) -> None:  # noqa: F811
+                                                          raw_nc: NatsClient) -> None:
     oid = env.COUNTERS.id_from_name("x").hex
     subject = f"do.Counter.{oid}.rpc.increment"
     assert await _json_call(raw_nc, subject, b'{"args":[5]}') == 5
@@ -47,7 +46,7 @@ async def test_counter_over_the_canonical_subject_in_json(worker: Worker, env: E
 
 
 async def test_server_mapping_picks_the_clients_partition(worker: Worker, env: Env,
-                                                          raw_nc: NatsClient) -> None:  # noqa: F811
+                                                          raw_nc: NatsClient) -> None:
     tap = await raw_nc.subscribe("dop.*.Counter.>")
     await raw_nc.flush()
     ids = [env.COUNTERS.new_unique_id().hex for _ in range(40)]
@@ -60,7 +59,7 @@ async def test_server_mapping_picks_the_clients_partition(worker: Worker, env: E
 
 
 async def test_errors_carry_service_error_headers_and_a_json_body(worker: Worker, env: Env,
-                                                                  raw_nc: NatsClient) -> None:  # noqa: F811
+                                                                  raw_nc: NatsClient) -> None:
     oid = env.COUNTERS.id_from_name("x").hex
     msg = await raw_request(raw_nc, f"do.Counter.{oid}.rpc.increment", b'{"args":["five"]}', JSON_HEADERS)
     assert msg.headers is not None
@@ -93,7 +92,7 @@ async def _micro(nc: NatsClient, subject: str, schema: str) -> dict[str, Any]:
     return reply
 
 
-async def test_micro_ping_info_stats_validate(worker: Worker, raw_nc: NatsClient) -> None:  # noqa: F811
+async def test_micro_ping_info_stats_validate(worker: Worker, raw_nc: NatsClient) -> None:
     sid = worker.micro.id
     for subject in ("$SRV.PING", f"$SRV.PING.{SERVICE_NAME}", f"$SRV.PING.{SERVICE_NAME}.{sid}"):
         ping = await _micro(raw_nc, subject, "ping_response.json")
@@ -121,7 +120,7 @@ async def test_micro_ping_info_stats_validate(worker: Worker, raw_nc: NatsClient
 
 
 async def test_micro_stats_count_requests_and_errors(worker: Worker, env: Env,
-                                                     raw_nc: NatsClient) -> None:  # noqa: F811
+                                                     raw_nc: NatsClient) -> None:
     subject = f"$SRV.STATS.{SERVICE_NAME}.{worker.micro.id}"
     before = await _micro(raw_nc, subject, "stats_response.json")
     counter_before = _endpoint(before, "Counter")

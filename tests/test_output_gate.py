@@ -17,7 +17,8 @@ from durable.core.config import AppConfig
 from durable.core.errors import DurableError
 from durable.core.settings import Settings
 
-from .conftest import WorkerProcess, assert_eventually
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerProcess
 
 
 async def _advisory_locks_held(settings: Settings) -> int:

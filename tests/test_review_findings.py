@@ -25,10 +25,10 @@ from durable.objects.websockets import gateway_subject
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .conftest import WorkerFactory, assert_eventually
-from .objects import Sock
-from .test_websocket_faults import ask
-from .test_websockets import inproc_gateway
+from tests.helpers.gateway import ask, inproc_gateway
+from tests.helpers.objects import Sock
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 pytestmark = pytest.mark.timeout(60)
 

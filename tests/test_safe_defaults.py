@@ -29,7 +29,8 @@ from pydantic import ValidationError
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from .conftest import ROOT, TEST_CONFIG, WorkerFactory
+from tests.helpers.settings import ROOT, TEST_CONFIG
+from tests.helpers.workers import WorkerFactory
 
 # ----- the development id secret ---------------------------------------------------------------
 

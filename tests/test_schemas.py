@@ -32,8 +32,8 @@ from durable.core.subjects import partition_of
 from durable.objects import Worker
 from nats.aio.client import Client as NatsClient
 
-from .conftest import PARTITIONS
-from .wire import (
+from tests.helpers.settings import PARTITIONS
+from tests.helpers.wire import (
     JSON_HEADERS,
     MICRO_DIR,
     SCHEMA_DIR,
@@ -42,7 +42,6 @@ from .wire import (
     assert_ok,
     decode_payload,
     load_schema,
-    raw_nc,  # noqa: F401 - fixture
     raw_request,
     schema_files,
     validate,
@@ -198,7 +197,7 @@ async def test_stub_traffic_matches_schemas(worker: Worker, env: Env, tap: NatsC
 
 
 async def test_json_requests_and_replies_match_schemas(worker: Worker, env: Env,
-                                                       raw_nc: NatsClient) -> None:  # noqa: F811
+                                                       raw_nc: NatsClient) -> None:
     oid = env.PROBES.id_from_name("json-wire").hex
 
     rpc = {"args": [{"$bytes": "AAE="}], "kwargs": {"at": {"$datetime": "2024-01-02T03:04:05+00:00"}}}
@@ -229,7 +228,7 @@ async def test_json_requests_and_replies_match_schemas(worker: Worker, env: Env,
 
 
 @pytest.mark.parametrize("json_request", [False, True])
-async def test_error_replies_match_schemas(worker: Worker, env: Env, raw_nc: NatsClient,  # noqa: F811
+async def test_error_replies_match_schemas(worker: Worker, env: Env, raw_nc: NatsClient,
                                            json_request: bool) -> None:
     headers = JSON_HEADERS if json_request else None
     counter = env.COUNTERS.id_from_name("errors").hex
@@ -270,7 +269,7 @@ async def test_websocket_and_alarm_traffic_matches_schemas(worker: Worker, env: 
                                                            settings: Settings, config: AppConfig) -> None:
     from websockets.asyncio.client import connect
 
-    from .test_websockets import ask, gateway
+    from tests.helpers.gateway import ask, gateway
 
     key = settings.deployment_key
     events = await tap.subscribe("dop.*.Sock.*.ws.>")

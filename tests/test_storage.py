@@ -13,7 +13,8 @@ from durable.client import Env
 from durable.core.errors import RemoteError, StorageError
 from durable.objects import Worker
 
-from tests.conftest import WorkerFactory, assert_eventually
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 BATCH_ERROR = "Maximum number of key value pairs is 128. 129 pairs were provided."
 VALUE_SIZE = re.compile(r"Values cannot be larger than 131072 bytes\. A value of size (\d+) was provided\.")

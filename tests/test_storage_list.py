@@ -13,7 +13,8 @@ from durable.client import Env
 from durable.core.errors import StorageError
 from durable.objects import Worker
 
-from tests.conftest import WorkerFactory, assert_eventually
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 # Keys chosen so that UTF-8 byte order differs from UTF-16 order ("\uffff" is EF BF BF and
 # "\U0001F600" is F0 9F 98 80, but in UTF-16 the emoji is D83D DE00 < FFFF), with multi-byte

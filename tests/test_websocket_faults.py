@@ -42,9 +42,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from .conftest import ROOT, WorkerFactory, assert_eventually, worker_env
-from .faults import ClusterWorker, owners, wait_balanced
-from .test_websockets import inproc_gateway
+from tests.helpers.faults import ClusterWorker, owners, wait_balanced
+from tests.helpers.gateway import ask, inproc_gateway
+from tests.helpers.settings import ROOT, worker_env
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,7 +54,7 @@ pytestmark = pytest.mark.timeout(120)
 # ----- helpers ---------------------------------------------------------------------------------
 
 class GatewayProcess:
-    """``durable gateway`` in its own process (routing through tests/routes.py), to kill -9."""
+    """``durable gateway`` in its own process (routing through tests/helpers/routes.py), to kill -9."""
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
         self.settings = settings
@@ -65,8 +67,8 @@ class GatewayProcess:
         return f"ws://127.0.0.1:{self.port}"
 
     async def start(self, timeout: float = 20.0) -> None:
-        env = worker_env(self.settings, DURABLE_ROUTES="tests.routes:fetch", DURABLE_GATEWAY_PORT=str(self.port),
-                         DURABLE_HTTP_HOST="127.0.0.1",
+        env = worker_env(self.settings, DURABLE_ROUTES="tests.helpers.routes:fetch",
+                         DURABLE_GATEWAY_PORT=str(self.port), DURABLE_HTTP_HOST="127.0.0.1",
                          DURABLE_GATEWAY_HEARTBEAT_INTERVAL=str(self.settings.gateway_heartbeat_interval))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "durable.cli", "gateway"], env=env,
@@ -94,11 +96,6 @@ class GatewayProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-async def ask(ws: ClientConnection, cmd: dict[str, Any], timeout: float = 5.0) -> Any:
-    await ws.send(json.dumps(cmd))
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
 
 
 async def closes_of(stub: Any, n: int, timeout: float) -> tuple[list[dict[str, Any]], float]:

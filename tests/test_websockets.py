@@ -4,50 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import asyncpg
 import pytest
 from durable.client import Env
 from durable.core.config import AppConfig
 from durable.core.settings import Settings
-from durable.gateway import Gateway
-from durable.objects import Worker
-from durable.router.app import create_app
-from durable.testing.app import serve_asgi
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from . import routes
-from .conftest import WorkerFactory, assert_eventually
-
-
-@asynccontextmanager
-async def inproc_gateway(settings: Settings, config: AppConfig) -> AsyncIterator[tuple[str, Gateway]]:
-    """A gateway (the router app with WebSockets) in this process on a free port: (ws:// URL, Gateway)."""
-    app = create_app(settings, config, user_fetch=routes.fetch)
-    async with serve_asgi(app) as port:
-        yield f"ws://127.0.0.1:{port}", app.state.gateway
-
-
-@asynccontextmanager
-async def gateway(settings: Settings, config: AppConfig) -> AsyncIterator[str]:
-    """An in-process gateway; yields its ws:// base URL."""
-    async with inproc_gateway(settings, config) as (url, _):
-        yield url
-
-
-@pytest.fixture
-async def gw(worker: Worker, settings: Settings, config: AppConfig) -> AsyncIterator[str]:
-    async with gateway(settings, config) as url:
-        yield url
-
-
-async def ask(ws: ClientConnection, cmd: dict[str, Any], timeout: float = 5.0) -> Any:
-    await ws.send(json.dumps(cmd))
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+from tests.helpers.gateway import ask, gateway
+from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory
 
 
 async def test_an_accepted_socket_exchanges_frames_with_its_object(gw: str, env: Env) -> None:

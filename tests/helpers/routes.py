@@ -1,4 +1,4 @@
-"""The routing code of the tests' gateways (``DURABLE_ROUTES=tests.routes:fetch`` for subprocesses)."""
+"""The routing code of the tests' gateways (``DURABLE_ROUTES=tests.helpers.routes:fetch`` for subprocesses)."""
 
 from __future__ import annotations
 

@@ -26,9 +26,7 @@ from durable.core.config import AppConfig
 from durable.core.settings import Settings
 from durable.objects.ownership import SESSION_PREFIX
 
-from tests.conftest import worker_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.settings import ROOT, worker_env
 
 
 class ClusterWorker:

@@ -7,23 +7,19 @@ import base64
 import datetime as dt
 import json
 import re
-from collections.abc import AsyncIterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import msgpack
-import nats
-import pytest
 from durable.client import Env
 from durable.client.client import ERROR_CODE_HEADER, ERROR_HEADER
-from durable.core.embedded import EmbeddedNats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from referencing import Registry, Resource
 
-SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 MICRO_DIR = SCHEMA_DIR / "nats-micro-v1"
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -95,14 +91,6 @@ def decode_payload(data: bytes, headers: dict[str, str] | None) -> Any:
     if (headers or {}).get("Content-Type", "").startswith("application/json"):
         return json.loads(data)
     return json_view(msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext))
-
-
-@pytest.fixture
-async def raw_nc(nats_server: EmbeddedNats) -> AsyncIterator[NatsClient]:
-    """A plain nats-py connection: no durable client code in the way."""
-    nc = await nats.connect(nats_server.url, name="raw-test-client")
-    yield nc
-    await nc.close()
 
 
 async def raw_request(nc: NatsClient, subject: str, payload: bytes = b"",
