@@ -194,7 +194,7 @@ class Lifecycle(DurableObject):
         raise LookupError("an ordinary handler error")
 
 
-# ----- edge cases (tests/test_edge_cases.py) --------------------------------------------------
+# ----- edge cases (tests/objects/test_edge_cases.py) ------------------------------------------
 
 
 async def _until(condition: Any, what: str, timeout: float = 10.0) -> None:
@@ -208,9 +208,9 @@ async def _until(condition: Any, what: str, timeout: float = 10.0) -> None:
 
 
 class Edge(DurableObject):
-    """Drives the edge cases of tests/test_edge_cases.py. Those tests run the worker in the test's
-    process and event loop, so they steer an object through ``Edge.event(tag)`` and read what it
-    noted in ``Edge.notes[tag]`` (tags are unique per test)."""
+    """Drives the edge cases of tests/objects/test_edge_cases.py. Those tests run the worker in the
+    test's process and event loop, so they steer an object through ``Edge.event(tag)`` and read
+    what it noted in ``Edge.notes[tag]`` (tags are unique per test)."""
 
     events: dict[str, asyncio.Event] = {}
     notes: dict[str, list[Any]] = {}

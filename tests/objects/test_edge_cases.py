@@ -3,8 +3,8 @@
 Most of them hold a partition's ``do_partitions`` row ``FOR UPDATE`` from the test: every flush
 of the worker starts with a ``FOR SHARE`` fence on that row, so its flush waits there for as long
 as the test wants, and the test then fences it (bumps the epoch), fails it (terminates the
-waiting backend) or lets it commit. The objects (``Edge``, ``Booter`` in tests/objects.py) run
-in the test's own process and event loop, and are steered through ``Edge.event``/``Edge.notes``.
+waiting backend) or lets it commit. The objects (``Edge``, ``Booter`` in tests/helpers/objects.py)
+run in the test's own process and event loop, and are steered through ``Edge.event``/``Edge.notes``.
 """
 
 from __future__ import annotations

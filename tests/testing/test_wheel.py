@@ -18,7 +18,7 @@ import httpx
 import pytest
 from durable.core.embedded import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.settings import ROOT
 
 APP = '''
 """An app outside the library: one object class and the routing function."""

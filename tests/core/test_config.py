@@ -8,7 +8,7 @@ import pytest
 from durable.core.config import load_config
 from durable.core.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.settings import ROOT
 
 GOOD = """
 [bindings]
