@@ -525,6 +525,14 @@ async def test_a_transaction_refuses_every_operation_after_rollback(worker: Work
     assert await probe.storage("list") == {"keep": 1}
 
 
+async def test_a_second_rollback_does_nothing(worker: Worker, env: Env) -> None:
+    probe = env.PROBES.get_by_name("double-rollback")
+    await probe.storage("put", "keep", 1)
+    results = await probe.txn_ops([["put", ["a", 1], {}], ["rollback", [], {}], ["rollback", [], {}]])
+    assert results == [None, None, None]
+    assert await probe.storage("list") == {"keep": 1}
+
+
 # ----- sync and durability ---------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ from durable.core.settings import Settings
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.helpers.gateway import ask, gateway
+from tests.helpers.gateway import ask, gateway, recv_json
 from tests.helpers.waiting import assert_eventually
 from tests.helpers.workers import WorkerFactory
 
@@ -164,3 +164,29 @@ async def test_a_frame_an_object_sends_waits_for_its_writes(gw: str, settings: S
                 assert count == 1, f"frame for {key} arrived before its write was durable"
         finally:
             await conn.close()
+
+
+async def test_a_lone_surrogate_fails_the_frame_not_the_socket(gw: str, env: Env) -> None:
+    """Any object: a value or key refused by storage (StorageError), a text frame or close reason
+    refused by send()/close(): the handler fails, its socket stays open and the object is fine."""
+    async with connect(f"{gw}/sock/surrogate") as ws:
+        async def echo() -> None:
+            await ws.send(json.dumps({"op": "echo", "v": "still here"}))
+            assert await recv_json(ws) == {"echo": "still here"}
+
+        for bad in ({"op": "put_then_send", "key": "k", "v": "\ud800"},
+                    {"op": "put_then_send", "key": "\udfff", "v": 1},
+                    {"op": "close", "code": 1000, "reason": "\ud800"}):
+            await ws.send(json.dumps(bad))
+            await echo()
+        await ws.send(json.dumps({"op": "send_error", "v": "bad \ud800"}))
+        reply = await recv_json(ws)
+        assert "WebSocket send() cannot send this text frame" in reply["error"] and "lone surrogate" in reply["error"]
+        await ws.send(json.dumps({"op": "put_then_send", "key": "k", "v": "fine"}))
+        assert await recv_json(ws) == {"sent": "k"}
+    sock = env.SOCKS.get_by_name("surrogate")
+
+    async def closed_cleanly() -> bool:
+        return [c["code"] for c in await sock.closes()] == [1000]
+
+    await assert_eventually(closed_cleanly, timeout=5)

@@ -13,6 +13,7 @@ from durable.core.settings import Settings
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests.helpers.gateway import recv_json
 from tests.helpers.waiting import assert_eventually
 
 
@@ -131,3 +132,43 @@ async def test_the_chat_page_and_its_script_are_served(gw: str) -> None:
         script = await http.get("/static/chat.js")
         assert script.status_code == 200 and "class DurableChat" in script.text
         assert (await http.get("/static/../static.py")).status_code == 404
+
+
+# ----- ?userId= as the original specification's clients send it; lone surrogates ------------
+
+
+async def test_the_chat_room_accepts_userId_and_user(gw: str) -> None:
+    async with connect(f"{gw}/room/spec?userId=u1&name=Ada") as ada:
+        welcome = await recv_json(ada)
+        assert welcome["type"] == "welcome" and welcome["you"]["userId"] == "u1"
+        async with connect(f"{gw}/room/spec?user=u2&name=Bob") as bob:
+            assert [u["userId"] for u in (await recv_json(bob))["users"]] == ["u1", "u2"]
+            assert (await recv_json(ada))["type"] == "join"
+    with pytest.raises(InvalidStatus) as err:
+        async with connect(f"{gw}/room/spec?name=Cy"):
+            pass
+    assert err.value.response.status_code == 400 and b"missing userId or name" in err.value.response.body
+
+
+#: a JSON text frame is valid UTF-8, yet decodes to a str holding a lone surrogate
+BAD_CHAT_FRAME = '{"type": "message", "content": "\\ud800"}'
+
+
+async def test_a_lone_surrogate_in_a_chat_message_gets_an_error_frame(gw: str) -> None:
+    async with connect(f"{gw}/room/surrogate?userId=u1&name=Ada") as ada, \
+            connect(f"{gw}/room/surrogate?userId=u2&name=Bob") as bob:
+        assert (await recv_json(ada))["type"] == "welcome"
+        assert (await recv_json(ada))["type"] == "join"
+        assert (await recv_json(bob))["type"] == "welcome"
+        await ada.send(BAD_CHAT_FRAME)
+        error = await recv_json(ada)
+        assert error["type"] == "error" and "lone surrogate" in error["error"] and "\\ud800" in error["error"]
+        # the socket is still open, nothing was stored, the sequence did not move
+        await ada.send(json.dumps({"type": "message", "content": "hello"}))
+        for ws in (ada, bob):
+            m = await recv_json(ws)
+            assert (m["type"], m["seq"], m["content"]) == ("message", 1, "hello")
+        await ada.send(json.dumps({"type": "message", "content": "caf\u00e9 \U0001f600"}))  # real Unicode is fine
+        assert (await recv_json(bob))["content"] == "caf\u00e9 \U0001f600"
+    async with connect(f"{gw}/room/surrogate?userId=u3&name=Cy") as cy:
+        assert [m["content"] for m in (await recv_json(cy))["history"]] == ["hello", "caf\u00e9 \U0001f600"]
