@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from durable.core.embedded import EmbeddedNatsCluster, EmbeddedPostgres
+from durable.core.embedded import EmbeddedPostgres
 
+from tests.helpers.cluster import EmbeddedNatsCluster
 from tests.helpers.postgres import create_database, dedicated_postgres
 from tests.helpers.settings import PARTITIONS
 

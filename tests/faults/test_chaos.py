@@ -29,10 +29,11 @@ import asyncpg
 import pytest
 from durable.client import Client, Env
 from durable.core.config import AppConfig, load_config
-from durable.core.embedded import EmbeddedNatsCluster, EmbeddedPostgres
+from durable.core.embedded import EmbeddedPostgres
 from durable.core.settings import Settings
 from durable.core.subjects import partition_of
 
+from tests.helpers.cluster import EmbeddedNatsCluster
 from tests.helpers.faults import (
     ROOT,
     ClusterWorker,
