@@ -371,7 +371,7 @@ def test_second_ctrl_c_stops_at_once_and_leaves_nothing(make_dev: type[Dev], tmp
     dev.start("--workers", "2")
     procs = dev.wait_ready()
     dev.signal(signal.SIGINT)
-    time.sleep(0.05)
+    time.sleep(0.05)  # a user's second Ctrl-C, right after the first
     dev.signal(signal.SIGINT)
     assert dev.wait(30) in (0, 130)  # 0: the orderly stop was done before the second one came
     assert not wait_gone(procs), _kinds(procs)

@@ -32,7 +32,8 @@ async def test_reconnecting_after_a_first_connect_is_never_given_up(tmp_path: Pa
     async with EmbeddedNats(tmp_path / "nats", port=port, partitions=1) as first:
         client = await Client.connect(Settings(nats_url=first.url, nats_connect_timeout=1))
     try:
-        await asyncio.sleep(3)  # down for longer than the first connect may take
+        # down for longer than the first connect may take: the client must not give up meanwhile
+        await asyncio.sleep(3)
         assert not client.nc.is_closed
         async with EmbeddedNats(tmp_path / "nats", port=port, partitions=1):
             async def reconnected() -> bool:

@@ -131,7 +131,7 @@ async def test_alarms_of_a_killed_owner_run_on_the_worker_that_takes_over(
             a.pause()
         killed_ms = now_ms()
         assert killed_ms < base, f"arming took too long: stopped {killed_ms - base} ms after the first alarm was due"
-        if how != "kill9":
+        if how != "kill9":  # paused past the first due times (the fault's timing), then killed
             await asyncio.sleep((base + 1500 - now_ms()) / 1000)
             await a.kill9()
 
@@ -207,8 +207,9 @@ async def test_pending_alarms_run_after_nats_server_restarts_with_its_store(
                 await asyncio.to_thread(proc.wait)
             stopped_ms = now_ms()
             assert stopped_ms < min(due.values()), "the server was stopped after the first alarm was due"
+            # down until the early alarms are overdue (the fault's length): nothing could wake them,
+            # so they have not run
             await asyncio.sleep(max(0.0, (base + 2500 - now_ms()) / 1000))
-            # nothing could wake them: the early alarms are overdue and have not run
             assert not any((await stored_runs(conn, [st.id.hex for st in early])).values())
             await server.start()
             restarted_ms = now_ms()
@@ -216,7 +217,7 @@ async def test_pending_alarms_run_after_nats_server_restarts_with_its_store(
             assert restarted_ms < min(due[st.id.hex] for st in later)
 
             runs = await wait_all_ran(conn, ids, timeout=25)
-            await asyncio.sleep(1.5)
+            await asyncio.sleep(1.5)  # a late duplicate would show up here
             runs = await stored_runs(conn, ids)
             duplicates = check_runs({st.id.hex: runs[st.id.hex] for st in early},
                                     {st.id.hex: due[st.id.hex] for st in early}, after_ms=restarted_ms)
@@ -274,7 +275,7 @@ async def test_an_alarm_whose_schedule_jetstream_lost_is_run_by_the_sweep(
         assert now_ms() < due[lost.id.hex], "purged too late: the wake-up may have fired already"
 
         runs = await wait_all_ran(conn, list(due), timeout=15)
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # a late duplicate would show up here
         runs = await stored_runs(conn, list(due))
         assert check_runs(runs, due) == 0, runs
         lateness = runs[lost.id.hex][0]["at"] - due[lost.id.hex]

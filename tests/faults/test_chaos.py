@@ -130,7 +130,8 @@ def summarise(tally: Tally) -> str:
 
 class Chaos:
     """Injects faults one after another, in an order drawn from a seeded RNG, until time is up;
-    each fault is healed (worker restarted or resumed, server restarted) before the next."""
+    each fault is healed (worker restarted or resumed, server restarted) before the next. Its
+    sleeps are the schedule: how long a fault lasts and the gap before the next one."""
 
     KINDS = ("kill -9 worker", "SIGSTOP worker", "restart postgres", "stop nats node")
 
@@ -214,11 +215,11 @@ async def test_chaos_keeps_every_acknowledged_increment_and_one_owner_per_epoch(
     chaos = Chaos(random.Random(SEED), workers, nats_cluster, fault_postgres, LEASE_TTL)
     try:
         load.start()
-        await asyncio.sleep(2.0)  # steady state first
+        await load.acknowledged(OBJECTS)  # steady state first
         await chaos.run(CHAOS_SECONDS)
         healed_at = time.monotonic()
-        # every fault is healed: serving must resume; the load keeps going a little
-        await asyncio.sleep(4.0)
+        # every fault is healed: serving must resume
+        await load.acknowledged(1, since=healed_at, timeout=4.0)
         await load.stop()
         await wait_all_owned(fault_database_url, settings, 30)
         await wait_balanced(fault_database_url, settings, [w.worker_id for w in workers], 30)
@@ -286,7 +287,7 @@ async def test_paused_owner_is_replaced_and_commits_nothing_under_its_lost_epoch
                          lambda n: env.COUNTERS.id_from_name(n).hex, settings.partitions)
         load = Load(clients, app_config, names, per_client=2, seed=SEED + 1)
         load.start()
-        await asyncio.sleep(1.0)
+        await load.acknowledged(len(names))  # the load is going on the partitions about to be lost
 
         victim.pause()
         paused_at = time.monotonic()
@@ -321,7 +322,7 @@ async def test_paused_owner_is_replaced_and_commits_nothing_under_its_lost_epoch
         while not await stepped_down():
             assert time.monotonic() - resumed_at < 5, "the resumed worker did not step down"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(6 * HEARTBEAT)  # room for stale work to (wrongly) commit
+        await asyncio.sleep(6 * HEARTBEAT)  # room for stale work to (wrongly) commit: nothing may
         await load.stop()
         stale = await conn.fetch(
             "SELECT partition, epoch, committed_at FROM do_commit_audit a "
@@ -357,20 +358,20 @@ async def test_postgres_restart_under_load_loses_nothing_acknowledged(
     load = Load(clients, app_config, [f"pg-restart-{i}" for i in range(60)], per_client=3, seed=SEED + 2)
     try:
         load.start()
-        await asyncio.sleep(2.0)
+        await load.acknowledged(60)  # the load is going
         conn = await asyncpg.connect(fault_database_url)
         before = await owners(conn)
         await conn.close()
         stopped_at = time.monotonic()
         await fault_postgres.stop()
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # how long Postgres stays down: the fault
         await fault_postgres.start()
         up_at = time.monotonic()
         while not any(t > up_at for t in load.tally.ack_times):
             assert time.monotonic() - up_at < 20, "no increment acknowledged after Postgres came back"
             await asyncio.sleep(0.02)
         resumed = min(t for t in load.tally.ack_times if t > up_at) - up_at
-        await asyncio.sleep(2.0)
+        await load.acknowledged(60, since=up_at)  # the load goes on against the restarted server
         await load.stop()
         await wait_all_owned(fault_database_url, settings, 20)
         await wait_balanced(fault_database_url, settings, [w.worker_id for w in workers], 20)
@@ -413,7 +414,7 @@ async def test_losing_one_nats_node_clients_and_workers_reconnect_and_serving_re
         part = partition_of(stub.id.hex, settings.partitions)
         assert await stub.increment() == 1
         load.start()
-        await asyncio.sleep(1.5)
+        await load.acknowledged(60)  # the load is going
 
         await node.stop()
         stopped_at = time.monotonic()
@@ -432,9 +433,9 @@ async def test_losing_one_nats_node_clients_and_workers_reconnect_and_serving_re
         assert clients[0].nc.is_connected and url is not None and url.port != node.port
         # the same worker, same epoch: it reconnected to another node instead of failing over
         assert (await owners(conn))[part] == before[part]
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # the load goes on with the node down a while longer: the fault
         await nats_cluster.start_node(0)
-        await asyncio.sleep(1.5)
+        await load.acknowledged(60, since=time.monotonic())  # and goes on with the node back
         await load.stop()
         acked_while_down = sum(1 for t in load.tally.ack_times if t >= stopped_at)
         assert acked_while_down > 0

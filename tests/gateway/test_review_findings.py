@@ -145,10 +145,12 @@ async def test_a_worker_side_nats_stall_does_not_close_the_sockets_of_a_live_gat
         await worker.wait_ready()
         async with inproc_gateway(fast, config) as (gw, _), connect(f"{gw}/sock/stall?user=ada") as ws:
             assert await ask(ws, {"op": "echo", "v": 1}) == {"echo": 1}
-            await asyncio.sleep(1.5)  # past the watch's start-up grace; the gateway beats every 0.2 s
-            proxy.freeze()  # the worker's NATS path stalls for 2.5 s; the gateway and its client are fine
-            await asyncio.sleep(2.5)
+            # past the watch's start-up grace: it judges gateways now (the gateway beats every 0.2 s)
+            await assert_eventually(worker.gateways.link_trusted, timeout=10, message="the watch trusts its link")
+            proxy.freeze()  # the worker's NATS path stalls; the gateway and its client are fine
+            await asyncio.sleep(2.5)  # the stall lasts 2.5 gateway timeouts: that long is the fault
             proxy.thaw()
+            # what was held back arrives now: room for the watch to (wrongly) close the socket
             await asyncio.sleep(0.5)
             sock = env.SOCKS.get_by_name("stall")
             closes = await sock.closes()
@@ -180,7 +182,7 @@ async def test_a_fetch_that_raises_after_accepting_leaves_no_registered_socket(
 
 async def test_a_client_gone_during_a_slow_accept_is_closed_for_the_object(
         review_worker: StartWorker, settings: Settings, config: AppConfig, env: Env) -> None:
-    await review_worker()
+    worker = await review_worker()
     async with inproc_gateway(settings, config) as (gw, gateway):
         port = int(gw.rsplit(":", 1)[1])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -188,11 +190,15 @@ async def test_a_client_gone_during_a_slow_accept_is_closed_for_the_object(
                      b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                      b"Sec-WebSocket-Version: 13\r\n\r\n")
         await writer.drain()
-        await asyncio.sleep(0.3)
+        # the upgrade reached the object (its instance is up), which takes 1 s to accept it
+        await assert_eventually(worker.live_objects, timeout=5, message="the upgrade reaches the object")
         writer.close()  # the user navigated away while the object was still accepting
         sock = env.SOCKS.get_by_name("slow")
 
-        await asyncio.sleep(3.0)  # the object accepts after 1 s; the gateway then tries to complete the upgrade
+        # the object accepts after 1 s; the gateway tries to complete the upgrade, finds the
+        # client gone and closes the socket for the object
+        closes = await assert_eventually(sock.closes, timeout=10, message="a websocket_close for the object")
+        assert [c["code"] for c in closes] == [1006], closes
         listed = await sock.sockets()
         assert not gateway.conns and listed == [], (
             f"client gone: the gateway still holds Conns {list(gateway.conns)}, the object lists sockets {listed}")
@@ -247,7 +253,7 @@ async def test_a_malformed_gateway_operation_does_not_silence_a_socket(
         await gateway.nc.publish(gateway_subject(settings.deployment_key, gateway.id),
                                  codec.dumps({"ops": [["send", [sid], 5]]}, False))
         await gateway.nc.flush()
-        await asyncio.sleep(0.2)
-        assert not gateway.conns[sid].writer.done(), "the socket's writer task died on the malformed op"
+        # the echo comes back on the same subject, after the malformed op, through the same writer
         assert await ask(ws, {"op": "echo", "v": 2}, timeout=3) == {"echo": 2}
+        assert not gateway.conns[sid].writer.done(), "the socket's writer task died on the malformed op"
 

@@ -27,6 +27,7 @@ from durable.core.settings import Settings
 from durable.objects.ownership import SESSION_PREFIX
 
 from tests.helpers.settings import ROOT, worker_env
+from tests.helpers.waiting import assert_eventually
 
 
 class ClusterWorker:
@@ -269,13 +270,21 @@ class Load:
             except Exception as exc:  # noqa: BLE001 - attempted, outcome unknown; the load goes on
                 tally.errors[type(exc).__name__] += 1
                 tally.samples.setdefault(type(exc).__name__, str(exc)[:300])
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # back off a little, as a client would, and try again
                 continue
             tally.acked[oid] += 1
             tally.max_value[oid] = max(tally.max_value.get(oid, 0), int(value))
             tally.ack_times.append(time.monotonic())
             if self.pace:
-                await asyncio.sleep(self.pace)
+                await asyncio.sleep(self.pace)  # the load's pace between increments, when asked for
+
+    async def acknowledged(self, count: int, since: float | None = None, timeout: float = 20.0) -> None:
+        """Until ``count`` increments were acknowledged (after ``since``, a ``time.monotonic()``)."""
+        def enough() -> bool:
+            times = self.tally.ack_times
+            return (len(times) if since is None else sum(1 for t in times if t >= since)) >= count
+
+        await assert_eventually(enough, timeout, f"{count} increments acknowledged")
 
     async def stop(self, grace: float = 15.0) -> None:
         """Stop issuing; let the calls in flight finish (a cancelled one stays "attempted")."""
@@ -303,7 +312,7 @@ async def read_through_stubs(stubs: Sequence[Stub], attempts: int = 5) -> dict[s
             except Exception:  # noqa: BLE001
                 if attempt == attempts - 1:
                     raise
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # a retry's back-off: the cluster is settling
         raise AssertionError("unreachable")
 
     values = await asyncio.gather(*(one(s) for s in stubs))

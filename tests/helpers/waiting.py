@@ -29,3 +29,18 @@ async def assert_eventually(check: Callable[[], Awaitable[T] | T], timeout: floa
         if time.monotonic() >= deadline:
             raise AssertionError(f"{message} did not hold within {timeout}s (last: {value!r})")
         await asyncio.sleep(interval)
+
+
+async def assert_stays(check: Callable[[], Awaitable[T] | T], seconds: float,
+                       message: str = "condition", interval: float = 0.1) -> None:
+    """``check()`` holds (returns something truthy) each time it is asked for ``seconds``: the
+    one place a test sleeps on purpose, to show that something does *not* happen in that time."""
+    end = time.monotonic() + seconds
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        assert value, f"{message} stopped holding (got {value!r})"
+        if time.monotonic() >= end:
+            return
+        await asyncio.sleep(interval)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -12,10 +11,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+import nats
 from durable.core.settings import Settings
+from durable.core.subjects import request_subject
 from durable.objects import Worker
 
 from .settings import ROOT, worker_env
+from .waiting import assert_eventually
 
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
@@ -57,11 +59,12 @@ class WorkerProcess:
 
 
 async def wait_until_partitions_owned(settings: Settings, timeout: float) -> None:
-    """Until every partition has an owner holding its advisory lock (as seen in pg_locks)."""
+    """Until every partition has an owner holding its advisory lock (as seen in pg_locks) and
+    subscribed to its subject (a request there is answered, if only with an error)."""
     deadline = time.monotonic() + timeout
     conn = await asyncpg.connect(settings.database_url)
     try:
-        while time.monotonic() < deadline:
+        async def locked() -> bool:
             try:
                 held = await conn.fetchval(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
@@ -70,10 +73,21 @@ async def wait_until_partitions_owned(settings: Settings, timeout: float) -> Non
                 )
             except asyncpg.UndefinedTableError:
                 held = 0
-            if held >= settings.partitions:
-                await asyncio.sleep(0.2)  # subscriptions follow the lock within one flush
-                return
-            await asyncio.sleep(0.05)
+            return held >= settings.partitions
+
+        await assert_eventually(locked, timeout, "every partition locked by an owner")
     finally:
         await conn.close()
-    raise TimeoutError(f"partitions not owned within {timeout}s")
+    nc = await nats.connect(settings.nats_url)
+    try:
+        async def subscribed() -> bool:
+            for p in range(settings.partitions):
+                try:
+                    await nc.request(request_subject(p, "Probe", "0" * 64, "rpc.ping"), b"", timeout=2)
+                except nats.errors.NoRespondersError:
+                    return False
+            return True
+
+        await assert_eventually(subscribed, max(0.0, deadline - time.monotonic()), "every partition subscribed")
+    finally:
+        await nc.close()

@@ -13,7 +13,7 @@ from durable.core.errors import RemoteError
 from durable.core.settings import Settings
 from durable.objects import Worker
 
-from tests.helpers.waiting import assert_eventually
+from tests.helpers.waiting import assert_eventually, assert_stays
 from tests.helpers.workers import WorkerFactory
 
 
@@ -51,9 +51,7 @@ async def test_an_alarm_fires_once_at_its_time_and_is_then_cleared(worker: Worke
     assert runs[0]["at"] >= when
     assert runs[0]["inside"] is None  # get_alarm() inside the running handler
     assert await a.get_alarm() is None
-    time_after = time.monotonic()
-    while time.monotonic() - time_after < 1.0:
-        assert len(await a.runs()) == 1
+    await _stays(a, 1, 1.0)
 
 
 async def test_a_new_alarm_replaces_the_old_one(worker: Worker, env: Env) -> None:
@@ -215,17 +213,11 @@ async def test_delete_alarm_inside_a_failing_handler_prevents_the_retry(
 
 
 async def _stays(stub: Any, count: int, seconds: float) -> None:
-    """The object's run count stays ``count`` for ``seconds``."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        assert len(await stub.runs()) == count
-        await _sleep(0.1)
+    """The object's run count stays ``count`` for ``seconds`` (no late or duplicate run)."""
+    async def runs_are_count() -> bool:
+        return len(await stub.runs()) == count
 
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
+    await assert_stays(runs_are_count, seconds, message=f"{count} alarm runs")
 
 
 async def test_a_stale_or_duplicate_wake_up_is_acknowledged_and_ignored(worker: Worker, env: Env,
@@ -279,3 +271,4 @@ def test_the_start_up_check_names_the_version_found(version: str, jetstream: boo
         assert problem is None
     else:
         assert problem is not None and expect in problem and version in problem
+

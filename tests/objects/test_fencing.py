@@ -112,6 +112,8 @@ async def test_paused_owner_loses_its_lease_and_never_commits_after_takeover(
         # an event in the middle of its handler when the owner is paused: on resume it must not
         # commit (the lease check resets it first, or its flush under the old epoch fails the fence)
         stale = [asyncio.create_task(probes[0].put_after({"k": "stale-in-flight", "k2": "stale"}, 300))]
+        # into the middle of that 300 ms handler: nothing of it shows outside the worker's process
+        # until it writes, so the pause is placed by time (the fault's timing, not a wait)
         await asyncio.sleep(0.1)
         old.kill(signal.SIGSTOP)
         # requests the paused owner receives but can only look at after it resumes

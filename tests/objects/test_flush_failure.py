@@ -189,7 +189,7 @@ async def test_flush_on_a_killed_connection_resets_the_object_with_an_error_repl
             await conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND pid <> pg_backend_pid() AND application_name NOT LIKE 'durable-owner:%'")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the next round of the fault, until every writer met it
         results = [t.result() for t in load]
         assert any(acked > 0 for acked, *_ in results), "no batch was committed before the failures"
         for *_, error in results:

@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.helpers.gateway import ask, gateway, recv_json
-from tests.helpers.waiting import assert_eventually
+from tests.helpers.waiting import assert_eventually, assert_stays
 from tests.helpers.workers import WorkerFactory
 
 
@@ -85,9 +85,13 @@ async def test_the_object_closes_a_socket_with_its_code(gw: str, env: Env) -> No
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 5)
         assert ws.close_code == 4001 and ws.close_reason == "bye"
-    await asyncio.sleep(0.3)
-    assert await env.SOCKS.get_by_name("closer").closes() == []  # no event for its own close
-    assert await env.SOCKS.get_by_name("closer").sockets() == []
+    closer = env.SOCKS.get_by_name("closer")
+
+    async def no_close_event() -> bool:  # no event for its own close, even once the client is gone
+        return await closer.closes() == []
+
+    await assert_stays(no_close_event, 0.3, message="no websocket_close for the object's own close")
+    assert await closer.sockets() == []
 
 
 async def test_tag_and_attachment_limits(gw: str, env: Env) -> None:
@@ -142,8 +146,8 @@ async def test_sockets_survive_eviction_with_tags_and_attachments(
         async with connect(f"{gw}/sock/hibernate?tags=t1&user=bob") as a, \
                 connect(f"{gw}/sock/hibernate?tags=t2&user=eve") as b:
             first = await ask(a, {"op": "whoami"})
-            await asyncio.sleep(1.5)  # idle: the instance is evicted, the sockets stay open
-            assert worker.live_objects() == 0
+            # idle: the instance is evicted, the sockets stay open
+            await assert_eventually(lambda: worker.live_objects() == 0, timeout=10, message="eviction")
             me = await ask(b, {"op": "whoami"})
             assert me["instance"] != first["instance"]
             assert me["count"] == 2 and me["tags"] == ["t2"] and me["attachment"] == {"user": "eve"}
@@ -190,3 +194,4 @@ async def test_a_lone_surrogate_fails_the_frame_not_the_socket(gw: str, env: Env
         return [c["code"] for c in await sock.closes()] == [1000]
 
     await assert_eventually(closed_cleanly, timeout=5)
+

@@ -1,41 +1,24 @@
-"""The router over real HTTP: uvicorn serving the ASGI app, user routes calling objects."""
+"""The router over real HTTP: uvicorn serving the ASGI app, user routes calling objects. The API's
+rate limit is a sliding window (100 requests in any 60 s), so a count may start at any time."""
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 from durable.client import Client
 from durable.core.config import AppConfig
-from durable.core.embedded import free_port
 from durable.core.settings import Settings
 from durable.objects import Worker
 from durable.router.app import create_app
+from durable.testing.app import serve_asgi
 
 
 @pytest.fixture
 async def http(worker: Worker, settings: Settings, config: AppConfig,
                client: Client) -> AsyncIterator[httpx.AsyncClient]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, config, client=client), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if task.done():  # it gave up (the port was taken, the app failed its startup): say why
-            task.result()
-            pytest.fail("uvicorn stopped before it started serving")
-        if time.monotonic() > deadline:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            pytest.fail(f"uvicorn did not start serving on port {port} within 10s")
-        await asyncio.sleep(0.01)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http_client:
+    async with serve_asgi(create_app(settings, config, client=client)) as port, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http_client:
         yield http_client
-    server.should_exit = True
-    await task
 
 
 async def test_a_counter_increments_over_http(http: httpx.AsyncClient) -> None:
@@ -60,15 +43,7 @@ async def test_unrouted_paths_answer_404(http: httpx.AsyncClient) -> None:
     assert r.status_code == 404 and r.text == "Not found"
 
 
-async def _inside_one_window(needed: float = 15.0) -> None:
-    """The limiter's windows are wall-clock minutes: start a count far enough from an edge."""
-    left = 60.0 - time.time() % 60.0
-    if left < needed:
-        await asyncio.sleep(left + 0.1)
-
-
 async def test_api_is_rate_limited_to_100_requests_a_minute_per_client(http: httpx.AsyncClient) -> None:
-    await _inside_one_window()
     statuses = [(await http.get(f"/api/item/{i}")).status_code for i in range(100)]
     assert statuses == [200] * 100
     over = await http.get("/api/item/100")
@@ -84,7 +59,6 @@ async def test_the_rate_limiter_counts_per_client_ip(worker: Worker, client: Cli
     from durable.core.http import Request
 
     env = Env(client, config)
-    await _inside_one_window()
     limiter = env.RATE_LIMITER.get_by_name("198.51.100.7")
     verdicts = [await limiter.check() for _ in range(101)]
     assert [v["allowed"] for v in verdicts] == [True] * 100 + [False]

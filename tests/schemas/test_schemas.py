@@ -8,7 +8,6 @@ the stub's inbox get theirs as usual, so nothing in the path is replaced or slow
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import hashlib
@@ -33,6 +32,7 @@ from durable.objects import Worker
 from nats.aio.client import Client as NatsClient
 
 from tests.helpers.settings import PARTITIONS
+from tests.helpers.waiting import assert_eventually
 from tests.helpers.wire import (
     JSON_HEADERS,
     MICRO_DIR,
@@ -294,7 +294,12 @@ async def test_websocket_and_alarm_traffic_matches_schemas(worker: Worker, env: 
             await ws.send(json.dumps({"op": "broadcast", "v": "all"}))
             await ws.recv()
         await env.ALARMERS.get_by_name("schemas").arm(60_000)
-        await asyncio.sleep(settings.gateway_heartbeat_interval + 0.2)
+
+        async def beat_and_schedule_tapped() -> bool:
+            return beats.pending_msgs > 0 and schedules.pending_msgs > 0
+
+        await assert_eventually(beat_and_schedule_tapped, timeout=settings.gateway_heartbeat_interval + 5,
+                                message="a gateway heartbeat and the alarm's schedule on the tap")
     kinds = set()
     for msg in await _drain(events):
         kinds.add(msg.subject.rsplit(".", 1)[1])

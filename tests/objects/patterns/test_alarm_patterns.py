@@ -39,13 +39,17 @@ async def test_a_session_expires_by_its_alarm_and_leaves_nothing(worker: Worker,
     assert await s.get() is None
 
 
-async def test_using_a_session_renews_it(worker: Worker, env: Env) -> None:
+async def test_using_a_session_renews_it(worker: Worker, env: Env, settings: Settings) -> None:
     s = env.SESSIONS.get_by_name("renewed")
     await s.start({"n": 1}, 1.0)
-    for _ in range(6):  # 2.4 s of use, each well inside the ttl
+    for _ in range(6):  # 2.4 s of use, each well inside the ttl: the pace of a user, kept
         await asyncio.sleep(0.4)
         assert await s.get() is not None, "a session in use expired"
-    await asyncio.sleep(2.5)
+
+    async def expired() -> bool:  # read from Postgres: a get() would renew the session
+        return await stored_rows(settings, s.id.hex) == 0
+
+    await assert_eventually(expired, timeout=8, message="the unused session expires")
     assert await s.get() is None
 
 
@@ -67,7 +71,7 @@ async def test_the_rate_limiter_window_is_cleaned_up_by_its_alarm(worker: Worker
                                                                   settings: Settings) -> None:
     limiter = env.QUICK_LIMITERS.get_by_name("203.0.113.9")
     for _ in range(10):  # four checks inside one 1-second window (a slow machine may cross one)
-        while time.time() % 1.0 > 0.2:
+        while time.time() % 1.0 > 0.2:  # until early in a wall-clock second
             await asyncio.sleep(0.01)
         verdicts = [await limiter.check() for _ in range(4)]
         if len({v["reset_ms"] for v in verdicts}) == 1:

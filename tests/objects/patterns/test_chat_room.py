@@ -49,9 +49,10 @@ async def test_a_reconnecting_client_gets_exactly_what_it_missed(gw: str) -> Non
             ChatClient(gw, "resume", "u2", "Bob", backoff_base=0.5) as bob:
         await ada.send("one")
         assert (await bob.next_event("message"))["content"] == "one"
-        assert bob._ws is not None
-        bob._ws.transport.abort()  # the connection drops without a close frame
-        await asyncio.sleep(0.05)
+        dropped = bob._ws
+        assert dropped is not None
+        dropped.transport.abort()  # the connection drops without a close frame
+        await assert_eventually(lambda: bob._ws is not dropped, timeout=5, message="Bob's client notices the drop")
         for text in ("two", "three", "four"):
             await ada.send(text)
         got = [(await bob.next_event("message", timeout=15))["content"] for _ in range(3)]
