@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -12,6 +12,7 @@ from durable.client import Env
 from durable.core.errors import RemoteError
 from durable.core.settings import Settings
 from durable.objects import Worker
+from durable.objects.alarms import RETRY_JITTER, alarm_time_ms, at_header, retry_delay
 
 from tests.helpers.waiting import assert_eventually, assert_stays
 from tests.helpers.workers import WorkerFactory
@@ -262,6 +263,10 @@ async def test_a_stale_or_duplicate_wake_up_is_acknowledged_and_ignored(worker: 
     ("2.10.24", False, "need nats-server 2.12 or later"),
     ("2.15.1", False, "runs without JetStream"),
     ("weird", True, "not a version number"),
+    ("2", True, "not a version number"),
+    ("", True, "not a version number"),
+    ("2.12.0-RC.3", True, None),
+    ("2.12.0-RC.3", False, "runs without JetStream"),
 ])
 def test_the_start_up_check_names_the_version_found(version: str, jetstream: bool, expect: str | None) -> None:
     from durable.objects.alarms import schedule_support_problem
@@ -272,3 +277,42 @@ def test_the_start_up_check_names_the_version_found(version: str, jetstream: boo
     else:
         assert problem is not None and expect in problem and version in problem
 
+
+# ----- retry delays, alarm times and schedule headers, without a worker -------------------------
+
+
+@pytest.mark.parametrize("retry", range(12))
+def test_retry_delays_double_up_to_a_cap_with_at_most_a_quarter_of_jitter(retry: int) -> None:
+    expected = 0.5 * 2 ** min(retry, 9)
+    delays = [retry_delay(retry, 0.5) for _ in range(200)]
+    assert all(expected <= d <= expected * (1 + RETRY_JITTER) for d in delays), (min(delays), max(delays))
+    assert len(set(delays)) > 1  # jittered, so retries of many objects do not line up
+
+
+@pytest.mark.parametrize(("ms", "header"), [
+    (1, "@at 1970-01-01T00:00:00.001Z"),
+    (1_700_000_000_123, "@at 2023-11-14T22:13:20.123Z"),
+    (1_700_000_000_000, "@at 2023-11-14T22:13:20.000Z"),
+    (4_102_444_799_999, "@at 2099-12-31T23:59:59.999Z"),
+])
+def test_the_schedule_header_is_rfc3339_utc_with_milliseconds(ms: int, header: str) -> None:
+    assert at_header(ms) == header
+
+
+def test_alarm_times_are_epoch_ms_or_aware_datetimes() -> None:
+    assert alarm_time_ms(1_700_000_000_123) == 1_700_000_000_123
+    assert alarm_time_ms(1_700_000_000_123.9) == 1_700_000_000_123
+    at = datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)
+    assert alarm_time_ms(at) == 1_700_000_000_123
+    assert alarm_time_ms(at.astimezone(timezone(timedelta(hours=-5)))) == 1_700_000_000_123
+
+
+@pytest.mark.parametrize(("when", "message"), [
+    (datetime(2030, 1, 1), "timezone-aware"),
+    (0, "<= 0"), (-5, "<= 0"), (0.4, "<= 0"),
+    (float("nan"), "finite"), (float("inf"), "finite"), (float("-inf"), "finite"),
+    (True, "not bool"), ("soon", "not str"), (None, "not NoneType"),
+])
+def test_bad_alarm_times_are_refused_with_the_reason(when: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        alarm_time_ms(when)

@@ -12,6 +12,7 @@ import pytest
 from durable.client import Env
 from durable.core.errors import StorageError
 from durable.objects import Worker
+from durable.objects.storage import ListRange, _prefix_end
 
 from tests.helpers.waiting import assert_eventually
 from tests.helpers.workers import WorkerFactory
@@ -335,3 +336,83 @@ async def test_a_full_listing_followed_by_writes_and_bounded_listings_stays_corr
     assert list((await probe.storage("get", ["", "aa", "abd", "missing"])).items()) == [
         ("aa", "new-aa"), ("abd", "changed-abd"),
     ]
+
+
+# ----- ListRange and _prefix_end: the options as a byte range, without a worker -----------------
+
+
+@pytest.mark.parametrize(("prefix", "end"), [
+    (b"a", b"b"), (b"ab", b"ac"), (b"a\xfe", b"a\xff"), (b"a\xff", b"b"), (b"ab\xff\xff", b"ac"),
+    (b"\xff", None), (b"\xff\xff\xff", None), (b"", None), (b"\x00", b"\x01"),
+])
+def test_prefix_end_is_the_smallest_key_past_every_key_with_the_prefix(prefix: bytes, end: bytes | None) -> None:
+    assert _prefix_end(prefix) == end
+    for key in (prefix, prefix + b"\x00", prefix + b"\xff" * 3):
+        assert end is None or key < end
+
+
+def _range(**options: Any) -> ListRange:
+    values: dict[str, Any] = {"start": None, "start_after": None, "end": None, "prefix": None,
+                              "reverse": False, "limit": None}
+    values.update(options)
+    return ListRange(**values)
+
+
+def test_list_range_without_options_is_everything() -> None:
+    r = _range()
+    assert (r.lo, r.hi, r.reverse, r.limit, r.empty) == (b"", None, False, None, False)
+    assert r.contains(b"") and r.contains(b"\xff" * 10)
+
+
+def test_list_range_start_is_inclusive_end_exclusive_and_start_after_exclusive() -> None:
+    r = _range(start="b", end="d")
+    assert (r.lo, r.hi) == (b"b", b"d")
+    assert r.contains(b"b") and r.contains(b"c\xff") and not r.contains(b"d") and not r.contains(b"a\xff")
+    r = _range(start_after="b", end="d")
+    assert r.lo == b"b\x00"
+    assert not r.contains(b"b") and r.contains(b"b\x00") and r.contains(b"b\x00\x00")
+
+
+def test_list_range_prefix_bounds_both_ends_and_meets_start_and_end() -> None:
+    r = _range(prefix="ab")
+    assert (r.lo, r.hi) == (b"ab", b"ac")
+    assert r.contains(b"ab") and r.contains(b"ab\xff") and not r.contains(b"aa\xff") and not r.contains(b"ac")
+    assert (_range(prefix="ab", start="a").lo, _range(prefix="ab", start="abc").lo) == (b"ab", b"abc")
+    assert _range(prefix="ab", end="abc").hi == b"abc" and _range(prefix="ab", end="b").hi == b"ac"
+    assert _range(prefix="ab", start="b").empty  # a start past the prefix: nothing, not an error
+    assert _range(prefix="ab", start_after="ab").lo == b"ab\x00"
+    # the largest code point: its UTF-8 is not 0xff-padded, so the prefix still has an end
+    top = _range(prefix="\U0010ffff")
+    assert (top.lo, top.hi) == (b"\xf4\x8f\xbf\xbf", b"\xf4\x8f\xbf\xc0")
+    assert _range(prefix="").hi is None and _range(prefix="").lo == b""  # an empty prefix bounds nothing
+
+
+@pytest.mark.parametrize(("start", "end", "empty"), [("b", "b", True), ("c", "b", True), ("b", "b\x00", False)])
+def test_list_range_with_end_at_or_before_start_is_empty(start: str, end: str, empty: bool) -> None:
+    assert _range(start=start, end=end).empty is empty
+
+
+def test_list_range_keeps_reverse_and_limit_and_allows_long_bounds() -> None:
+    r = _range(reverse=1, limit=3)
+    assert r.reverse is True and r.limit == 3
+    long = "k" * 5000  # bounds are not keys: no size limit
+    assert _range(start=long, end=long + "z").lo == long.encode()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"start": "a", "start_after": "a"}, "both start and start_after"),
+    ({"limit": 0}, "List limit must be positive"),
+    ({"limit": -1}, "List limit must be positive"),
+    ({"limit": True}, "List limit must be positive"),
+    ({"limit": 1.5}, "List limit must be positive"),
+    ({"limit": "3"}, "List limit must be positive"),
+    ({"start": 5}, "option start must be a str, not int"),
+    ({"start_after": b"a"}, "option start_after must be a str, not bytes"),
+    ({"end": ["a"]}, "option end must be a str, not list"),
+    ({"prefix": 1}, "option prefix must be a str, not int"),
+    ({"prefix": "a\ud800"}, "lone surrogate"),
+    ({"end": "\udfff"}, "lone surrogate"),
+])
+def test_list_range_refuses_bad_options_with_a_storage_error(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(StorageError, match=message):
+        _range(**options)

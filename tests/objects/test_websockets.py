@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import asyncpg
 import pytest
 from durable.client import Env
+from durable.core import codec
 from durable.core.config import AppConfig
 from durable.core.settings import Settings
+from durable.objects.websockets import GATEWAY_MESSAGE_BUDGET, split_ops
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -195,3 +198,35 @@ async def test_a_lone_surrogate_fails_the_frame_not_the_socket(gw: str, env: Env
 
     await assert_eventually(closed_cleanly, timeout=5)
 
+
+# ----- split_ops: one gateway's operations cut into NATS messages, without a worker -------------
+
+
+def _send(n_sockets: int, size: int, tag: int = 0) -> list[Any]:
+    return ["send", [f"{tag:08x}{i:024x}" for i in range(n_sockets)], "x" * size]
+
+
+def test_split_ops_keeps_the_order_and_fits_every_message_in_the_budget() -> None:
+    ops: list[list[Any]] = []
+    for i in range(3000):
+        ops.append(_send(1 + i % 40, 37 * (i % 50), tag=i) if i % 7 else ["close", f"{i:032x}", 1000, "bye"])
+        if i % 11 == 0:
+            ops.append(["auto", [f"{i:032x}"], "ping", "pong"])
+    chunks = split_ops(ops)
+    assert len(chunks) > 1
+    assert [op for chunk in chunks for op in chunk] == ops  # nothing lost, duplicated or reordered
+    for chunk in chunks:
+        assert chunk
+        assert len(codec.dumps({"ops": chunk}, False)) <= GATEWAY_MESSAGE_BUDGET
+
+
+def test_split_ops_keeps_what_fits_in_one_message() -> None:
+    ops = [_send(3, 100, tag=i) for i in range(10)] + [["close", "s", 1000, ""]]
+    assert split_ops(ops) == [ops]
+    assert split_ops([]) == [[]]
+
+
+def test_a_single_oversized_operation_gets_a_message_of_its_own() -> None:
+    small, big = _send(2, 10), _send(1, GATEWAY_MESSAGE_BUDGET + 1)
+    assert split_ops([small, big, small]) == [[small], [big], [small]]
+    assert split_ops([big, big]) == [[big], [big]]
