@@ -25,7 +25,8 @@ import httpx
 import pytest
 from durable.core.embedded import free_port
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.skipif(sys.platform != "linux", reason="uses /proc")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180),
+              pytest.mark.skipif(sys.platform != "linux", reason="uses /proc")]
 
 DURABLE_TOML = """\
 routes = "app:fetch"
@@ -302,6 +303,7 @@ def locks_held(dev: Dev) -> tuple[int, int]:
     return asyncio.run(query())
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["kill-9", "sighup"])
 def test_dev_killed_leaves_nothing_and_restarts_with_its_data(make_dev: type[Dev], tmp_path: Path,
                                                                sig: signal.Signals) -> None:
@@ -349,6 +351,7 @@ def test_dev_killed_leaves_nothing_and_restarts_with_its_data(make_dev: type[Dev
     assert not wait_gone(procs)
 
 
+@pytest.mark.fault
 def test_stop_during_start_up_leaves_nothing(make_dev: type[Dev], tmp_path: Path) -> None:
     """SIGTERM while dev is still starting (its servers up, not yet ready): it stops what it
     started and exits; nothing of it remains."""
@@ -382,6 +385,7 @@ def test_second_ctrl_c_stops_at_once_and_leaves_nothing(make_dev: type[Dev], tmp
     assert dev.wait(60) == 0
 
 
+@pytest.mark.fault
 def test_leftovers_of_its_own_data_dir_are_stopped_and_nothing_else(make_dev: type[Dev], tmp_path: Path) -> None:
     """Leftovers of an older dev (here: servers started without a parent-death signal and left
     running) are stopped by the next dev on the same folder; the same servers of another
@@ -453,6 +457,7 @@ def test_port_in_use_is_one_line_and_exit_2(make_dev: type[Dev], tmp_path: Path,
     assert not dev.data_dir.exists(), "something started before the port was checked"
 
 
+@pytest.mark.fault
 def test_dead_servers_are_restarted_and_requests_succeed_again(make_dev: type[Dev], tmp_path: Path) -> None:
     """Postgres, then nats-server, then a worker process, SIGKILLed under a running `durable dev
     --workers 2`: dev restarts each, the workers take every partition again by themselves, and

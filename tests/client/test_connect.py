@@ -27,6 +27,7 @@ async def test_a_first_connect_to_nats_that_is_down_fails_fast_and_clearly(
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.fault
 async def test_reconnecting_after_a_first_connect_is_never_given_up(tmp_path: Path) -> None:
     port = free_port()
     async with EmbeddedNats(tmp_path / "nats", port=port, partitions=1) as first:

@@ -96,6 +96,7 @@ async def alarmers(env: Env, names: list[str]) -> list[Any]:
 
 # ----- 1. kill -9 of the owner ----------------------------------------------------------------
 
+@pytest.mark.fault
 @pytest.mark.parametrize("how", ["kill9", "sigstop-then-kill9"])
 async def test_alarms_of_a_killed_owner_run_on_the_worker_that_takes_over(
         how: str, settings: Settings, config: AppConfig, tmp_path: Path) -> None:
@@ -169,6 +170,7 @@ async def _stream_messages(url: str, name: str) -> int:
         await nc.close()
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
 async def test_pending_alarms_run_after_nats_server_restarts_with_its_store(
         how: str, settings: Settings, config: AppConfig, tmp_path: Path) -> None:
@@ -238,6 +240,7 @@ async def test_pending_alarms_run_after_nats_server_restarts_with_its_store(
 
 # ----- 3. a schedule lost by JetStream: the Postgres sweep --------------------------------------
 
+@pytest.mark.fault
 async def test_an_alarm_whose_schedule_jetstream_lost_is_run_by_the_sweep(
         start_worker: WorkerFactory, env: Env, settings: Settings, nats_server: EmbeddedNats) -> None:
     interval = 1.0

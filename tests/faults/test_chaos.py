@@ -204,6 +204,8 @@ class Chaos:
                 await asyncio.sleep(self.rng.uniform(1.0, 2.0))
 
 
+@pytest.mark.slow
+@pytest.mark.fault
 async def test_chaos_keeps_every_acknowledged_increment_and_one_owner_per_epoch(
         nats_cluster: EmbeddedNatsCluster, fault_postgres: EmbeddedPostgres, fault_database_url: str,
         spawn: Callable[[Settings, int], ClusterWorker], app_config: AppConfig) -> None:
@@ -266,6 +268,7 @@ def names_in(partitions: set[int], count: int, prefix: str, stub_id: Callable[[s
     return out
 
 
+@pytest.mark.fault
 async def test_paused_owner_is_replaced_and_commits_nothing_under_its_lost_epochs(
         nats_cluster: EmbeddedNatsCluster, fault_database_url: str,
         spawn: Callable[[Settings, int], ClusterWorker], app_config: AppConfig) -> None:
@@ -349,6 +352,7 @@ async def test_paused_owner_is_replaced_and_commits_nothing_under_its_lost_epoch
 
 # ----- (b) Postgres restart under load ---------------------------------------------------------
 
+@pytest.mark.fault
 async def test_postgres_restart_under_load_loses_nothing_acknowledged(
         nats_cluster: EmbeddedNatsCluster, fault_postgres: EmbeddedPostgres, fault_database_url: str,
         spawn: Callable[[Settings, int], ClusterWorker], app_config: AppConfig) -> None:
@@ -394,6 +398,7 @@ async def test_postgres_restart_under_load_loses_nothing_acknowledged(
 
 # ----- (c) one NATS node stops -----------------------------------------------------------------
 
+@pytest.mark.fault
 async def test_losing_one_nats_node_clients_and_workers_reconnect_and_serving_resumes(
         nats_cluster: EmbeddedNatsCluster, fault_database_url: str,
         spawn: Callable[[Settings, int], ClusterWorker], app_config: AppConfig) -> None:

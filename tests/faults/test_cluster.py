@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import asyncpg
 import nats
+import pytest
 from durable.client import Client, Env
 from durable.core.config import AppConfig
 from durable.core.settings import Settings
@@ -80,6 +81,7 @@ async def _async(value: bool) -> bool:
     return value
 
 
+@pytest.mark.fault
 async def test_a_killed_owner_is_replaced_and_its_objects_answer_again(
         worker_process: Callable[..., WorkerProcess], settings: Settings, config: AppConfig) -> None:
     a = worker_process()

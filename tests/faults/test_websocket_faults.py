@@ -122,6 +122,7 @@ async def close_all(clients: list[ClientConnection]) -> None:
 
 # ----- 1. kill -9 of the owning worker ---------------------------------------------------------
 
+@pytest.mark.fault
 async def test_sockets_survive_a_kill9_of_the_worker_owning_their_object(
         settings: Settings, config: AppConfig, tmp_path: Path) -> None:
     s = settings.model_copy(update={"lease_ttl": 2.0, "heartbeat_interval": 0.5})
@@ -186,6 +187,7 @@ async def test_sockets_survive_a_kill9_of_the_worker_owning_their_object(
 
 # ----- 2. kill -9 of a gateway -----------------------------------------------------------------
 
+@pytest.mark.fault
 async def test_a_killed_gateway_closes_its_sockets_with_1006_for_the_object(
         start_worker: WorkerFactory, settings: Settings, env: Env, tmp_path: Path) -> None:
     s = settings.model_copy(update={"gateway_timeout": 2.0, "gateway_heartbeat_interval": 0.5})
@@ -337,10 +339,10 @@ class WrongCloseEvent(AssertionError):
     # the client's TCP connection is reset (transport aborted): the gateway sees it at once
     "reset",
     # a client process killed -9: its kernel closes the connection
-    "kill9",
+    pytest.param("kill9", marks=pytest.mark.fault),
     # a frozen client process (SIGSTOP): its TCP connection stays up, only the gateway's
     # keepalive pings (every 5 s, 5 s timeout) find it gone
-    "frozen",
+    pytest.param("frozen", marks=pytest.mark.fault),
 ])
 async def test_a_client_gone_without_a_close_frame_is_closed_1006_for_the_object(
         how: str, worker: Any, settings: Settings, config: AppConfig, env: Env) -> None:

@@ -93,6 +93,7 @@ async def _put_until_acked(stub: Stub, key: str, tag: str, attempts: int = 30) -
     raise AssertionError(f"no put acknowledged in {attempts} attempts")
 
 
+@pytest.mark.fault
 async def test_paused_owner_loses_its_lease_and_never_commits_after_takeover(
         worker_process: Callable[..., WorkerProcess], start_worker: WorkerFactory,
         settings: Settings, config: AppConfig, monkeypatch: pytest.MonkeyPatch) -> None:

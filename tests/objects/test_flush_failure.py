@@ -35,7 +35,7 @@ from tests.helpers.settings import make_settings
 from tests.helpers.waiting import assert_eventually
 from tests.helpers.workers import WorkerFactory
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]
 WRITERS = 8
 #: a lease that a slow, shared machine does not lose by accident (heartbeat at most ttl / 4)
 LEASE = {"lease_ttl": 4.0, "heartbeat_interval": 0.5}

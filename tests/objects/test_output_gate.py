@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import asyncpg
+import pytest
 from durable.client import Client, Env
 from durable.core import codec
 from durable.core.config import AppConfig
@@ -19,6 +20,8 @@ from durable.core.settings import Settings
 
 from tests.helpers.waiting import assert_eventually
 from tests.helpers.workers import WorkerProcess
+
+pytestmark = pytest.mark.fault
 
 
 async def _advisory_locks_held(settings: Settings) -> int:

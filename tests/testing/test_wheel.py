@@ -20,6 +20,8 @@ from durable.core.embedded import free_port
 
 from tests.helpers.settings import ROOT
 
+pytestmark = pytest.mark.slow  # builds the wheel and installs it with its dependencies into a venv
+
 APP = '''
 """An app outside the library: one object class and the routing function."""
 from durable import DurableObject, Env, Request, Response

@@ -19,6 +19,8 @@ from durable.objects import Worker
 
 from tests.helpers.gateway import gateway
 
+pytestmark = pytest.mark.slow  # a real browser
+
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 
 
