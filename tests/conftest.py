@@ -121,4 +121,3 @@ async def gw(worker: Worker, settings: Settings, config: AppConfig) -> AsyncIter
     in front of this test's worker."""
     async with gateway(settings, config) as url:
         yield url
-

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +20,8 @@ class ClusterNode(EmbeddedNats):
     """One nats-server of an :class:`EmbeddedNatsCluster`: fixed client, route and monitoring
     ports (so a restart comes back where its peers and clients look for it), its own
     JetStream store and ``server_name``, routes to every peer."""
+
+    process: subprocess.Popen[bytes] | None
 
     def __init__(self, store_dir: Path, name: str, cluster_name: str, port: int, cluster_port: int,
                  http_port: int, peers: list[int], partitions: int = 256) -> None:
