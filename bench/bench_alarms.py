@@ -66,7 +66,7 @@ from durable.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from durable.core.settings import Settings  # noqa: E402
 from durable.core.wire import partition_of  # noqa: E402
 
-from tests.faults import ClusterWorker, owners, wait_balanced  # noqa: E402
+from tests.helpers.faults import ClusterWorker, owners, wait_balanced  # noqa: E402
 
 PARTITIONS = 256
 CONFIG_FILE = ROOT / "bench" / "durable.bench-alarms.toml"

@@ -7,7 +7,6 @@ import asyncio
 
 import nats
 import pytest
-
 from durable.core.embedded import EmbeddedNats
 from durable.core.nats_private import NatsInternalsChanged, server_info, withdraw_interest
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from durable.core import codec, wire
 from durable.core.errors import InvalidRequest, ProtocolError, RemoteError, StorageError
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from durable.core.errors import ObjectReset
 from durable.core.tasks import TaskSet
 from durable.objects.alarm_rules import AlarmRow

@@ -1,0 +1,16 @@
+"""The routing code of the tests' gateways (``DURABLE_ROUTES=tests.helpers.routes:fetch`` for subprocesses)."""
+
+from __future__ import annotations
+
+from durable.client import Env
+from durable.core.http import Request, Response
+
+from examples import routes
+
+
+async def fetch(request: Request, env: Env) -> Response:
+    """/sock/<name> -> the Sock named <name>; everything else as the examples' routes."""
+    segments = [s for s in request.path.split("/") if s]
+    if len(segments) == 2 and segments[0] == "sock":
+        return await env.SOCKS.get_by_name(segments[1]).fetch(request)
+    return await routes.fetch(request, env)
