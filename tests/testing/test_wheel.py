@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,7 +83,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv outside the checkout with the wheel (and its dev extra) installed."""
     base = tmp_path_factory.mktemp("wheel")
     dist = base / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)])
+    # built from a copy of the tracked files: setuptools builds in the source tree, and a build/
+    # left there from an earlier layout would slip files the checkout no longer has into the wheel
+    source = base / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(source)])
     wheels = list(dist.glob("durable-*.whl"))
     assert len(wheels) == 1, wheels
     venv = base / "venv"
