@@ -32,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 import asyncpg
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from .wire import server_mapping
 
@@ -115,6 +116,15 @@ def _userns_preexec(uid: int, gid: int, sig: int | None) -> Callable[[], None]:
             _set_pdeathsig(sig, parent)
 
     return preexec
+
+
+def _spawn_attempts() -> Retrying:
+    """Attempts at starting a Postgres program: the child's set-up before exec (user namespace,
+    parent-death signal) has failed once in a while on a busy CI machine, and subprocess reports
+    it only as "Exception occurred in preexec_fn". It was intermittent (one run in several), so
+    it is retried before start-up fails."""
+    return Retrying(stop=stop_after_attempt(3), wait=wait_fixed(0.2), reraise=True,
+                    retry=retry_if_exception_type(subprocess.SubprocessError))
 
 
 _userns_ok: bool | None = None
@@ -481,11 +491,14 @@ class EmbeddedPostgres:
         try:
             if owner is not None:
                 os.chown(scratch, *owner)
-            result = subprocess.run(
-                [self._bin("initdb"), "-D", str(scratch), "-U", "postgres", "--auth=trust",
-                 "--encoding=UTF8", "--locale=C", "--no-sync"],
-                capture_output=True, stdin=subprocess.DEVNULL, **self._run_as(signal.SIGKILL),  # type: ignore[call-overload]
-            )
+            for attempt in _spawn_attempts():
+                with attempt:
+                    result = subprocess.run(
+                        [self._bin("initdb"), "-D", str(scratch), "-U", "postgres", "--auth=trust",
+                         "--encoding=UTF8", "--locale=C", "--no-sync"],
+                        capture_output=True, stdin=subprocess.DEVNULL,
+                        **self._run_as(signal.SIGKILL),  # type: ignore[call-overload]
+                    )
             if result.returncode != 0:
                 out = (result.stderr or result.stdout).decode(errors="replace").strip()
                 hint = ""
@@ -503,13 +516,15 @@ class EmbeddedPostgres:
         await asyncio.to_thread(self._prepare)
         with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - a local file, for the child's output
             # in the event loop's thread: the parent-death signal follows the forking thread
-            self.process = subprocess.Popen(  # type: ignore[call-overload]  # noqa: ASYNC220 - see the line above
-                [self._bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self._socket_dir()}",
-                 "-c", "max_connections=300", "-c", "fsync=on", "-c", "synchronous_commit=on"],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
-                **self._run_as(signal.SIGINT),
-            )
+            for attempt in _spawn_attempts():
+                with attempt:
+                    self.process = subprocess.Popen(  # type: ignore[call-overload]  # noqa: ASYNC220 - as above
+                        [self._bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+                         "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self._socket_dir()}",
+                         "-c", "max_connections=300", "-c", "fsync=on", "-c", "synchronous_commit=on"],
+                        stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                        **self._run_as(signal.SIGINT),
+                    )
         try:
             await self._wait_ready(timeout)
         except BaseException:
