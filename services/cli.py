@@ -13,8 +13,8 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
 
 import asyncpg
 import uvicorn
@@ -422,6 +422,21 @@ async def _status(as_json: bool) -> None:
     print(json.dumps(result, indent=2) if as_json else status.render(result))
 
 
+T = TypeVar("T")
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine on uvloop where it is installed (a runtime dependency on Linux
+    and macOS): a faster event loop for the router's HTTP and the worker's NATS traffic. Plain
+    asyncio otherwise; the code does not depend on which."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional: not built for every platform
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="durable", description="Durable Objects on NATS and PostgreSQL")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -444,17 +459,17 @@ def main(argv: list[str] | None = None) -> int:
     telemetry.configure_from_env(f"durable-{args.command}")
     try:
         if args.command == "dev":
-            asyncio.run(_dev(args.reset, args.workers))
+            _run(_dev(args.reset, args.workers))
         elif args.command == "worker":
-            asyncio.run(_worker())
+            _run(_worker())
         elif args.command == "status":
-            asyncio.run(_status(args.json))
+            _run(_status(args.json))
         elif args.command == "id":
             _print_id(args.target, args.name)
         elif args.command == "gateway":
-            asyncio.run(_gateway())
+            _run(_gateway())
         else:
-            asyncio.run(_router())
+            _run(_router())
     except ConfigError as exc:
         print(f"durable: configuration error:\n{exc.message}", file=sys.stderr)
         return 2
