@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from durable.objects import AlarmInfo, DurableObject, Request, Response
-from durable.objects.patterns import Counter, RateLimiter, Session
+from durable.objects.patterns import Counter, RateLimiter, Session, check_fence
 
 __all__ = ["Counter", "RateLimiter", "Session", "Probe", "Lifecycle"]
 
@@ -522,6 +522,18 @@ class Sock(DurableObject):
         for ws in sockets:
             ws.send(text)
         return len(sockets)
+
+    async def get(self, key: str) -> Any:
+        return await self.ctx.storage.get(key)
+
+
+class Fenced(DurableObject):
+    """A resource a Lock protects, in another object: every write carries the holder's fencing
+    token, and check_fence refuses one older than any it has seen."""
+
+    async def write(self, token: int, key: str, value: Any) -> None:
+        await check_fence(self.ctx.storage, "resource", token)
+        await self.ctx.storage.put(key, value)
 
     async def get(self, key: str) -> Any:
         return await self.ctx.storage.get(key)

@@ -2,7 +2,8 @@
 
 from .chat_room import ChatRoom
 from .counter import Counter
+from .lock import Lock, StaleToken, check_fence
 from .rate_limiter import RateLimiter
 from .session import Session
 
-__all__ = ["ChatRoom", "Counter", "RateLimiter", "Session"]
+__all__ = ["ChatRoom", "Counter", "Lock", "RateLimiter", "Session", "StaleToken", "check_fence"]
