@@ -22,6 +22,7 @@ atomic; ``now_ms`` is the clock, replaced by tests in a subclass.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ...core.http import Request, Response
@@ -213,7 +214,8 @@ class Lock(DurableObject):
             if request.method != "GET":
                 return Response.json_response({"error": "use GET for the lock's status"}, 405, {"allow": "GET"})
             return Response.json_response(await self.status())
-        calls = {"acquire": self.acquire, "renew": self.renew, "release": self.release, "write": self.guarded_write}
+        calls: dict[str, Callable[..., Awaitable[Any]]] = {
+            "acquire": self.acquire, "renew": self.renew, "release": self.release, "write": self.guarded_write}
         call = calls.get(action)
         if call is None or len(segments) != 3:
             return Response.json_response({"error": "not found"}, 404)
