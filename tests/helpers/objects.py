@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from typing import Any
 
 from durable.objects import AlarmInfo, DurableObject, Request, Response
 from durable.objects.patterns import Counter, RateLimiter, Session, check_fence
+from durable.objects.patterns.transfer import Transfer
 
 __all__ = ["Counter", "RateLimiter", "Session", "Probe", "Lifecycle"]
 
@@ -537,3 +540,33 @@ class Fenced(DurableObject):
 
     async def get(self, key: str) -> Any:
         return await self.ctx.storage.get(key)
+
+
+class _CrashBeforeCredit:
+    """The accounts namespace, except that depositing (the credit step) kills this process."""
+
+    def __init__(self, accounts: Any, destination: str) -> None:
+        self._accounts = accounts
+        self._destination = destination
+
+    def get_by_name(self, name: str) -> Any:
+        stub = self._accounts.get_by_name(name)
+        if name != self._destination:
+            return stub
+
+        class Dying:
+            async def deposit(self, amount: int, op_id: str) -> Any:
+                os.kill(os.getpid(), signal.SIGKILL)  # the worker dies between debit and credit
+
+        return Dying()
+
+
+class CrashingTransfer(Transfer):
+    """A Transfer whose worker process dies right before the credit step, where the environment
+    says so (DURABLE_TEST_CRASH=1 in a `durable worker` subprocess); elsewhere an ordinary Transfer."""
+
+    def _accounts(self) -> Any:
+        accounts = super()._accounts()
+        if os.environ.get("DURABLE_TEST_CRASH") != "1":
+            return accounts
+        return _CrashBeforeCredit(accounts, "crash-destination")

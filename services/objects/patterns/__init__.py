@@ -5,5 +5,6 @@ from .counter import Counter
 from .lock import Lock, StaleToken, check_fence
 from .rate_limiter import RateLimiter
 from .session import Session
+from .transfer import Account, Transfer
 
-__all__ = ["ChatRoom", "Counter", "Lock", "RateLimiter", "Session", "StaleToken", "check_fence"]
+__all__ = ["Account", "ChatRoom", "Counter", "Lock", "RateLimiter", "Session", "StaleToken", "Transfer", "check_fence"]
