@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from durable import Env, Request, Response
 
+from .auction import auction_app
 from .chat import chat_app
 from .counter import counter_app
 from .lock import lock_app
@@ -16,6 +17,7 @@ from .session import session_app
 _BY_SEGMENT: dict[str, Callable[[Request, Env], Awaitable[Response]]] = {
     "": chat_app.fetch, "index.html": chat_app.fetch, "static": chat_app.fetch, "room": chat_app.fetch,
     "counter": counter_app.fetch,
+    "auction": auction_app.fetch,
     "lock": lock_app.fetch,
     "session": session_app.fetch,
     "api": ratelimit_app.fetch,

@@ -1,5 +1,6 @@
 """Ready-made objects."""
 
+from .auction import Auction, BidRefused
 from .chat_room import ChatRoom
 from .counter import Counter
 from .lock import Lock, StaleToken, check_fence
@@ -7,4 +8,4 @@ from .rate_limiter import RateLimiter
 from .session import Session
 from .transfer import Account, Transfer
 
-__all__ = ["Account", "ChatRoom", "Counter", "Lock", "RateLimiter", "Session", "StaleToken", "Transfer", "check_fence"]
+__all__ = ["Account", "Auction", "BidRefused", "ChatRoom", "Counter", "Lock", "RateLimiter", "Session", "StaleToken", "Transfer", "check_fence"]
