@@ -8,4 +8,16 @@ from .rate_limiter import RateLimiter
 from .session import Session
 from .transfer import Account, Transfer
 
-__all__ = ["Account", "Auction", "BidRefused", "ChatRoom", "Counter", "Lock", "RateLimiter", "Session", "StaleToken", "Transfer", "check_fence"]
+__all__ = [
+    "Account",
+    "Auction",
+    "BidRefused",
+    "ChatRoom",
+    "Counter",
+    "Lock",
+    "RateLimiter",
+    "Session",
+    "StaleToken",
+    "Transfer",
+    "check_fence",
+]
