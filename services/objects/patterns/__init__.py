@@ -4,6 +4,7 @@ from .auction import Auction, BidRefused
 from .chat_room import ChatRoom
 from .counter import Counter
 from .lock import Lock, StaleToken, check_fence
+from .presence import Presence, PresenceRoom
 from .rate_limiter import RateLimiter
 from .session import Session
 from .transfer import Account, Transfer
@@ -15,6 +16,8 @@ __all__ = [
     "ChatRoom",
     "Counter",
     "Lock",
+    "Presence",
+    "PresenceRoom",
     "RateLimiter",
     "Session",
     "StaleToken",

@@ -2,7 +2,7 @@
 
 Nothing about the people in the room lives in instance memory: each socket carries its user in
 its attachment and its user id as a tag, so the room survives eviction and failover with every
-client still connected, and the users list is the sockets that are open. A socket that vanishes
+client still connected, and the users list is the sockets that are open (presence.py). A socket that vanishes
 (its gateway died, its client went away without a close frame) is closed by the runtime, so
 presence stays honest without timeouts of our own.
 
@@ -26,6 +26,7 @@ from ...core.errors import StorageError
 from ...core.http import Request, Response
 from ..base import AlarmInfo, DurableObject
 from ..sockets import WebSocket
+from .presence import Presence
 
 HISTORY = 100
 MAX_CONTENT_CHARS = 2000
@@ -51,6 +52,8 @@ class ChatRoom(DurableObject):
     def __init__(self, ctx: Any, env: Any) -> None:
         super().__init__(ctx, env)
         ctx.set_websocket_auto_response("ping", "pong")
+        #: who is in the room: the users its open sockets carry (presence.py)
+        self.presence = Presence(ctx, id_key="userId")
 
     # ----- HTTP ----------------------------------------------------------------------------
 
@@ -77,12 +80,8 @@ class ChatRoom(DurableObject):
 
     async def users(self) -> list[dict[str, Any]]:
         """Who is in the room now: one entry per user, however many sockets they have open."""
-        seen: dict[str, dict[str, Any]] = {}
-        for ws in await self.ctx.get_websockets():
-            user = ws.deserialize_attachment()
-            if isinstance(user, dict) and user.get("userId") not in seen:
-                seen[user["userId"]] = user
-        return sorted(seen.values(), key=lambda u: u["joinedAt"])
+        users = await self.presence.socket_members()
+        return sorted(users.values(), key=lambda u: u["joinedAt"])
 
     # ----- sockets -------------------------------------------------------------------------
 
@@ -99,7 +98,7 @@ class ChatRoom(DurableObject):
             since = int(request.query_param("since") or 0)
         except ValueError:
             return Response.json_response({"error": "since must be a sequence number"}, 400)
-        already_here = any(u["userId"] == user_id for u in await self.users())
+        already_here = user_id in await self.presence.socket_members()
         ws = request.websocket
         self.ctx.accept_websocket(ws, [user_id])
         user = {"userId": user_id, "name": name, "joinedAt": _now_ms()}
@@ -155,8 +154,7 @@ class ChatRoom(DurableObject):
 
     async def _left(self, user: dict[str, Any], ws: WebSocket) -> None:
         remaining = await self.ctx.get_websockets()
-        if not any(other is not ws and (other.deserialize_attachment() or {}).get("userId") == user.get("userId")
-                   for other in remaining):
+        if user.get("userId") not in await self.presence.socket_members(exclude=ws):
             await self._broadcast({"type": "leave", "userId": user.get("userId"), "name": user.get("name"),
                                    "timestamp": _now_ms()}, exclude=ws)
         if not [other for other in remaining if other is not ws]:
