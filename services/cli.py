@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -437,6 +438,15 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+def _new(pattern: str, folder: str | None) -> None:
+    from .scaffold import new_app  # noqa: PLC0415 - only this command needs it
+
+    written = new_app(pattern, Path(folder) if folder else None)
+    where = written[0].parent
+    print(f"wrote the {pattern} app to {where}/: " + ", ".join(sorted(p.name for p in written if p.parent == where)))
+    print(f"next:  cd {where} && durable dev      # and: pytest -q")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="durable", description="Durable Objects on NATS and PostgreSQL")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -449,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("gateway", help="run a WebSocket gateway alone against DURABLE_NATS_URL")
     status_cmd = sub.add_parser("status", help="workers, their partitions and epochs, live objects")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    new_cmd = sub.add_parser("new", help="write a runnable app of a pattern into a new folder, "
+                                         "e.g. `durable new counter myapp`")
+    new_cmd.add_argument("pattern", help="counter, ratelimit, session, chat, lock or auction")
+    new_cmd.add_argument("dir", nargs="?", help="the new folder (default: the pattern's name)")
     id_cmd = sub.add_parser("id", help="print the id of a named object, e.g. `durable id Counter demo`")
     id_cmd.add_argument("target", help="binding (COUNTERS) or class (Counter)")
     id_cmd.add_argument("name")
@@ -466,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(_status(args.json))
         elif args.command == "id":
             _print_id(args.target, args.name)
+        elif args.command == "new":
+            _new(args.pattern, args.dir)
         elif args.command == "gateway":
             _run(_gateway())
         else:

@@ -176,3 +176,30 @@ def test_the_plugin_from_the_wheel_tests_the_app(installed: Path, tmp_path: Path
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "1 passed" in result.stdout
+
+
+@pytest.mark.parametrize("pattern", ["counter", "lock", "auction"])
+def test_durable_new_from_the_wheel_writes_an_app_whose_tests_pass(installed: Path, tmp_path: Path,
+                                                                   pattern: str) -> None:
+    env = _clean_environ()
+    made = subprocess.run([str(installed / "bin" / "durable"), "new", pattern, "app"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    folder = tmp_path / "app"
+    assert (folder / "durable.toml").is_file() and (folder / f"test_{pattern}_app.py").is_file()
+    result = subprocess.run([str(installed / "bin" / "pytest"), "-q", "-p", "no:cacheprovider"], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_durable_new_refuses_an_unknown_pattern_and_a_used_folder(installed: Path, tmp_path: Path) -> None:
+    env = _clean_environ()
+    durable = str(installed / "bin" / "durable")
+    unknown = subprocess.run([durable, "new", "game"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "planned" in unknown.stderr and "counter" in unknown.stderr
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep me")
+    used = subprocess.run([durable, "new", "counter", "taken"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert used.returncode == 2 and "not empty" in used.stderr
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["mine.txt"]
