@@ -1,6 +1,7 @@
 """The HTTP path side by side: durable against Cloudflare's own runtime (workerd), same app.
 
     .venv/bin/python bench/bench_http.py [--seconds 5] [--rounds 3] [--durable-mode dev|split|both]
+                                         [--no-restate]
 
 Each system serves the counter app (``examples/counter``): ``POST /counter/<name>/increment``
 adds one to the Counter object ``<name>`` and answers ``{"value": n}`` once the write is durable.
@@ -12,16 +13,21 @@ adds one to the Counter object ``<name>`` and answers ``{"value": n}`` once the 
 - **workerd**: Cloudflare's runtime from npm (``bench/workerd``: ``config.capnp``, ``worker.js``),
   its Counter Durable Object on SQLite-backed storage on local disk; the output gate holds each
   answer until the SQLite commit (WAL, fsync) is done.
+- **restate**: Restate's server from npm and its Python SDK (``bench/restate``: a Virtual Object
+  ``Counter`` served by hypercorn), ``POST /Counter/<name>/increment`` at its ingress; the state
+  is in Restate's log (RocksDB, WAL fsync on) before the answer. Left out with ``--no-restate``,
+  or when it cannot be installed.
 
 Load comes from ``wrk`` (``bench_http.lua``: POST, round-robin over 1 or 100 objects) with
 1 connection (``-t1 -c1``) and 64 (``-t2 -c64``). Every round measures every system on every
 workload, the system order rotated from round to round, each measurement after a warm-up of
 the same load. Printed: the median over the rounds of req/s and of wrk's p50 latency, and the
-median of the per-round ratios durable/workerd (each ratio taken between measurements made one
-right after the other). Everything runs on this machine, wrk included: the absolute figures
+median of the per-round ratios durable/workerd and durable/restate (each ratio taken between
+measurements made one right after the other). Everything runs on this machine, wrk included: the absolute figures
 swing with the machine's other load, the ratios within one run are what to compare.
 
-Setup, done here when missing: ``npm install`` in ``bench/workerd`` and ``apt-get install wrk``.
+Setup, done here when missing: ``apt-get install wrk``, ``npm install`` in ``bench/workerd`` and
+``bench/restate``, and a virtualenv ``bench/restate/.venv`` for the Restate service.
 Every process started is stopped by its pid, on Ctrl-C and on errors too.
 """
 
@@ -53,6 +59,7 @@ from typing import IO
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 WORKERD_DIR = BENCH / "workerd"
+RESTATE_DIR = BENCH / "restate"
 LUA = BENCH / "bench_http.lua"
 APP = ROOT / "examples" / "counter"
 #: `durable worker`/`router` refuse the development id secret: the split processes share this one
@@ -97,10 +104,12 @@ class Processes:
 
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
+        self.stop_signals: dict[int, int] = {}
 
     async def start(self, *argv: str, log: Path | None = None, pipe: bool = False,
-                    **kwargs: object) -> asyncio.subprocess.Process:
-        """``argv`` started, its output appended to ``log`` (or read through a pipe, or dropped)."""
+                    stop_signal: int = signal.SIGTERM, **kwargs: object) -> asyncio.subprocess.Process:
+        """``argv`` started, its output appended to ``log`` (or read through a pipe, or dropped);
+        ``stop_signal`` is the signal that asks it to stop."""
         out: int | IO[bytes] = subprocess.PIPE if pipe else subprocess.DEVNULL
         if log is not None:
             out = open(log, "ab")  # noqa: SIM115, ASYNC230 - a local log file, handed to the child
@@ -114,12 +123,13 @@ class Processes:
             if not isinstance(out, int):
                 out.close()
         self.procs.append(proc)
+        self.stop_signals[proc.pid] = stop_signal
         return proc
 
     async def stop(self, proc: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, self.stop_signals.get(proc.pid, signal.SIGTERM))
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
             except TimeoutError:
@@ -140,8 +150,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http(method: str, url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def http(method: str, url: str, timeout: float = 5.0, body: bytes | None = None) -> tuple[int, bytes]:
+    headers = {"content-type": "application/json"} if body else {}
+    request = urllib.request.Request(url, method=method, headers=headers,
+                                     data=body if body is not None else b"" if method == "POST" else None)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()
@@ -180,7 +192,9 @@ class System:
     procs: Processes
     tmp: Path
     url: str = ""
-    notes: list[str] = field(default_factory=list)
+    #: the app's paths: an increment of object o<i> (a printf template for wrk), a read
+    increment_path: str = "/counter/o%d/increment"
+    read_path: str = "/counter/{}"
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -192,9 +206,10 @@ class System:
         """The sum of the stored values of the counters ``names`` (GET /counter/<name>)."""
         total = 0
         for name in names:
-            status, body = http("GET", f"{self.url}/counter/{name}")
+            path = self.read_path.format(name)
+            status, body = http("GET", f"{self.url}{path}")
             if status != 200:
-                raise RuntimeError(f"{self.name}: GET /counter/{name} answered {status}: {body[:200]!r}")
+                raise RuntimeError(f"{self.name}: GET {path} answered {status}: {body[:200]!r}")
             total += int(json.loads(body)["value"])
         return total
 
@@ -214,7 +229,6 @@ class DurableDev(System):
         self.proc = await self.procs.start(sys.executable, "-m", "durable.cli", "dev", cwd=app, env=env, log=log)
         self.url = f"http://127.0.0.1:{port}"
         await wait_answers(f"{self.url}/counter/warm", self.proc, log)
-        self.notes.append(f"`durable dev` (pid {self.proc.pid}): router + worker in one process")
 
     async def stop(self) -> None:
         if self.proc is not None:
@@ -243,7 +257,6 @@ class DurableSplit(System):
         self.stack.push_async_callback(self.procs.stop, router)
         self.url = f"http://127.0.0.1:{port}"
         await wait_answers(f"{self.url}/counter/warm", router, self.tmp / "router.log")
-        self.notes.append(f"`durable worker` (pid {worker.pid}) and `durable router` (pid {router.pid})")
 
     async def stop(self) -> None:
         await self.stack.aclose()
@@ -289,10 +302,62 @@ class Workerd(System):
         return before, self.read_total([name])
 
 
+def restate_server_binary() -> Path:
+    candidate = RESTATE_DIR / "node_modules" / "@restatedev" / "restate-server-linux-x64" / "bin" / "restate-server"
+    if candidate.exists():
+        return candidate
+    raise FileNotFoundError("restate-server is not installed in bench/restate/node_modules")
+
+
+@dataclass
+class Restate(System):
+    """restate-server (all roles, one node) and the Counter service under hypercorn, registered."""
+
+    increment_path: str = "/Counter/o%d/increment"
+    read_path: str = "/Counter/{}/get"
+
+    async def start(self) -> None:
+        ingress, admin = free_port(), free_port()
+        env = {**os.environ, "RESTATE_INGRESS__BIND_PORT": str(ingress), "RESTATE_ADMIN__BIND_PORT": str(admin),
+               "RESTATE_BIND_PORT": str(free_port()), "RESTATE_DISABLE_TELEMETRY": "true",
+               "RESTATE_LOG_FILTER": "warn"}
+        server_log = self.tmp / "restate-server.log"
+        server = await self.procs.start(str(restate_server_binary()), "--base-dir", str(self.tmp / "data"),
+                                        "--no-logo", "--listen-mode", "tcp", env=env, log=server_log)
+        service_port = free_port()
+        # hypercorn.toml: one process, no limit of requests per connection; SIGINT stops it
+        service = await self.procs.start(str(RESTATE_DIR / ".venv" / "bin" / "hypercorn"), "--config",
+                                         "hypercorn.toml", "--bind", f"127.0.0.1:{service_port}",
+                                         "counter_service:app", cwd=RESTATE_DIR, log=self.tmp / "service.log",
+                                         stop_signal=signal.SIGINT)
+        # register the service's deployment with the server (both must be up: retried until then)
+        deadline = time.monotonic() + 90
+        while True:
+            if server.returncode is not None or service.returncode is not None:
+                raise RuntimeError(f"restate-server or the service exited; see {self.tmp}")
+            try:
+                status, body = await asyncio.to_thread(
+                    http, "POST", f"http://127.0.0.1:{admin}/deployments", 5.0,
+                    json.dumps({"uri": f"http://127.0.0.1:{service_port}"}).encode())
+                if status in (200, 201):
+                    break
+            except OSError as exc:
+                body = str(exc).encode()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"could not register the Restate service: {body[:300]!r}")
+            await asyncio.sleep(0.3)
+        self.url = f"http://127.0.0.1:{ingress}"
+        await wait_answers(f"{self.url}{self.read_path.format('warm')}", server, server_log)
+
+    async def stop(self) -> None:
+        pass  # its two processes are stopped with every other one
+
+
 # --- setup and versions -----------------------------------------------------------------------
 
-def setup() -> None:
-    """Install what is missing: wrk (apt-get) and workerd (npm install in bench/workerd)."""
+def setup(restate: bool) -> bool:
+    """Install what is missing: wrk (apt-get), workerd (npm install in bench/workerd) and, with
+    ``restate``, Restate (npm install and a virtualenv in bench/restate). Whether Restate runs."""
     if shutil.which("wrk") is None:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             raise SystemExit("wrk is not installed: install it (apt-get install wrk) and run again")
@@ -306,6 +371,25 @@ def setup() -> None:
         print("installing workerd (npm install in bench/workerd) ...", file=sys.stderr, flush=True)
         subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=WORKERD_DIR, check=True)
         workerd_binary()
+    if not restate:
+        return False
+    try:
+        try:
+            restate_server_binary()
+        except FileNotFoundError:
+            print("installing Restate (npm install in bench/restate) ...", file=sys.stderr, flush=True)
+            subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=RESTATE_DIR, check=True)
+            restate_server_binary()
+        venv = RESTATE_DIR / ".venv"
+        if not (venv / "bin" / "hypercorn").exists():
+            print("installing the Restate SDK (a virtualenv in bench/restate) ...", file=sys.stderr, flush=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(RESTATE_DIR / "requirements.txt")],
+                           check=True)
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
+        print(f"Restate left out: it could not be installed ({exc})", file=sys.stderr)
+        return False
+    return True
 
 
 def first_line(argv: list[str]) -> str:
@@ -334,7 +418,7 @@ def postgres_version() -> str:
     return "?"
 
 
-def header(args: argparse.Namespace) -> list[str]:
+def header(args: argparse.Namespace, restate: bool) -> list[str]:
     def version(dist: str) -> str:
         try:
             return metadata.version(dist)
@@ -344,7 +428,7 @@ def header(args: argparse.Namespace) -> list[str]:
     http_impl = "httptools" if _importable("httptools") else "h11"
     loop = "uvloop" if _importable("uvloop") else "asyncio"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return [
+    lines = [
         f"date:     {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"machine:  {cpu_model()}, {os.cpu_count()} cores (load average before: {load}), "
         f"{platform.system()} {platform.release()}",
@@ -357,6 +441,13 @@ def header(args: argparse.Namespace) -> list[str]:
         f"run:      {args.rounds} rounds x {len(WORKLOADS)} workloads, {args.seconds:g}s each after a "
         f"{args.warmup:g}s warm-up; medians of the rounds",
     ]
+    if restate:
+        sdk = first_line([str(RESTATE_DIR / ".venv" / "bin" / "python"), "-c",
+                          "from importlib.metadata import version as v; "
+                          "print('restate-sdk', v('restate-sdk'), '+ hypercorn', v('hypercorn'))"])
+        lines.insert(3, f"restate:  {first_line([str(restate_server_binary()), '--version'])}, Python service: "
+                        f"{sdk} (HTTP/2)")
+    return lines
 
 
 def _importable(module: str) -> bool:
@@ -391,9 +482,9 @@ def parse_wrk(out: str) -> WrkResult:
     return WrkResult(float(rate.group(1)), float(p50.group(1)) * _UNITS[p50.group(2)], int(total.group(1)), errors)
 
 
-async def run_wrk(procs: Processes, url: str, load: Workload, seconds: int) -> WrkResult:
+async def run_wrk(procs: Processes, system: System, load: Workload, seconds: int) -> WrkResult:
     argv = ["wrk", f"-t{load.threads}", f"-c{load.connections}", f"-d{seconds}s", "--latency",
-            "--timeout", "10s", "-s", str(LUA), url, "--", str(load.objects)]
+            "--timeout", "10s", "-s", str(LUA), system.url, "--", str(load.objects), system.increment_path]
     proc = await procs.start(*argv, pipe=True)
     try:
         stdout, _ = await asyncio.wait_for(proc.communicate(), seconds + 60)
@@ -407,13 +498,15 @@ async def run_wrk(procs: Processes, url: str, load: Workload, seconds: int) -> W
 
 # --- the run ----------------------------------------------------------------------------------
 
-def make_systems(mode: str, procs: Processes, tmp: Path) -> list[System]:
+def make_systems(mode: str, restate: bool, procs: Processes, tmp: Path) -> list[System]:
     systems: list[System] = []
     if mode in ("dev", "both"):
         systems.append(DurableDev("durable (dev)", procs, tmp / "durable-dev"))
     if mode in ("split", "both"):
         systems.append(DurableSplit("durable (split)", procs, tmp / "durable-split"))
     systems.append(Workerd("workerd", procs, tmp / "workerd"))
+    if restate:
+        systems.append(Restate("restate", procs, tmp / "restate"))
     for system in systems:
         system.tmp.mkdir(parents=True)
     return systems
@@ -456,7 +549,7 @@ def table(systems: list[System], results: dict[tuple[str, int], list[WrkResult]]
     return lines
 
 
-async def main(args: argparse.Namespace, tmp: Path) -> None:
+async def main(args: argparse.Namespace, restate: bool, tmp: Path) -> None:
     # SIGTERM and SIGHUP stop the run as Ctrl-C does (asyncio.run turns that into a cancellation):
     # the finally below stops every process in order
     this = asyncio.current_task()
@@ -464,8 +557,8 @@ async def main(args: argparse.Namespace, tmp: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         asyncio.get_running_loop().add_signal_handler(sig, this.cancel)
     procs = Processes()
-    systems = make_systems(args.durable_mode, procs, tmp)
-    about = header(args)  # before anything starts: the load average is the machine's own
+    systems = make_systems(args.durable_mode, restate, procs, tmp)
+    about = header(args, restate)  # before anything starts: the load average is the machine's own
     try:
         for s in systems:
             print(f"starting {s.name} ...", file=sys.stderr, flush=True)
@@ -478,8 +571,8 @@ async def main(args: argparse.Namespace, tmp: Path) -> None:
             order = systems[r % len(systems):] + systems[:r % len(systems)]
             for w, load in enumerate(WORKLOADS):
                 for s in order:
-                    warm = await run_wrk(procs, s.url, load, args.warmup)
-                    result = await run_wrk(procs, s.url, load, args.seconds)
+                    warm = await run_wrk(procs, s, load, args.warmup)
+                    result = await run_wrk(procs, s, load, args.seconds)
                     answered[s.name] += warm.requests - warm.errors + result.requests - result.errors
                     in_flight[s.name] += 2 * load.connections
                     results[(s.name, w)].append(result)
@@ -527,14 +620,15 @@ def cli() -> None:
     parser.add_argument("--durable-mode", choices=("dev", "split", "both"), default="dev",
                         help="dev: `durable dev` (router and worker in one process, the default); split: "
                              "`durable router` and `durable worker` processes; both")
+    parser.add_argument("--no-restate", action="store_true", help="leave Restate out")
     args = parser.parse_args()
     if args.seconds < 1 or args.warmup < 1 or args.rounds < 1:
         parser.error("--seconds, --warmup and --rounds must be at least 1")
-    setup()
+    restate = setup(not args.no_restate)
     tmp = Path(tempfile.mkdtemp(prefix="durable-bench-http-"))
     tmp.chmod(0o755)  # Postgres runs as a user of its own when the bench runs as root
     try:
-        asyncio.run(main(args, tmp))
+        asyncio.run(main(args, restate, tmp))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; every process started was stopped", file=sys.stderr)
         sys.exit(130)
