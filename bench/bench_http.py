@@ -369,7 +369,7 @@ def setup(restate: bool) -> bool:
         if shutil.which("npm") is None:
             raise SystemExit("npm is needed to install workerd (bench/workerd/package.json)") from None
         print("installing workerd (npm install in bench/workerd) ...", file=sys.stderr, flush=True)
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=WORKERD_DIR, check=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=WORKERD_DIR, check=True, stdout=sys.stderr)
         workerd_binary()
     if not restate:
         return False
@@ -378,14 +378,15 @@ def setup(restate: bool) -> bool:
             restate_server_binary()
         except FileNotFoundError:
             print("installing Restate (npm install in bench/restate) ...", file=sys.stderr, flush=True)
-            subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=RESTATE_DIR, check=True)
+            subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=RESTATE_DIR, check=True,
+                           stdout=sys.stderr)
             restate_server_binary()
         venv = RESTATE_DIR / ".venv"
         if not (venv / "bin" / "hypercorn").exists():
             print("installing the Restate SDK (a virtualenv in bench/restate) ...", file=sys.stderr, flush=True)
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
             subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", str(RESTATE_DIR / "requirements.txt")],
-                           check=True)
+                           check=True, stdout=sys.stderr)
     except (OSError, subprocess.CalledProcessError, FileNotFoundError) as exc:
         print(f"Restate left out: it could not be installed ({exc})", file=sys.stderr)
         return False
