@@ -405,10 +405,10 @@ def _print_id(target: str, name: str) -> None:
     raise ConfigError(f"{settings.config_file}: no binding or class named {target!r}")
 
 
-async def _status(as_json: bool) -> None:
+async def _status(as_json: bool, watch: float | None = None) -> None:
     from . import status  # noqa: PLC0415
 
-    settings, _ = _load({})
+    settings, config = _load({})
     # with nothing configured, look at what `durable dev` runs
     overrides: dict[str, object] = {}
     if not settings.nats_url:
@@ -416,11 +416,22 @@ async def _status(as_json: bool) -> None:
     if not settings.database_url:
         overrides["database_url"] = f"postgresql://postgres@127.0.0.1:{settings.postgres_port}/postgres"
     settings = settings.model_copy(update=overrides)
-    try:
-        result = await status.collect(settings)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise ConfigError(f"cannot reach Postgres at {settings.database_url}: {exc}") from None
-    print(json.dumps(result, indent=2) if as_json else status.render(result))
+    stop = _stop_event() if watch else None
+    while True:
+        try:
+            result = await status.collect(settings, config)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise ConfigError(f"cannot reach Postgres at {settings.database_url}: {exc}") from None
+        text = json.dumps(result, indent=2) if as_json else status.render(result)
+        if stop is None:
+            print(text)
+            return
+        # --watch: redraw in place (clear the screen, cursor home) until Ctrl-C
+        print("\x1b[2J\x1b[H" + text + f"\n\n(every {watch:g} s; Ctrl-C stops)", flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), watch)
+        if stop.is_set():
+            return
 
 
 T = TypeVar("T")
@@ -459,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("gateway", help="run a WebSocket gateway alone against DURABLE_NATS_URL")
     status_cmd = sub.add_parser("status", help="workers, their partitions and epochs, live objects")
     status_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    status_cmd.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                            help="refresh every SECONDS (default 2) until Ctrl-C")
     new_cmd = sub.add_parser("new", help="write a runnable app of a pattern into a new folder, "
                                          "e.g. `durable new counter myapp`")
     new_cmd.add_argument("pattern", help="counter, ratelimit, session, chat, lock or auction")
@@ -477,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "worker":
             _run(_worker())
         elif args.command == "status":
-            _run(_status(args.json))
+            _run(_status(args.json, args.watch))
         elif args.command == "id":
             _print_id(args.target, args.name)
         elif args.command == "new":

@@ -15,8 +15,15 @@ from typing import Any
 import asyncpg
 import nats
 
+from .core.config import AppConfig
 from .core.settings import Settings
 from .objects.ownership import SESSION_PREFIX
+
+_BY_NAMESPACE = {
+    "keys": "SELECT namespace, count(*) AS n FROM do_storage GROUP BY namespace",
+    "alarms": "SELECT namespace, count(*) AS n FROM do_alarms GROUP BY namespace",
+    "sockets": "SELECT namespace, count(*) AS n FROM do_sockets GROUP BY namespace",
+}
 
 _WORKERS = """
 SELECT a.application_name AS session, w.worker_id, w.host, w.pid, w.started_at, w.last_seen
@@ -58,7 +65,54 @@ async def _micro_stats(servers: list[str], wait: float = 0.5) -> list[dict[str, 
         await nc.close()
 
 
-async def collect(settings: Settings) -> dict[str, Any]:
+def _pattern(class_path: str) -> str:
+    """The library pattern a binding uses (its module's name), or ``custom`` for the app's own."""
+    module = class_path.partition(":")[0]
+    prefix = "durable.objects.patterns."
+    return module[len(prefix):] if module.startswith(prefix) else "custom"
+
+
+def health(owned_share: float, requests: int, server_errors: int) -> float:
+    """Health of a binding, 0..1: the share of partitions owned (a request to an unowned one waits
+    for a hand-over) times the share of its requests the runtime served without a server error
+    (status >= 500) since the workers started."""
+    served = 1.0 if requests == 0 else 1.0 - server_errors / requests
+    return max(0.0, min(1.0, owned_share * served))
+
+
+def status_line(value: float) -> str:
+    if value >= 0.99:
+        return "healthy"
+    if value >= 0.5:
+        return "degraded"
+    return "down"
+
+
+def _cards(config: AppConfig, counts: dict[str, dict[str, int]], stats: list[dict[str, Any]],
+           owned_share: float) -> list[dict[str, Any]]:
+    """One card per binding: the specification's status card fields."""
+    cards = []
+    for b in config.bindings:
+        endpoints = [e for s in stats for e in s.get("endpoints", []) if e.get("name") == b.class_name]
+        requests = sum(int(e.get("num_requests", 0)) for e in endpoints)
+        busy_ns = sum(int(e.get("processing_time", 0)) for e in endpoints)
+        server_errors = sum(int((e.get("data") or {}).get("server_errors", 0)) for e in endpoints)
+        value = health(owned_share, requests, server_errors)
+        cards.append({
+            "class": b.class_name, "pattern": _pattern(b.class_path), "binding": b.name,
+            "active_instances": sum(int((e.get("data") or {}).get("live_objects", 0)) for e in endpoints)
+            if stats else None,
+            "websocket_conns": counts["sockets"].get(b.class_name, 0),
+            "storage_keys": counts["keys"].get(b.class_name, 0),
+            "alarms_active": counts["alarms"].get(b.class_name, 0),
+            "requests": requests, "server_errors": server_errors,
+            "avg_latency_ms": round(busy_ns / requests / 1e6, 3) if requests else None,
+            "health": round(value, 4), "status": status_line(value),
+        })
+    return cards
+
+
+async def collect(settings: Settings, config: AppConfig | None = None) -> dict[str, Any]:
     prefix = f"{SESSION_PREFIX}{settings.deployment_key}:"
     conn = await asyncpg.connect(settings.database_url, timeout=5)
     try:
@@ -75,6 +129,7 @@ async def collect(settings: Settings) -> dict[str, Any]:
         sockets = dict(await conn.fetchrow(
             "SELECT count(*) AS sockets, count(DISTINCT gateway) AS gateways, count(DISTINCT object_id) AS objects "
             "FROM do_sockets"))
+        counts = {name: {r["namespace"]: r["n"] for r in await conn.fetch(sql)} for name, sql in _BY_NAMESPACE.items()}
     finally:
         await conn.close()
     try:
@@ -115,7 +170,33 @@ async def collect(settings: Settings) -> dict[str, Any]:
         "alarms_pending": alarms["pending"],
         "alarms_overdue": alarms["overdue"],
         "nats_error": nats_error,
+        "bindings": _cards(config, counts, stats, len(held) / settings.partitions) if config is not None else [],
     }
+
+
+def _bar(value: float, width: int = 20) -> str:
+    filled = round(value * width)
+    return "\u2588" * filled + "\u2591" * (width - filled)
+
+
+def render_cards(status: dict[str, Any]) -> str:
+    """The specification's status card, one per binding."""
+    out: list[str] = []
+    width = 44
+    for card in status.get("bindings", []):
+        def show(v: Any, unit: str = "") -> str:
+            return "-" if v is None else f"{v}{unit}"
+        rows = [("Pattern", card["pattern"]), ("Binding", card["binding"]),
+                ("Active Instances", show(card["active_instances"])),
+                ("WebSocket Conns", show(card["websocket_conns"])),
+                ("Storage Keys", show(card["storage_keys"])), ("Alarms Active", show(card["alarms_active"])),
+                ("Avg Latency", show(card["avg_latency_ms"], " ms")),
+                ("Health", f"{_bar(card['health'])} {card['health'] * 100:.0f}%"), ("Status", card["status"])]
+        title = f"\u250c\u2500 {card['class']} "
+        out.append(title + "\u2500" * (width - len(title) + 1) + "\u2510")
+        out += [f"\u2502 {name:<17}{value:<{width - 18}}\u2502" for name, value in rows]
+        out.append("\u2514" + "\u2500" * width + "\u2518")
+    return "\n".join(out)
 
 
 def render(status: dict[str, Any]) -> str:
@@ -144,4 +225,5 @@ def render(status: dict[str, Any]) -> str:
         lines.append(f"unowned partitions: {_ranges(status['unowned_partitions'])}")
     if status["nats_error"]:
         lines.append(f"(NATS unreachable, no live-object counts: {status['nats_error']})")
-    return "\n".join(lines)
+    cards = render_cards(status)
+    return "\n".join(lines) + ("\n\n" + cards if cards else "")

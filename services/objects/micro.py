@@ -32,14 +32,19 @@ SERVICE_VERSION = "0.1.0"
 class EndpointStats:
     num_requests: int = 0
     num_errors: int = 0
+    #: errors of the runtime (status >= 500), not of the caller: what the status card's health counts
+    server_errors: int = 0
     last_error: str = ""
     processing_ns: int = 0
 
 
 class MicroService:
-    def __init__(self, nc: NatsClient, namespaces: Iterable[str], metadata: Callable[[], dict[str, str]]) -> None:
+    def __init__(self, nc: NatsClient, namespaces: Iterable[str], metadata: Callable[[], dict[str, str]],
+                 live_objects: Callable[[], dict[str, int]] | None = None) -> None:
         self.nc = nc
         self._metadata = metadata
+        #: live instances by class, reported per endpoint
+        self._live_objects = live_objects or dict
         self.id = uuid.uuid4().hex
         self.stats: dict[str, EndpointStats] = {name: EndpointStats() for name in namespaces}
         self._subs: list[Subscription] = []
@@ -53,6 +58,8 @@ class MicroService:
         stats.processing_ns += int(seconds * 1e9)
         if error is not None:
             stats.num_errors += 1
+            if error.status >= 500:
+                stats.server_errors += 1
             stats.last_error = f"{error.status}:{error.message}"[:500]
 
     def _identity(self, kind: str) -> dict[str, Any]:
@@ -74,6 +81,7 @@ class MicroService:
         }
 
     def stats_response(self) -> dict[str, Any]:
+        live = self._live_objects()
         return {
             **self._identity("stats"),
             "started": self.started.isoformat().replace("+00:00", "Z"),
@@ -81,7 +89,8 @@ class MicroService:
                 {"name": name, "subject": f"do.{name}.*.>",
                  "num_requests": s.num_requests, "num_errors": s.num_errors, "last_error": s.last_error,
                  "processing_time": s.processing_ns,
-                 "average_processing_time": s.processing_ns // s.num_requests if s.num_requests else 0}
+                 "average_processing_time": s.processing_ns // s.num_requests if s.num_requests else 0,
+                 "data": {"server_errors": s.server_errors, "live_objects": live.get(name, 0)}}
                 for name, s in self.stats.items()
             ],
         }

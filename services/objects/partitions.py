@@ -136,6 +136,13 @@ class Partitions:
     def live_objects(self) -> int:
         return sum(len(s.instances) for s in self.states.values())
 
+    def live_by_namespace(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for state in self.states.values():
+            for inst in state.instances.values():
+                counts[inst.namespace] = counts.get(inst.namespace, 0) + 1
+        return counts
+
     # ----- instances -------------------------------------------------------------------------
 
     def instance(self, state: PartitionState, namespace: str, oid: str, name: str | None = None) -> Instance:

@@ -125,7 +125,8 @@ class Worker:
                                      GatewayLink(self.nc, settings.deployment_key), self.flusher,
                                      self.ownership.owns)
         self.alarms = Alarms(self.nc, settings, self.partitions, self.store, self.client)
-        self.micro = MicroService(self.nc, [b.class_name for b in self.config.bindings], self._metadata)
+        self.micro = MicroService(self.nc, [b.class_name for b in self.config.bindings], self._metadata,
+                                  self.partitions.live_by_namespace)
         self.dispatcher = Dispatcher(self.nc, self.partitions, self.alarms, self.micro, self.ownership.owns,
                                      settings.max_request_bytes)
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,

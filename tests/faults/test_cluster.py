@@ -10,6 +10,7 @@ import nats
 import pytest
 from durable.client import Client, Env
 from durable.core.config import AppConfig
+from durable.core.errors import UnknownMethod
 from durable.core.settings import Settings
 from durable.core.wire import partition_of
 from durable.objects import Worker
@@ -154,3 +155,33 @@ async def test_durable_status_shows_workers_partitions_and_live_objects(
     assert "alarms: 1 pending, 0 overdue" in text
     assert f"2 worker(s), {PARTITIONS}/{PARTITIONS} partitions owned" in text
     assert a.worker_id[:36] in text and b.worker_id[:36] in text
+
+
+async def test_the_status_card_per_binding(start_worker: WorkerFactory, env: Env, settings: Settings,
+                                           config: AppConfig) -> None:
+    from durable import status
+
+    worker = await start_worker()
+    counters = [env.COUNTERS.get_by_name(f"card-{i}") for i in range(3)]
+    for c in counters:
+        await c.increment()
+    await env.ALARMERS.get_by_name("card-alarm").arm(600_000)
+    with pytest.raises(UnknownMethod):
+        await env.ALARMERS.get_by_name("card-alarm").no_such_method()
+    result = await status.collect(settings, config)
+    cards = {c["binding"]: c for c in result["bindings"]}
+    assert set(cards) == {b.name for b in config.bindings}
+    counter = cards["COUNTERS"]
+    assert counter["class"] == "Counter" and counter["active_instances"] == 3
+    assert counter["storage_keys"] == 3 and counter["alarms_active"] == 0 and counter["websocket_conns"] == 0
+    assert counter["requests"] >= 3 and counter["avg_latency_ms"] > 0
+    assert counter["health"] == 1.0 and counter["status"] == "healthy"
+    alarmer = cards["ALARMERS"]
+    assert alarmer["alarms_active"] == 1
+    assert alarmer["server_errors"] == 0  # an unknown method is the caller's error, not the runtime's
+    assert cards["ROOMS"]["pattern"] == "chat_room" and counter["pattern"] == "custom"
+    text = status.render(result)
+    assert "\u250c\u2500 Counter " in text and "Active Instances 3" in text and "100%" in text
+    assert status.health(0.5, 100, 10) == pytest.approx(0.45) and status.status_line(0.45) == "down"
+    assert status.status_line(0.9) == "degraded" and status.health(1.0, 0, 0) == 1.0
+    assert worker.live_objects() >= 4
