@@ -90,6 +90,13 @@ class Request:
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
 
+    def json_object(self) -> dict[str, Any]:
+        """The body as a JSON object (e.g. an RPC's keyword arguments); ValueError otherwise."""
+        value = self.json()
+        if not isinstance(value, dict):
+            raise ValueError("the body must be a JSON object")
+        return value
+
     def to_wire(self) -> dict[str, Any]:
         return {"method": self.method, "url": self.url, "headers": self.headers.to_wire(), "body": self.body}
 

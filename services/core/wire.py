@@ -66,25 +66,19 @@ def request_subject(partition: int, namespace: str, object_id: str, verb: str) -
 
 @dataclass(frozen=True, slots=True)
 class RequestAddress:
-    """What a worker reads from a request's subject."""
+    """What a worker reads from a request's subject, split once."""
 
-    namespace: str
+    namespace: str  #: "?" when the subject has no namespace token (kept for accounting)
     object_id: str
     verb: list[str]
+    valid: bool  #: the subject has every token: ``dop.<partition>.<namespace>.<object-id>.<verb...>``
 
 
 def parse_request_subject(subject: str) -> RequestAddress:
-    """``dop.<partition>.<namespace>.<object-id>.<verb...>``; InvalidRequest if it is not one."""
+    """The address of a request subject; ``valid`` is False when tokens are missing."""
     tokens = subject.split(".")
-    if len(tokens) < 5:
-        raise InvalidRequest(f"malformed subject {subject!r}")
-    return RequestAddress(tokens[2], tokens[3], tokens[4:])
-
-
-def namespace_of_subject(subject: str) -> str:
-    """The namespace token of a request subject, for accounting even when it is malformed."""
-    tokens = subject.split(".")
-    return tokens[2] if len(tokens) > 2 else "?"
+    return RequestAddress(tokens[2] if len(tokens) > 2 else "?", tokens[3] if len(tokens) > 3 else "",
+                          tokens[4:], len(tokens) >= 5)
 
 
 def partition_filter(partition: int) -> str:

@@ -207,12 +207,14 @@ class Dispatcher:
         started = time.perf_counter()
         headers = msg.headers or {}
         as_json = (wire.header(headers, "Content-Type") or "").lower().startswith(codec.JSON_CONTENT_TYPE)
-        namespace = wire.namespace_of_subject(msg.subject)
+        address = wire.parse_request_subject(msg.subject)
+        namespace = address.namespace
         inst: Instance | None = None
         try:
             if not self.partitions.is_current(state) or not self._owns(state.partition, state.epoch):
                 raise NotOwner(f"partition {state.partition} is not owned by this worker")
-            address = wire.parse_request_subject(msg.subject)
+            if not address.valid:
+                raise InvalidRequest(f"malformed subject {msg.subject!r}")
             if len(msg.data) > self.max_request_bytes:
                 raise PayloadTooLarge(f"request of {len(msg.data)} bytes is over the limit of "
                                       f"{self.max_request_bytes} bytes")

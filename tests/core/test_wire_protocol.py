@@ -19,10 +19,10 @@ def test_a_request_subject_round_trips() -> None:
     assert subject == f"dop.7.Counter.{'ab' * 32}.rpc.increment"
     address = wire.parse_request_subject(subject)
     assert (address.namespace, address.object_id, address.verb) == ("Counter", "ab" * 32, ["rpc", "increment"])
-    assert wire.namespace_of_subject(subject) == "Counter"
-    with pytest.raises(InvalidRequest, match="malformed subject"):
-        wire.parse_request_subject("dop.7.Counter")
-    assert wire.namespace_of_subject("dop") == "?"
+    assert address.valid
+    short = wire.parse_request_subject("dop.7.Counter")
+    assert not short.valid and short.namespace == "Counter"
+    assert wire.parse_request_subject("dop").namespace == "?"
 
 
 def test_headers_are_found_whatever_their_case() -> None:

@@ -141,9 +141,7 @@ class Auction(DurableObject):
                                           200 if state else 404)
         if action in ("bid", "open") and len(segments) == 3 and request.method == "POST":
             try:
-                args = request.json()
-                if not isinstance(args, dict):
-                    raise TypeError("the body must be a JSON object of arguments")
+                args = request.json_object()
                 result = await (self.bid(**args) if action == "bid" else self.open(**args))
             except (TypeError, ValueError) as exc:
                 return Response.json_response({"error": str(exc)}, 400)

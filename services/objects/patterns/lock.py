@@ -222,9 +222,7 @@ class Lock(DurableObject):
         if request.method != "POST":
             return Response.json_response({"error": f"use POST to {action}"}, 405, {"allow": "POST"})
         try:
-            args = request.json()
-            if not isinstance(args, dict):
-                raise TypeError("the body must be a JSON object of arguments")
+            args = request.json_object()
             result = await call(**args)
         except (TypeError, ValueError) as exc:
             return Response.json_response({"error": str(exc)}, 400)

@@ -204,9 +204,9 @@ class PresenceRoom(DurableObject):
             if not action and request.method == "GET":
                 return Response.json_response(await self.members())
             if action in ("heartbeat", "leave") and len(segments) == 3 and request.method == "POST":
-                args = request.json()
-                if not isinstance(args, dict) or "id" not in args:
-                    raise TypeError("the body must be a JSON object with an 'id'")
+                args = request.json_object()
+                if "id" not in args:
+                    raise ValueError("the body must name the member: {\"id\": ...}")
                 if action == "leave":
                     return Response.json_response({"left": await self.leave(args["id"])})
                 outcome = await self.heartbeat(args["id"], args.get("meta"), args.get("ttl_ms", 30_000))
