@@ -206,6 +206,9 @@ def parse_config(path: Path, data: dict[str, Any]) -> AppConfig:
 def load_config(path: Path) -> AppConfig:
     try:
         text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"no {path} in {Path.cwd()}: an app is a folder with a durable.toml (see the README), "
+                          "or start from a pattern's app: `durable new counter myapp && cd myapp`") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
     try:

@@ -159,3 +159,8 @@ def test_routes_that_cannot_be_imported_are_named(tmp_path: Path) -> None:
     path = write(tmp_path, 'routes = "no_such_module_q:fetch"\n' + GOOD)
     with pytest.raises(ConfigError, match=r"routes: 'no_such_module_q:fetch' cannot be imported: ModuleNotFoundError"):
         load_routes(Settings(config_file=path), load_config(path))
+
+
+def test_a_missing_durable_toml_says_how_to_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="durable new counter"):
+        load_config(tmp_path / "durable.toml")
