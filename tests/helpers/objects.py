@@ -542,31 +542,34 @@ class Fenced(DurableObject):
         return await self.ctx.storage.get(key)
 
 
-class _CrashBeforeCredit:
-    """The accounts namespace, except that depositing (the credit step) kills this process."""
+class _CrashAfterDebit:
+    """The accounts namespace, except that the source's withdrawal (the debit step) kills this
+    process as soon as the account answered: the transfer never records that it debited, so the
+    run that resumes it must debit again with the same operation id and move nothing twice."""
 
-    def __init__(self, accounts: Any, destination: str) -> None:
+    def __init__(self, accounts: Any, source: str) -> None:
         self._accounts = accounts
-        self._destination = destination
+        self._source = source
 
     def get_by_name(self, name: str) -> Any:
         stub = self._accounts.get_by_name(name)
-        if name != self._destination:
+        if name != self._source:
             return stub
 
         class Dying:
-            async def deposit(self, amount: int, op_id: str) -> Any:
+            async def withdraw(self, amount: int, op_id: str) -> Any:
+                await stub.withdraw(amount, op_id)
                 os.kill(os.getpid(), signal.SIGKILL)  # the worker dies between debit and credit
 
         return Dying()
 
 
 class CrashingTransfer(Transfer):
-    """A Transfer whose worker process dies right before the credit step, where the environment
-    says so (DURABLE_TEST_CRASH=1 in a `durable worker` subprocess); elsewhere an ordinary Transfer."""
+    """A Transfer whose worker process dies right after the debit, where the environment says so
+    (DURABLE_TEST_CRASH=1 in a `durable worker` subprocess); elsewhere an ordinary Transfer."""
 
     def _accounts(self) -> Any:
         accounts = super()._accounts()
         if os.environ.get("DURABLE_TEST_CRASH") != "1":
             return accounts
-        return _CrashBeforeCredit(accounts, "crash-destination")
+        return _CrashAfterDebit(accounts, "crash-source")

@@ -7,10 +7,11 @@ step durably before taking the next:
     started -> debited (source withdrew) -> done (destination deposited)
                        \\-> the deposit is refused -> compensated (source refunded)
 
-Every step is idempotent: the accounts remember the operation ids they applied, so a step
-repeated after a crash, a timeout or a redelivery applies once. The coordinator sets an alarm
-when it starts and each time it advances, so a transfer interrupted by a crash (its caller gone,
-its worker killed) is finished by the alarm on whichever worker owns it next: it always ends
+Every step is idempotent: the accounts remember the operation ids they applied
+(``<transfer object id>:debit|credit|refund``), so a step repeated after a crash, a timeout or
+a redelivery applies once. The coordinator sets an alarm when it starts and each time it
+advances, so a transfer interrupted by a crash (its caller gone, its worker killed) is finished
+by the alarm on whichever worker owns it next: it always ends
 ``done`` or ``compensated``, never with money in flight for good.
 
 Inside one object, :meth:`Account.update_limit` shows optimistic concurrency: a client reads
@@ -140,7 +141,8 @@ class Transfer(DurableObject):
         """Advance from the recorded step to the end, recording each step before the next.
         The alarm is the safety net: set before any step, it resumes a run that died."""
         accounts = self._accounts()
-        name = self.ctx.id.name or self.ctx.id.hex
+        # operation ids from the id, never the name: an instance woken by the alarm has no name
+        name = self.ctx.id.hex
         if state["step"] not in ("done", "compensated", "failed"):
             await self.ctx.storage.set_alarm(int(time.time() * 1000) + self.RESUME_MS)
         if state["step"] == "started":

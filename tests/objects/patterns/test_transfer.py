@@ -33,7 +33,7 @@ async def test_a_transfer_moves_money_once_however_often_it_is_asked(worker: Wor
     with pytest.raises(RemoteError, match="other arguments"):
         await transfer.start("alice", "bob", 31)
     # the same operation id applied again by an account answers the first outcome
-    assert (await env.ACCOUNTS.get_by_name("alice").withdraw(30, "t-1:debit"))["balance"] == 70
+    assert (await env.ACCOUNTS.get_by_name("alice").withdraw(30, f"{transfer.id.hex}:debit"))["balance"] == 70
 
 
 async def test_insufficient_funds_fail_the_transfer_and_move_nothing(worker: Worker, env: Env) -> None:
@@ -102,9 +102,12 @@ async def test_a_worker_killed_between_debit_and_credit_leaves_the_alarm_to_fini
             await transfer.start("crash-source", "crash-destination", 25)
         assert doomed.proc is not None and doomed.proc.wait(10) == -9
         await start_worker()  # takes the partitions once the dead worker's lease runs out
+        # watched through a stub that does not carry the name: the alarm, not a named call,
+        # wakes the transfer on the new worker (an instance woken so knows only its id)
+        by_id = env.CRASHING_TRANSFERS.get(env.CRASHING_TRANSFERS.id_from_string(transfer.id.hex))
 
         async def finished() -> bool:
-            state = await transfer.status()
+            state = await by_id.status()
             return state is not None and state["step"] == "done"
 
         await assert_eventually(finished, timeout=40, message="the alarm finishing the transfer")
