@@ -18,6 +18,7 @@ from durable.objects import Worker
 from durable.testing.app import DurableServers
 from nats.aio.client import Client as NatsClient
 
+from tests.helpers.browser import browser  # noqa: F401 - the fixture, for the pages' browser tests
 from tests.helpers.gateway import gateway
 from tests.helpers.postgres import create_database
 from tests.helpers.settings import TEST_CONFIG, make_settings

@@ -1,15 +1,8 @@
-"""The chat page in a real browser: headless Chromium (Debian's ``chromium``) driven by Playwright.
-
-Two pages join one room, exchange messages, and one reloads and gets the history. Without a
-Chromium binary the test is skipped, unless ``DURABLE_REQUIRE_BROWSER=1`` (CI sets it, after
-installing the package), in which case a missing browser is a failure.
-"""
+"""The chat page in a real browser (tests/helpers/browser.py): two pages join one room, exchange
+messages, and one reloads and gets the history."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,33 +13,6 @@ from durable.objects import Worker
 from tests.helpers.gateway import gateway
 
 pytestmark = pytest.mark.slow  # a real browser
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
-
-
-def chromium_path() -> str | None:
-    for candidate in (os.environ.get("CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser"), shutil.which("chromium-headless-shell")):
-        if candidate and os.path.exists(candidate):
-            return candidate
-    return None
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    path = chromium_path()
-    if path is None:
-        if os.environ.get("DURABLE_REQUIRE_BROWSER") == "1":
-            pytest.fail("no Chromium binary found (install Debian's chromium package or set CHROMIUM)")
-        pytest.skip("no Chromium binary (apt-get install chromium); CI installs it and runs this test")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as p:
-        b = await p.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
 
 
 async def join(page: Any, base: str, room: str, name: str) -> None:
