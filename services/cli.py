@@ -21,7 +21,7 @@ import asyncpg
 import uvicorn
 from pydantic import ValidationError
 
-from .core import telemetry
+from .core import logs, telemetry
 from .core.config import AppConfig, load_config
 from .core.embedded import DEV_MARKER, EmbeddedNats, EmbeddedPostgres, die_with_parent, stop_leftovers
 from .core.errors import ConfigError, Unavailable
@@ -70,7 +70,9 @@ def server_config(app: Any, host: str, port: int, trusted_proxies: list[str] | N
 
     # websockets-sansio: the implementation whose close reporting the gateway relies on;
     # no permessage-deflate: it doubles memory per socket (29 -> 64 KiB) and costs CPU per frame
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", ws="websockets-sansio",
+    # log_config=None: uvicorn's records go to the root logger, in the process's format (core/logs.py)
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None, lifespan="on",
+                          ws="websockets-sansio",
                           ws_max_size=MAX_MESSAGE_BYTES, ws_ping_interval=5.0, ws_ping_timeout=5.0,
                           ws_per_message_deflate=False, proxy_headers=bool(trusted_proxies),
                           forwarded_allow_ips=list(trusted_proxies) or [])
@@ -80,11 +82,27 @@ async def _serve_router(settings: Settings, config: AppConfig, stop: asyncio.Eve
     from .router.app import create_app  # noqa: PLC0415 - the worker process does not need it
 
     port = settings.http_port if http else settings.gateway_port
-    server = _Server(server_config(create_app(settings, config, http=http), settings.http_host, port))
+    app = create_app(settings, config, http=http)
+    server = _Server(server_config(app, settings.http_host, port))
     task = asyncio.create_task(server.serve())
     await stop.wait()
+    # readiness first (load balancers stop sending), then the drain: uvicorn finishes what it has
+    app.state.ops.draining = True
+    log.info("stopping: /readyz answers 503; draining in %g s", settings.shutdown_delay)
+    await _shutdown_delay(settings, task)
     server.should_exit = True
     await task
+
+
+async def _shutdown_delay(settings: Settings, task: asyncio.Future[Any] | None = None) -> None:
+    """Wait DURABLE_SHUTDOWN_DELAY seconds with /readyz false before draining (a second signal
+    does not cut it short: the orchestrator's grace period bounds it)."""
+    if settings.shutdown_delay <= 0:
+        return
+    if task is None:
+        await asyncio.sleep(settings.shutdown_delay)
+    else:
+        await asyncio.wait({task}, timeout=settings.shutdown_delay)
 
 
 async def _spawn_worker(settings: Settings) -> asyncio.subprocess.Process:
@@ -92,6 +110,7 @@ async def _spawn_worker(settings: Settings) -> asyncio.subprocess.Process:
     kills it), and marked with dev's data directory, so a later dev can tell its leftovers."""
     env = {**os.environ, "DURABLE_NATS_URL": settings.nats_url, "DURABLE_DATABASE_URL": settings.database_url,
            "DURABLE_CONFIG_FILE": str(settings.config_file.resolve()), "DURABLE_WORKER_NAME": "",
+           "DURABLE_HEALTH_PORT": "0",  # the in-process worker has it; children would collide
            DEV_CHILD_ENV: "1", DEV_MARKER: str(settings.data_dir.resolve())}
     # forked from the event loop's thread, which lives as long as dev (the parent-death signal
     # follows the forking thread)
@@ -372,6 +391,10 @@ async def _worker() -> None:
     await worker.start()
     print(f"worker {worker.worker_id} started", flush=True)
     await stop.wait()
+    worker.begin_stop()  # /readyz answers 503 from here, then the drain
+    log.info("stopping: /readyz answers 503; draining in %g s", settings.shutdown_delay,
+             extra={"worker": worker.worker_id})
+    await _shutdown_delay(settings)
     await worker.stop()
 
 
@@ -481,10 +504,11 @@ def main(argv: list[str] | None = None) -> int:
     id_cmd.add_argument("name")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    telemetry.configure_from_env(f"durable-{args.command}")
+    log_format = os.environ.get("DURABLE_LOG_FORMAT", "auto").strip().lower()
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO,
+                   log_format if log_format in ("json", "text") else "auto")
     try:
+        telemetry.configure_from_env(f"durable-{args.command}")
         if args.command == "dev":
             _run(_dev(args.reset, args.workers))
         elif args.command == "worker":

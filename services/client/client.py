@@ -16,6 +16,8 @@ from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from ..core import telemetry
@@ -152,7 +154,19 @@ class Client:
 
     async def request(self, subject: str, payload: bytes, headers: dict[str, str] | None = None,
                       timeout: float | None = None) -> Any:
-        """Send one request to a partition subject, retrying only what provably did not run."""
+        """Send one request to a partition subject, retrying only what provably did not run.
+        Inside a recording span, the request is a client span of its own (the NATS hop)."""
+        if not trace.get_current_span().is_recording():
+            return await self._request(subject, payload, headers, timeout)
+        parts = subject.split(".", 4)
+        with telemetry.tracer.start_as_current_span(
+            f"call {parts[2]} {parts[4]}" if len(parts) == 5 else f"call {subject}", kind=SpanKind.CLIENT,
+            attributes={"messaging.system": "nats", "messaging.destination.name": subject},
+        ):
+            return await self._request(subject, payload, headers, timeout)
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str] | None,
+                       timeout: float | None) -> Any:
         timeout = timeout or self.settings.request_timeout
         guard = current_event.get()
         reopened = False

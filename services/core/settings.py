@@ -77,6 +77,17 @@ class Settings(BaseSettings):
     #: headers it sends. See :func:`client_address`.
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    #: A worker's health port (/livez, /readyz, /metrics); 0 (the default): none. `durable dev`
+    #: gives it to its in-process worker only (its child workers would collide on the port).
+    health_port: int = Field(default=0, ge=0, le=65535)
+    #: Where the health port listens: every interface, so a kubelet or Prometheus can reach it.
+    health_host: str = "0.0.0.0"
+    #: On SIGTERM, /readyz answers 503 for this many seconds before the drain begins, so load
+    #: balancers stop sending first (Kubernetes: a few seconds; 0 in `durable dev`).
+    shutdown_delay: float = Field(default=0.0, ge=0, le=300)
+    #: Log lines: ``auto`` (JSON when stderr is not a terminal), ``json`` or ``text``.
+    log_format: str = Field(default="auto", pattern="^(auto|json|text)$")
+
     http_host: str = "127.0.0.1"
     http_port: int = 8787
     nats_port: int = 4222

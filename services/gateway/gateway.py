@@ -29,12 +29,14 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry.trace import SpanKind
 from starlette.datastructures import Address, Headers
 from starlette.responses import Response as StarletteResponse
 from starlette.websockets import WebSocket as StarletteWebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..client import Client, Env
+from ..core import telemetry
 from ..core.errors import DurableError, RemoteError, StorageError, UnknownMethod, UnknownSocket
 from ..core.http import Request, Response
 from ..core.settings import Settings, client_address
@@ -249,8 +251,17 @@ class Gateway:
                 self._enqueue(conn, "text", conn.auto[1])
                 continue
             try:
-                await self.client.call(conn.namespace, conn.object_id, "ws.message",
-                                       ws_message(conn.socket_id, data))
+                if telemetry.tracing_enabled():  # a frame starts a trace of its own
+                    with telemetry.tracer.start_as_current_span(
+                        f"{conn.namespace} ws.frame", kind=SpanKind.SERVER,
+                        attributes={"do.namespace": conn.namespace, "do.object_id": conn.object_id,
+                                    "do.socket_id": conn.socket_id},
+                    ):
+                        await self.client.call(conn.namespace, conn.object_id, "ws.message",
+                                               ws_message(conn.socket_id, data))
+                else:
+                    await self.client.call(conn.namespace, conn.object_id, "ws.message",
+                                           ws_message(conn.socket_id, data))
             except (RemoteError, StorageError, UnknownMethod) as exc:
                 # the object's handler raised (a storage call it made refused a value, say): that
                 # frame failed, the object did not; the socket stays open

@@ -26,9 +26,13 @@ from typing import Any
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from opentelemetry.trace import SpanKind
+from prometheus_client import Histogram
 
 from ..client import Client
+from ..core import telemetry
 from ..core.errors import DurableError, ObjectReset
+from ..core.metrics import LATE_AFTER
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
 from ..core.wire import AlarmFire, alarm_wakeup, parse_alarm_fire
@@ -50,7 +54,8 @@ RECONCILE_BATCH = 10_000
 REDELIVER_DELAY = 1.0
 
 
-async def run_alarm(inst: Instance, obj: Any, generation: int, retry_base: float) -> RunOutcome:
+async def run_alarm(inst: Instance, obj: Any, generation: int, retry_base: float,
+                    starting: Callable[[AlarmRow], None] | None = None) -> RunOutcome:
     """The alarm event, under the object's input gate: run ``alarm(info)`` if the stored alarm
     still has ``generation``; then clear it, or on failure record what alarm_rules decides."""
     alarm = inst.storage.alarm
@@ -66,6 +71,8 @@ async def run_alarm(inst: Instance, obj: Any, generation: int, retry_base: float
                     "the alarm is dropped", name)
         alarm.write(None)
         return RunOutcome.STALE
+    if starting is not None:
+        starting(row)
     alarm.begin_handler()
     try:
         await handler(AlarmInfo(row.scheduled_ms, row.retry_count))
@@ -119,6 +126,13 @@ class Alarms:
         self._published.set()
         self.fired = 0
         self.abandoned = 0
+        #: handler runs that raised (a retry is recorded unless it changed its alarm), runs that
+        #: were retries, and runs that started over LATE_AFTER seconds after their due time
+        self.failed = 0
+        self.retried = 0
+        self.late = 0
+        #: the lateness histogram (metrics.py), when the worker keeps metrics
+        self.lateness: Histogram | None = None
 
     async def start(self) -> None:
         try:
@@ -255,14 +269,27 @@ class Alarms:
         retry_base = self.settings.alarm_retry_base
 
         async def event(obj: Any) -> RunOutcome:
-            outcome = await run_alarm(inst, obj, generation, retry_base)
+            outcome = await run_alarm(inst, obj, generation, retry_base, self._starting)
             if outcome is RunOutcome.RAN:
                 self.fired += 1
             elif outcome is RunOutcome.ABANDONED:
                 self.abandoned += 1
+                self.failed += 1
+            elif outcome is RunOutcome.FAILED:
+                self.failed += 1
             return outcome
 
         return event
+
+    def _starting(self, row: AlarmRow) -> None:
+        """An alarm handler is about to run: count it and how late it is."""
+        late = max(0.0, (now_ms() - row.due_ms) / 1000)
+        if late > LATE_AFTER:
+            self.late += 1
+        if row.retry_count:
+            self.retried += 1
+        if self.lateness is not None:
+            self.lateness.observe(late)
 
     async def run_event(self, inst: Instance, generation: int) -> tuple[bool, Any, int]:
         """Run ``inst``'s alarm of ``generation`` as an event (under its input gate).
@@ -288,7 +315,17 @@ class Alarms:
                 if msg is not None:
                     await _ack(msg)
                 return
-            ok, value, seq = await self.run_event(inst, generation)
+            if telemetry.tracing_enabled():
+                with telemetry.tracer.start_as_current_span(
+                    f"{namespace} alarm", kind=SpanKind.CONSUMER,
+                    attributes={"do.partition": state.partition, "do.epoch": state.epoch,
+                                "do.object_id": object_id, "do.namespace": namespace},
+                ) as span:
+                    ok, value, seq = await self.run_event(inst, generation)
+                    inst.trace_flush(span, seq)
+                    span.set_attribute("do.alarm.outcome", str(value) if ok else type(value).__name__)
+            else:
+                ok, value, seq = await self.run_event(inst, generation)
             if not ok:
                 # the runtime failed (storage unreachable, object reset): nothing was recorded and
                 # the alarm is still due; the handler's own failures are recorded as retries

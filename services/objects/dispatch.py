@@ -18,7 +18,8 @@ from urllib.parse import unquote
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from opentelemetry.trace import SpanKind
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from ..core import codec, telemetry, wire
 from ..core.errors import (
@@ -32,6 +33,7 @@ from ..core.errors import (
     UnknownSocket,
 )
 from ..core.http import Request, Response
+from ..core.metrics import RequestSeries, WorkerMetrics
 from .alarm_rules import RunOutcome
 from .alarms import Alarms
 from .base import DurableObject
@@ -169,8 +171,10 @@ class Dispatcher:
     """Runs the requests of the owned partitions and sends their replies."""
 
     def __init__(self, nc: NatsClient, partitions: Partitions, alarms: Alarms, micro: MicroService,
-                 owns: Callable[[int, int], bool], max_request_bytes: int) -> None:
+                 owns: Callable[[int, int], bool], max_request_bytes: int,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.nc = nc
+        self.metrics = metrics or WorkerMetrics(partitions.classes)
         self.partitions = partitions
         self.alarms = alarms
         self.micro = micro
@@ -209,7 +213,9 @@ class Dispatcher:
         as_json = (wire.header(headers, "Content-Type") or "").lower().startswith(codec.JSON_CONTENT_TYPE)
         address = wire.parse_request_subject(msg.subject)
         namespace = address.namespace
+        series = self.metrics.other
         inst: Instance | None = None
+        span: Span | None = None
         try:
             if not self.partitions.is_current(state) or not self._owns(state.partition, state.epoch):
                 raise NotOwner(f"partition {state.partition} is not owned by this worker")
@@ -221,34 +227,44 @@ class Dispatcher:
             payload = codec.loads(msg.data, as_json)
             inst = self.partitions.instance(state, namespace, address.object_id, claimed_name(payload, headers))
             handler = self.handler(inst, address.verb, payload)
+            verb = address.verb  # only a handler that exists names a series: bad input adds none
+            series = self.metrics.series(namespace, verb[0] if len(verb) == 1 else f"{verb[0]}.{verb[1]}")
             trace_context = telemetry.extract(headers)
             if trace_context is None:
                 ok, value, seq = await inst.run_event(handler)
             else:
-                with telemetry.tracer.start_as_current_span(
+                # ended in _finish, once the reply is sent: the flush it waited for is its child
+                span = telemetry.tracer.start_span(
                     f"{namespace} {'.'.join(address.verb)}", context=trace_context, kind=SpanKind.SERVER,
                     attributes={"do.partition": state.partition, "do.epoch": state.epoch,
-                                "do.object_id": inst.object_id},
-                ):
+                                "do.object_id": inst.object_id, "do.namespace": namespace},
+                )
+                with trace.use_span(span, end_on_exit=False):
                     ok, value, seq = await inst.run_event(handler)
+                    inst.trace_flush(span, seq)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
-            await self._finish(state, msg, as_json, namespace, started, False, exc, None)
+            await self._finish(state, msg, as_json, namespace, series, span, started, None, False, exc, None)
             return
+        handled = time.perf_counter()
+        series.queue.observe(inst.event_started - started if inst.event_started >= started else 0.0)
+        series.handler.observe(handled - max(inst.event_started, started))
         output = inst.output
         if output.is_durable(seq):
-            await self._finish(state, msg, as_json, namespace, started, ok, value, None)
+            await self._finish(state, msg, as_json, namespace, series, span, started, handled, ok, value, None)
         elif output.failed is not None:
             # reset before its writes were durable (abort, failed flush): nothing will flush them
             error = ObjectReset("Durable Object was reset before its writes were confirmed durable (a flush "
                                 f"already in flight may still commit them): {output.failed}")
-            await self._finish(state, msg, as_json, namespace, started, ok, value, error)
+            await self._finish(state, msg, as_json, namespace, series, span, started, handled, ok, value, error)
         else:
             # the output gate: the flusher sends this reply once the writes before it commit
             output.reply_when_durable(
-                seq, functools.partial(self._finish, state, msg, as_json, namespace, started, ok, value))
+                seq, functools.partial(self._finish, state, msg, as_json, namespace, series, span, started,
+                                       handled, ok, value))
 
-    async def _finish(self, state: PartitionState, msg: Msg, as_json: bool, namespace: str, started: float,
-                      ok: bool, value: Any, flush_error: BaseException | None) -> None:
+    async def _finish(self, state: PartitionState, msg: Msg, as_json: bool, namespace: str, series: RequestSeries,
+                      span: Span | None, started: float, handled: float | None, ok: bool, value: Any,
+                      flush_error: BaseException | None) -> None:
         """Send the reply (or error) of one event, once its writes are durable."""
         try:
             if flush_error is not None:
@@ -265,15 +281,28 @@ class Dispatcher:
             if msg.reply:
                 await self.nc.publish(msg.reply, body,
                                       headers={"Content-Type": codec.JSON_CONTENT_TYPE} if as_json else None)
-            self.micro.record(namespace, time.perf_counter() - started, None)
+            seconds = time.perf_counter() - started
+            self.micro.record(namespace, seconds, None)
+            series.ok.inc()
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             error = exc if isinstance(exc, DurableError) else RemoteError(str(exc), remote_type=type(exc).__name__)
-            self.micro.record(namespace, time.perf_counter() - started, error)
+            seconds = time.perf_counter() - started
+            self.micro.record(namespace, seconds, error)
+            (series.server_error if error.status >= 500 else series.error).inc()
+            if span is not None:
+                span.set_status(StatusCode.ERROR, error.code)
             # runtime errors carry no object state, so they are sent even after the lease lapsed
             # (a flush failure must reach its caller, not become a timeout); errors raised by
             # object code are state, and follow the success path's rule
             if isinstance(error, NotOwner | ObjectReset) or self._owns(state.partition, state.epoch):
                 await self.reply_error(msg, error, as_json)
+        finally:
+            end = time.perf_counter()
+            if handled is not None:
+                series.durable.observe(end - handled)
+            series.total.observe(end - started)
+            if span is not None:
+                span.end()
 
     async def reply_error(self, msg: Msg, error: DurableError, as_json: bool) -> None:
         if not msg.reply:

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Protocol
 
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext, SpanKind
+
+from ..core import telemetry
 from ..core.errors import ObjectReset
+from ..core.metrics import WorkerMetrics
 from ..core.tasks import TaskSet
 from .alarm_rules import AlarmRow
 from .output_gate import ReplySender
@@ -39,6 +45,9 @@ class Flushable(Protocol):
 
     def fail(self, error: BaseException) -> None:
         """Its writes were not committed: reset it."""
+
+    def take_traces(self) -> list[SpanContext]:
+        """The span contexts of traced events waiting for this flush (usually none)."""
 
 
 BatchItem = tuple[Flushable, Batch]
@@ -73,8 +82,9 @@ class Flusher:
 
     def __init__(self, store: ObjectStore, on_fenced: Callable[[int, int], None],
                  on_alarms: Callable[[list[CommittedAlarm]], None], audit_worker: str | None = None,
-                 concurrency: int = 1, max_objects: int = 2000) -> None:
+                 concurrency: int = 1, max_objects: int = 2000, metrics: WorkerMetrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics
         #: (partition, epoch) whose epoch was superseded: the worker steps down from it
         self._on_fenced = on_fenced
         #: alarm rows just committed: their wake-ups are published
@@ -88,6 +98,8 @@ class Flusher:
         self._in_flight: dict[str, asyncio.Event] = {}
         self.commits = 0
         self.rows = 0
+        #: partitions stepped down from because a flush found their epoch superseded
+        self.fenced = 0
 
     def mark_dirty(self, obj: Flushable) -> None:
         lane = self._lanes[obj.owner.partition % self.concurrency]
@@ -163,6 +175,7 @@ class Flusher:
                                              "the write was not committed"))
                     else:
                         keep.append(item)
+                self.fenced += len(stale)
                 for p, epoch in stale.items():
                     # a slow batch may be fenced on an epoch we already stepped down from and
                     # re-acquired since: only the ownership it was written under steps down
@@ -191,7 +204,22 @@ class Flusher:
 
     async def _commit(self, batch: list[BatchItem]) -> None:
         rows = flush_rows([(obj.owner, b) for obj, b in batch], self.audit_worker)
-        ok = await self.store.flush(rows)
+        traced = [c for obj, _ in batch for c in obj.take_traces()]
+        started = time.perf_counter()
+        if traced:  # the first traced event is the parent, the others are linked
+            with telemetry.tracer.start_as_current_span(
+                "flush", context=trace.set_span_in_context(trace.NonRecordingSpan(traced[0])),
+                kind=SpanKind.CLIENT, links=[Link(c) for c in traced[1:]],
+                attributes={"db.system": "postgresql", "db.operation": "do_flush",
+                            "do.flush.objects": len(batch), "do.flush.rows": rows.row_count},
+            ):
+                ok = await self.store.flush(rows)
+        else:
+            ok = await self.store.flush(rows)
+        if self.metrics is not None:
+            self.metrics.flush_seconds.observe(time.perf_counter() - started)
+            self.metrics.flush_objects.observe(len(batch))
+            self.metrics.flush_rows.inc(rows.row_count)
         if len(ok) != len(rows.parts):
             raise _Fenced(set(rows.parts) - ok)
         self.commits += 1

@@ -46,9 +46,14 @@ class Handover:
         self.flusher = flusher
         self._release = release
         self.tasks = TaskSet()
+        #: partitions taken, handed over to another worker, and lost (lease lapsed, fenced): metrics
+        self.acquired_count = 0
+        self.handed_over = 0
+        self.lost_count = 0
 
     async def acquired(self, partition: int, epoch: int) -> None:
         state = self.partitions.open(partition, epoch)
+        self.acquired_count += 1
         dispatcher, tasks = self.dispatcher, self.tasks
 
         async def on_msg(msg: Msg) -> None:
@@ -66,7 +71,7 @@ class Handover:
         state = self.partitions.get(partition)
         if state is None:
             return
-        log.warning("stepping down from partition %d (epoch %d): %s", partition, state.epoch, reason)
+        self.lost_count += 1  # ownership logs one line for all the partitions it steps down from
         # ObjectReset, not NotOwner: these events may have run (and a flush may be in flight), so
         # the caller must not retry them blindly as it does a NotOwner that proves nothing ran
         self.partitions.close(partition, ObjectReset(
@@ -88,6 +93,7 @@ class Handover:
         if closed is None:
             return  # stepped down meanwhile
         await self._release(partition)
+        self.handed_over += 1
         await self.linger([state])
 
     async def quiesce(self, states: list[PartitionState], grace: float) -> None:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from opentelemetry.trace import Span, SpanContext
+
 from ..core.context import current_event
 from ..core.errors import NotOwner, ObjectReset, RemoteError
 from ..core.ids import ObjectId
@@ -105,6 +107,10 @@ class Instance:
         self.init_fns: list[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = []
         self.inflight = 0
         self.last_active = time.monotonic()
+        #: when the running (or last) event got through the input gate (perf_counter): metrics
+        self.event_started = 0.0
+        #: span contexts of traced events whose writes wait for a flush (None: none; see trace_flush)
+        self.flush_traces: list[SpanContext] | None = None
         self.broken: BaseException | None = None
 
     def check(self) -> None:
@@ -162,6 +168,7 @@ class Instance:
         self.inflight += 1
         try:
             async with self.input:
+                self.event_started = time.perf_counter()
                 self.check()
                 self.check_owner()
                 # the guard is set before the constructor runs: outgoing calls made by its
@@ -189,6 +196,19 @@ class Instance:
                     self.last_active = time.monotonic()
         finally:
             self.inflight -= 1
+
+    def trace_flush(self, span: Span, seq: int) -> None:
+        """A traced event whose writes up to ``seq`` are not durable yet: the flush that commits
+        them is traced as that event's child (only traced events get here: no cost otherwise)."""
+        if not self.output.is_durable(seq):
+            if self.flush_traces is None:
+                self.flush_traces = []
+            self.flush_traces.append(span.get_span_context())
+
+    def take_traces(self) -> list[SpanContext]:
+        """The span contexts waiting for the flush that is about to start (cleared)."""
+        traces, self.flush_traces = self.flush_traces or [], None
+        return traces
 
     def fail(self, error: BaseException) -> None:
         """Drop this instance: storage refuses further use, waiting replies get the error."""

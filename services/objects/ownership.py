@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from ..core.logs import ranges
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
 from .balance import assign
@@ -186,7 +187,8 @@ class Ownership:
         handing = [p for p in sorted(set(self.epochs) - self.assigned)
                    if p not in self._handing_over and self._on_handover is not None and len(live) > 1]
         if handing:
-            log.info("handing over %d partition(s) to the other workers (%d live)", len(handing), len(live))
+            log.info("handing over %d partition(s) to the other workers (%d live)", len(handing), len(live),
+                     extra={"worker": self.worker_id, "partitions": ranges(handing), "count": len(handing)})
         for p in handing:
             self._handing_over[p] = asyncio.get_running_loop().create_task(self._hand_over(p))
 
@@ -215,7 +217,13 @@ class Ownership:
         except BaseException:
             await self._unlock_now(got)
             raise
-        for partition, epoch in sorted(rows):
+        taken = sorted(rows)
+        if taken:  # one line for the lot, not one per partition
+            log.info("acquired %d partition(s)", len(taken),
+                     extra={"worker": self.worker_id, "partitions": ranges([p for p, _ in taken]),
+                            "epochs": f"{min(e for _, e in taken)}..{max(e for _, e in taken)}",
+                            "count": len(taken)})
+        for partition, epoch in taken:
             self.epochs[partition] = epoch
             try:
                 await self._on_acquired(partition, epoch)
@@ -241,6 +249,10 @@ class Ownership:
             log.warning("unlock failed: %s", exc)
 
     async def _lose_all(self, reason: str) -> None:
+        if self.epochs:
+            log.warning("stepping down from %d partition(s): %s", len(self.epochs), reason,
+                        extra={"worker": self.worker_id, "partitions": ranges(self.epochs), "reason": reason,
+                               "count": len(self.epochs), "epochs": dict(sorted(self.epochs.items()))})
         for p in sorted(self.epochs):
             self.epochs.pop(p, None)
             self._on_lost(p, reason)
@@ -255,8 +267,11 @@ class Ownership:
 
     def step_down(self, partition: int, reason: str) -> None:
         """Stop owning a partition at once (fenced); the lock is released in the background."""
-        if self.epochs.pop(partition, None) is None:
+        epoch = self.epochs.pop(partition, None)
+        if epoch is None:
             return
+        log.warning("stepping down from partition %d: %s", partition, reason,
+                    extra={"worker": self.worker_id, "partition": partition, "epoch": epoch, "reason": reason})
         self._on_lost(partition, reason)
         self._unlocks.spawn(self._unlock([partition]), f"unlock-{partition}")
 

@@ -87,6 +87,8 @@ class Partitions:
         self.tasks = TaskSet()
         self.states: dict[int, PartitionState] = {}
         self._evictor: asyncio.Task[None] | None = None
+        #: instances evicted for idleness since start (metrics)
+        self.evicted = 0
 
     # ----- the runtime of instances (instance.Runtime) ---------------------------------------
 
@@ -191,6 +193,7 @@ class Partitions:
                     inst.fail(ObjectReset("Durable Object was evicted after being idle; "
                                           "this instance can no longer be used"))
                     evicted += 1
+        self.evicted += evicted
         return evicted
 
     def start_eviction(self, idle_timeout: float) -> None:

@@ -22,8 +22,12 @@ from ..client import Client, Env
 from ..client.client import close_nats
 from ..core import db
 from ..core.config import AppConfig
+from ..core.health import Check, HealthServer
 from ..core.ids import IdFactory, namespace_key
+from ..core.logs import ranges
+from ..core.metrics import CONTENT_TYPE, WorkerMetrics, render
 from ..core.settings import Settings
+from . import observe
 from .alarm_stream import check_server
 from .alarms import Alarms
 from .base import DurableObject
@@ -65,6 +69,17 @@ class Worker:
         }
         self.ownership = Ownership(settings, self.worker_id, self._acquired, self._lost, self._hand_over)
         self.started_at = time.time()
+        #: request-path metrics in a registry of this worker's own (several may share a process)
+        self.metrics = WorkerMetrics(self.classes)
+        self._scrape_caches = observe.register(self)
+        #: set when a stop begins: /readyz answers 503 from then on, before the drain
+        self.draining = False
+        self.schema_ready = False
+        self.last_ready = False
+        self.health: HealthServer | None = None
+        if settings.health_port:
+            self.health = HealthServer(settings.health_host, settings.health_port, self.readiness,
+                                       self.scrape, CONTENT_TYPE)
         # built by start(), once NATS and Postgres are connected
         self.nc: NatsClient
         self.pool: asyncpg.Pool
@@ -90,6 +105,31 @@ class Worker:
     # ----- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self.health is not None:  # first: /livez answers (and /readyz says why not) during start-up
+            await self.health.start()
+        try:
+            await self._start()
+        except BaseException:
+            if self.health is not None:
+                await self.health.stop()
+            raise
+        log.info("worker started", extra={"worker": self.worker_id, "classes": sorted(self.classes),
+                                          "health_port": self.health.port if self.health else None})
+
+    async def readiness(self) -> Check:
+        """What /readyz answers (see observe.readiness)."""
+        check = await observe.readiness(self)
+        self.last_ready = check.ready
+        return check
+
+    async def scrape(self) -> bytes:
+        """What /metrics answers: the queries behind a few gauges refresh first (rate limited)."""
+        if self.schema_ready:
+            for cache in self._scrape_caches:
+                await cache.refresh()
+        return render(self.metrics.registry)
+
+    async def _start(self) -> None:
         settings = self.settings
         # bounded first connect with a clear error (DURABLE_NATS_CONNECT_TIMEOUT), reconnects for ever
         self.client = await Client.connect(settings, self.config, name=f"durable-worker:{self.worker_id}",
@@ -105,6 +145,7 @@ class Worker:
         async with self.pool.acquire() as conn:
             await db.apply_schema(conn, settings.partitions)
             await db.apply_class_migrations(conn, self.config)
+        self.schema_ready = True
         self.env = Env(self.client, self.config)
         self._build()
         self.flusher.start()
@@ -120,15 +161,16 @@ class Worker:
         self.store = ObjectStore(self.pool)
         self.flusher = Flusher(self.store, self._fenced, self._alarms_committed,
                                audit_worker=self.worker_id if self.audit_commits else None,
-                               concurrency=settings.flush_concurrency)
+                               concurrency=settings.flush_concurrency, metrics=self.metrics)
         self.partitions = Partitions(settings.partitions, self.classes, self.ids, self.env, self.store,
                                      GatewayLink(self.nc, settings.deployment_key), self.flusher,
                                      self.ownership.owns)
         self.alarms = Alarms(self.nc, settings, self.partitions, self.store, self.client)
+        self.alarms.lateness = self.metrics.alarm_lateness
         self.micro = MicroService(self.nc, [b.class_name for b in self.config.bindings], self._metadata,
                                   self.partitions.live_by_namespace)
         self.dispatcher = Dispatcher(self.nc, self.partitions, self.alarms, self.micro, self.ownership.owns,
-                                     settings.max_request_bytes)
+                                     settings.max_request_bytes, self.metrics)
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
                                  self.ownership.release)
         self.gateways = GatewayWatch(self.nc, settings, self.worker_id, self.partitions, self.store)
@@ -148,7 +190,11 @@ class Worker:
                            f"after {timeout}s")
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop taking requests, finish in-flight events, flush, release the partitions."""
+        """Stop taking requests, finish in-flight events, flush, release the partitions.
+        Readiness is false from the first line (see :meth:`begin_stop`)."""
+        self.begin_stop()
+        log.info("worker stopping: draining its partitions",
+                 extra={"worker": self.worker_id, "partitions": ranges(self.parts)})
         await self.partitions.stop_eviction()
         await self.alarms.withdraw()  # alarm wake-ups go to the other workers from now on
         states = list(self.parts.values())
@@ -166,6 +212,14 @@ class Worker:
         await self.micro.stop()
         await self.pool.close()
         await close_nats(self.nc)
+        if self.health is not None:
+            await self.health.stop()
+        log.info("worker stopped", extra={"worker": self.worker_id})
+
+    def begin_stop(self) -> None:
+        """/readyz answers 503 from now on (a SIGTERM calls this before waiting out
+        DURABLE_SHUTDOWN_DELAY and draining)."""
+        self.draining = True
 
     async def __aenter__(self) -> Worker:
         await self.start()
@@ -203,3 +257,4 @@ class Worker:
             "alarms_run": str(self.alarms.fired),
             "alarms_abandoned": str(self.alarms.abandoned),
         }
+

@@ -3,19 +3,24 @@
 The client's address is passed on as ``CF-Connecting-IP`` (replacing whatever the client sent,
 so it cannot be spoofed), as Cloudflare does for Workers: the socket's peer, or, when that peer
 is one of ``DURABLE_TRUSTED_PROXIES``, the right-most untrusted address of ``X-Forwarded-For``.
+
+``/livez``, ``/readyz`` and ``/metrics`` are answered by the router itself, ahead of the app's
+routing code (one dict lookup per request decides): see :class:`Ops`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from opentelemetry.trace import SpanKind
+from prometheus_client.core import Metric
 from starlette.applications import Starlette
 from starlette.requests import Request as StarletteRequest
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.responses import Response as StarletteResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
@@ -25,6 +30,7 @@ from ..core import telemetry
 from ..core.config import AppConfig, import_function
 from ..core.errors import DurableError
 from ..core.http import Request, Response
+from ..core.metrics import CONTENT_TYPE, RouterMetrics, counter, gauge, register_callback, render
 from ..core.settings import Settings
 from ..gateway import Gateway, client_headers
 
@@ -34,6 +40,54 @@ MAX_BODY_BYTES = 1024 * 1024
 UserFetch = Callable[[Request, Env], Awaitable[Response]]
 
 
+class Ops:
+    """The router's (and gateway's) own endpoints: liveness, readiness and metrics.
+
+    Ready: the app started (its NATS connection made), NATS connected now, and no stop begun.
+    The router does not use Postgres (the workers do), so readiness does not look at it.
+    """
+
+    PATHS = ("/livez", "/readyz", "/metrics")
+
+    def __init__(self) -> None:
+        self.metrics = RouterMetrics()
+        self.client: Client | None = None
+        self.gateway: Gateway | None = None
+        #: set by a SIGTERM (see cli._serve_router): /readyz answers 503 before the server stops
+        self.draining = False
+        register_callback(self.metrics.registry, self._collect)
+
+    def _collect(self) -> Iterator[Metric]:
+        gw = self.gateway
+        if gw is None:
+            return
+        yield gauge("durable_websockets_open", "WebSockets open on this gateway", float(len(gw.conns)))
+        yield counter("durable_websocket_frames", "Frames from clients to objects", gw.frames_in,
+                      {"direction": "in"})
+        yield counter("durable_websocket_deliveries", "Frames delivered from objects to clients", gw.frames_out)
+        yield counter("durable_websocket_auto_responses", "Frames answered by an object's auto-response "
+                      "without waking it", gw.auto_responses)
+
+    def readiness(self) -> list[str]:
+        reasons = []
+        if self.draining:
+            reasons.append("stopping (draining)")
+        if self.client is None:
+            reasons.append("starting: not connected to NATS yet")
+        elif not self.client.nc.is_connected:
+            reasons.append("not connected to NATS")
+        return reasons
+
+    def answer(self, path: str) -> StarletteResponse:
+        if path == "/livez":
+            return PlainTextResponse("ok\n", headers={"Cache-Control": "no-store"})
+        if path == "/readyz":
+            reasons = self.readiness()
+            body = "ok\n" if not reasons else "not ready: " + "; ".join(reasons) + "\n"
+            return PlainTextResponse(body, 503 if reasons else 200, headers={"Cache-Control": "no-store"})
+        return StarletteResponse(render(self.metrics.registry), 200, media_type=CONTENT_TYPE)
+
+
 def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | None = None,
                client: Client | None = None, http: bool = True, websockets: bool = True) -> Starlette:
     """The router: HTTP requests (``http``) and WebSocket upgrades (``websockets``, the gateway)
@@ -41,6 +95,9 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
     ``durable gateway`` serves only the WebSockets."""
     state: dict[str, Any] = {}
     fetch_fn: UserFetch = user_fetch or load_routes(settings, config)
+    ops = Ops()
+    ops_paths = dict.fromkeys(Ops.PATHS)
+    metrics = ops.metrics
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -51,9 +108,11 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
         app.state.gateway = gateway
         if gateway is not None:
             await gateway.start()
+        ops.client, ops.gateway = c, gateway
         try:
             yield
         finally:
+            ops.client = None
             if gateway is not None:
                 await gateway.stop()
             if own:
@@ -64,6 +123,15 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
         await gateway.serve(websocket)
 
     async def handle(request: StarletteRequest) -> StarletteResponse:
+        path = request.scope["path"]
+        if path in ops_paths:
+            return ops.answer(path)
+        started = time.perf_counter()
+        response = await _handle(request)
+        metrics.request(request.method, response.status_code, time.perf_counter() - started)
+        return response
+
+    async def _handle(request: StarletteRequest) -> StarletteResponse:
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return JSONResponse({"error": f"request body over {MAX_BODY_BYTES} bytes"}, 413)
@@ -86,8 +154,15 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
         app_routes.append(WebSocketRoute("/{path:path}", handle_websocket))
     if http:
         app_routes.append(Route("/{path:path}", handle, methods=methods))
+    else:  # a gateway alone still answers its probes and scrapes
+
+        async def handle_ops(request: StarletteRequest) -> StarletteResponse:
+            return ops.answer(request.scope["path"])
+
+        app_routes.extend(Route(path, handle_ops, methods=["GET", "HEAD"]) for path in Ops.PATHS)
     app = Starlette(routes=app_routes, lifespan=lifespan)
     app.state.trusted_proxies = list(settings.trusted_proxies)  # for uvicorn: see cli.server_config
+    app.state.ops = ops
     return app
 
 

@@ -48,6 +48,7 @@ from tests.helpers.faults import (
     wait_all_owned,
     wait_balanced,
 )
+from tests.helpers.logs import stepped_down_from
 from tests.helpers.settings import make_settings
 
 pytestmark = pytest.mark.timeout(300)
@@ -319,8 +320,8 @@ async def test_paused_owner_is_replaced_and_commits_nothing_under_its_lost_epoch
         resumed_at = time.monotonic()
 
         async def stepped_down() -> bool:
-            text = victim.log_text()
-            return all(f"stepping down from partition {p} (epoch {e})" in text for p, e in lost_epochs.items())
+            stepped = stepped_down_from(victim.log_text())
+            return all(stepped.get(p) == e for p, e in lost_epochs.items())
 
         while not await stepped_down():
             assert time.monotonic() - resumed_at < 5, "the resumed worker did not step down"

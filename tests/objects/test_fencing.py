@@ -26,6 +26,7 @@ from durable.core.errors import ObjectReset, RequestTimeout
 from durable.core.settings import Settings
 from durable.core.wire import partition_of
 
+from tests.helpers.logs import stepped_down_from
 from tests.helpers.waiting import assert_eventually
 from tests.helpers.workers import WorkerFactory, WorkerProcess
 
@@ -141,8 +142,7 @@ async def test_paused_owner_loses_its_lease_and_never_commits_after_takeover(
         old.kill(signal.SIGCONT)
 
         def stepped_down() -> bool:
-            return old.log_path.read_text(errors="replace").count("stepping down from partition") \
-                >= settings.partitions
+            return len(stepped_down_from(old.log_path.read_text(errors="replace"))) >= settings.partitions
 
         async def check() -> bool:
             return stepped_down()

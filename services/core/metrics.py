@@ -1,0 +1,173 @@
+"""Prometheus metrics: one registry per process component, never the global default.
+
+Several workers (and a router) may live in one process (tests, ``durable dev``), so each
+component owns a :class:`~prometheus_client.CollectorRegistry` and ``/metrics`` renders just
+that one. Two kinds of series:
+
+- On the request path, only counters and histograms whose label children are looked up once
+  and cached (:meth:`WorkerMetrics.series`): a request costs a few ``inc``/``observe`` calls
+  and no new objects. Labels are bounded: namespaces are the bound classes, methods the ones a
+  class defines (anything else is ``other``); object ids never become labels.
+- Everything else (live objects, partitions, hand-overs, alarms, sockets) is read at scrape
+  time from plain ``int`` fields the parts keep anyway, by a custom collector: nothing to do per
+  event. Values that need Postgres (alarms pending, storage bytes) are refreshed by
+  :meth:`ScrapeCache.refresh`, at most once per ``every`` seconds, before a scrape renders.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: request latencies: 0.5 ms .. 10 s (a request is a NATS round trip plus a Postgres commit)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: objects committed by one flush (group commit; the flusher takes at most 2000 at once)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+#: how late an alarm ran after its due time: 10 ms .. 5 min
+LATENESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+#: an alarm that starts more than this many seconds after its due time counts as late
+LATE_AFTER = 1.0
+#: the label value for methods and namespaces that are not bound (bad input never adds series)
+OTHER = "other"
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text exposition of ``registry``."""
+    return generate_latest(registry)
+
+
+class _Callback(Collector):
+    """A collector whose metrics are built at scrape time by a function."""
+
+    def __init__(self, build: Callable[[], Iterable[Metric]]) -> None:
+        self._build = build
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._build()
+
+
+def register_callback(registry: CollectorRegistry, build: Callable[[], Iterable[Metric]]) -> None:
+    registry.register(_Callback(build))
+
+
+def counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
+    """A counter family with one sample (``name`` without ``_total``: the family adds it)."""
+    family = CounterMetricFamily(name, doc, labels=list(labels) if labels else None)
+    family.add_metric(list(labels.values()) if labels else [], value)
+    return family
+
+
+def gauge(name: str, doc: str, values: dict[str, float] | float, label: str | None = None) -> Metric:
+    """A gauge family: one sample, or one per ``label`` value."""
+    if isinstance(values, dict):
+        family = GaugeMetricFamily(name, doc, labels=[label or "namespace"])
+        for key, value in sorted(values.items()):
+            family.add_metric([key], value)
+        return family
+    return GaugeMetricFamily(name, doc, value=values)
+
+
+@dataclass
+class ScrapeCache:
+    """Values that cost a query, refreshed at most once per ``every`` seconds, on scrape."""
+
+    fetch: Callable[[], Awaitable[dict[str, Any]]]
+    every: float = 15.0
+    values: dict[str, Any] = field(default_factory=dict)
+    at: float = float("-inf")
+
+    async def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.at < self.every:
+            return
+        self.at = now  # a failing query is not retried at every scrape either
+        self.values = await self.fetch()
+
+
+class RequestSeries:
+    """The cached label children of one (namespace, method): what a request updates."""
+
+    __slots__ = ("ok", "error", "server_error", "queue", "handler", "durable", "total")
+
+    def __init__(self, m: WorkerMetrics, namespace: str, method: str) -> None:
+        self.ok = m.requests.labels(namespace, method, "ok")
+        self.error = m.requests.labels(namespace, method, "error")
+        self.server_error = m.requests.labels(namespace, method, "server_error")
+        self.queue = m.queue_seconds.labels(namespace)
+        self.handler = m.handler_seconds.labels(namespace)
+        self.durable = m.durable_seconds.labels(namespace)
+        self.total = m.request_seconds.labels(namespace)
+
+
+class WorkerMetrics:
+    """A worker's metrics on the request path (the rest is read at scrape: see worker.py)."""
+
+    def __init__(self, namespaces: Iterable[str], registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.namespaces = frozenset(namespaces)
+        r = self.registry
+        self.requests = Counter("durable_requests", "Requests answered by objects, by outcome "
+                                "(ok; error: the caller's or the object's; server_error: status >= 500)",
+                                ["namespace", "method", "outcome"], registry=r)
+        self.queue_seconds = Histogram("durable_request_queue_seconds", "From arrival to the event's start "
+                                       "(waiting for the object's input gate)", ["namespace"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.handler_seconds = Histogram("durable_request_handler_seconds", "The event itself (the handler)",
+                                         ["namespace"], buckets=LATENCY_BUCKETS, registry=r)
+        self.durable_seconds = Histogram("durable_request_flush_wait_seconds", "From the handler's end to the "
+                                         "reply (its writes committed: the output gate)", ["namespace"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.request_seconds = Histogram("durable_request_seconds", "From arrival to the reply (end to end in "
+                                         "the worker)", ["namespace"], buckets=LATENCY_BUCKETS, registry=r)
+        self.flush_seconds = Histogram("durable_flush_seconds", "One group commit: the Postgres round trip",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.flush_objects = Histogram("durable_flush_batch_objects", "Objects committed by one flush",
+                                       buckets=BATCH_BUCKETS, registry=r)
+        self.flush_rows = Counter("durable_flush_rows", "Storage rows written by flushes", registry=r)
+        self.alarm_lateness = Histogram("durable_alarm_lateness_seconds", "How long after its due time an "
+                                        "alarm's handler started", buckets=LATENESS_BUCKETS, registry=r)
+        self._series: dict[tuple[str, str], RequestSeries] = {}
+        self.other = self.series(OTHER, OTHER)
+
+    def series(self, namespace: str, method: str) -> RequestSeries:
+        """The children for a request of ``method`` (``rpc.<name>``, ``fetch``, ``alarm``,
+        ``ws.message`` ...) to ``namespace``; call only with a method the class has."""
+        key = (namespace, method)
+        s = self._series.get(key)
+        if s is None:
+            if namespace not in self.namespaces and namespace != OTHER:
+                return self.other
+            s = self._series[key] = RequestSeries(self, namespace, method)
+        return s
+
+
+class RouterMetrics:
+    """The router's and gateway's request-path metrics (sockets are read at scrape)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("durable_http_requests", "HTTP requests answered by the router, by method "
+                                "and status class", ["method", "status"], registry=r)
+        self.seconds = Histogram("durable_http_request_seconds", "HTTP requests end to end in the router "
+                                 "(the app's routing code and the objects it calls)",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self._children: dict[tuple[str, int], Any] = {}
+        self._methods = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+
+    def request(self, method: str, status: int, seconds: float) -> None:
+        key = (method, status // 100)
+        child = self._children.get(key)
+        if child is None:
+            label = method if method in self._methods else OTHER
+            child = self._children[key] = self.requests.labels(label, f"{status // 100}xx")
+        child.inc()
+        self.seconds.observe(seconds)
