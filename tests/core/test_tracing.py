@@ -3,13 +3,13 @@ an HTTP request is one trace: router -> NATS request -> object event -> flush (P
 
 import httpx
 import pytest
+from durable.client import Env
 from durable.core.config import AppConfig
 from durable.core.settings import Settings
-from durable.router.app import create_app
-from durable.testing.app import serve_asgi
-from durable.client import Env
 from durable.core.wire import partition_of
 from durable.objects import Worker
+from durable.router.app import create_app
+from durable.testing.app import serve_asgi
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
