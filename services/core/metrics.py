@@ -134,18 +134,24 @@ class WorkerMetrics:
         self.flush_rows = Counter("durable_flush_rows", "Storage rows written by flushes", registry=r)
         self.alarm_lateness = Histogram("durable_alarm_lateness_seconds", "How long after its due time an "
                                         "alarm's handler started", buckets=LATENESS_BUCKETS, registry=r)
-        self._series: dict[tuple[str, str], RequestSeries] = {}
-        self.other = self.series(OTHER, OTHER)
+        #: namespace -> the verb's first word -> its last word -> series: three lookups, no key built
+        self._series: dict[str, dict[str, dict[str, RequestSeries]]] = {}
+        self.other = RequestSeries(self, OTHER, OTHER)
 
-    def series(self, namespace: str, method: str) -> RequestSeries:
-        """The children for a request of ``method`` (``rpc.<name>``, ``fetch``, ``alarm``,
-        ``ws.message`` ...) to ``namespace``; call only with a method the class has."""
-        key = (namespace, method)
-        s = self._series.get(key)
-        if s is None:
-            if namespace not in self.namespaces and namespace != OTHER:
-                return self.other
-            s = self._series[key] = RequestSeries(self, namespace, method)
+    def series(self, namespace: str, verb: list[str]) -> RequestSeries:
+        """The children for a request of ``verb`` (``["rpc", name]``, ``["fetch"]``, ``["alarm"]``,
+        ``["ws", "message"]`` ...) to ``namespace``; call only with a verb the class handles."""
+        by_kind = self._series.get(namespace)
+        if by_kind is not None:
+            by_name = by_kind.get(verb[0])
+            if by_name is not None:
+                s = by_name.get(verb[-1])
+                if s is not None:
+                    return s
+        if namespace not in self.namespaces:
+            return self.other
+        s = RequestSeries(self, namespace, ".".join(verb))
+        self._series.setdefault(namespace, {}).setdefault(verb[0], {})[verb[-1]] = s
         return s
 
 
@@ -160,14 +166,16 @@ class RouterMetrics:
         self.seconds = Histogram("durable_http_request_seconds", "HTTP requests end to end in the router "
                                  "(the app's routing code and the objects it calls)",
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self._children: dict[tuple[str, int], Any] = {}
+        #: method -> status class -> counter child (no key built per request)
+        self._children: dict[str, dict[int, Any]] = {}
         self._methods = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 
     def request(self, method: str, status: int, seconds: float) -> None:
-        key = (method, status // 100)
-        child = self._children.get(key)
+        by_status = self._children.get(method)
+        child = by_status.get(status // 100) if by_status is not None else None
         if child is None:
             label = method if method in self._methods else OTHER
-            child = self._children[key] = self.requests.labels(label, f"{status // 100}xx")
+            child = self.requests.labels(label, f"{status // 100}xx")
+            self._children.setdefault(method if label != OTHER else OTHER, {})[status // 100] = child
         child.inc()
         self.seconds.observe(seconds)

@@ -227,8 +227,7 @@ class Dispatcher:
             payload = codec.loads(msg.data, as_json)
             inst = self.partitions.instance(state, namespace, address.object_id, claimed_name(payload, headers))
             handler = self.handler(inst, address.verb, payload)
-            verb = address.verb  # only a handler that exists names a series: bad input adds none
-            series = self.metrics.series(namespace, verb[0] if len(verb) == 1 else f"{verb[0]}.{verb[1]}")
+            series = self.metrics.series(namespace, address.verb)  # only once a handler exists: bad input adds none
             trace_context = telemetry.extract(headers)
             if trace_context is None:
                 ok, value, seq = await inst.run_event(handler)

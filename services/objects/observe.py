@@ -11,15 +11,39 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+import asyncpg
+from nats.aio.client import Client as NatsClient
 from prometheus_client.core import Metric
 
 from ..core.health import Check
-from ..core.metrics import ScrapeCache, counter, gauge, register_callback
+from ..core.metrics import ScrapeCache, WorkerMetrics, counter, gauge, register_callback
+from .alarms import Alarms
+from .flusher import Flusher
+from .handover import Handover
+from .ownership import Ownership
+from .partitions import Partitions, PartitionState
 
-if TYPE_CHECKING:
-    from .worker import Worker
+
+class Worker(Protocol):
+    """What this module reads of a worker (worker.py implements it; parts never import it)."""
+
+    draining: bool
+    schema_ready: bool
+    last_ready: bool
+    nc: NatsClient
+    pool: asyncpg.Pool
+    classes: dict[str, type]
+    metrics: WorkerMetrics
+    ownership: Ownership
+    partitions: Partitions
+    handover: Handover
+    flusher: Flusher
+    alarms: Alarms
+
+    @property
+    def parts(self) -> dict[int, PartitionState]: ...
 
 log = logging.getLogger("durable.worker")
 
