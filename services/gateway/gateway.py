@@ -99,6 +99,11 @@ def client_headers(headers: Headers, peer: Address | None, trusted_proxies: list
     return out
 
 
+def _ctx(conn: Conn) -> dict[str, str]:
+    """A log line's context: the socket and the object it belongs to."""
+    return {"namespace": conn.namespace, "object_id": conn.object_id, "socket_id": conn.socket_id}
+
+
 class Gateway:
     def __init__(self, settings: Settings, client: Client, env: Env, user_fetch: UserFetch) -> None:
         self.settings = settings
@@ -265,13 +270,13 @@ class Gateway:
             except (RemoteError, StorageError, UnknownMethod) as exc:
                 # the object's handler raised (a storage call it made refused a value, say): that
                 # frame failed, the object did not; the socket stays open
-                log.info("websocket_message of %s/%s raised: %s", conn.namespace, conn.object_id, exc)
+                log.info("websocket_message of %s/%s raised: %s", conn.namespace, conn.object_id, exc, extra=_ctx(conn))
             except UnknownSocket:
                 conn.closed_by_object = True
                 await self._close(conn, 1011, "the object no longer knows this WebSocket")
                 return 1011, "", True
             except DurableError as exc:  # unavailable, reset, timed out: the client should reconnect
-                log.warning("frame to %s/%s failed: %s", conn.namespace, conn.object_id, exc)
+                log.warning("frame to %s/%s failed: %s", conn.namespace, conn.object_id, exc, extra=_ctx(conn))
                 await self._close(conn, 1011, f"the object is unavailable ({exc.code}); reconnect")
                 return 1011, exc.code, False
 
@@ -293,9 +298,10 @@ class Gateway:
                 return  # delivered; the object's websocket_close raised
             except Exception as exc:  # noqa: BLE001 - unavailable meanwhile: try again
                 log.info("could not deliver ws.close to %s/%s (attempt %d): %s", conn.namespace, conn.object_id,
-                         attempt + 1, exc)
+                         attempt + 1, exc, extra=_ctx(conn))
                 await asyncio.sleep(min(2 ** attempt, 15))
-        log.warning("gave up telling %s/%s that socket %s closed", conn.namespace, conn.object_id, conn.socket_id)
+        log.warning("gave up telling %s/%s that socket %s closed", conn.namespace, conn.object_id, conn.socket_id,
+                    extra=_ctx(conn))
 
     # ----- frames from objects -------------------------------------------------------------
 
@@ -303,7 +309,7 @@ class Gateway:
         if conn.gateway_close is not None:
             return  # being closed: nothing more goes out
         if conn.queue.qsize() >= MAX_QUEUED_FRAMES:
-            log.warning("client of socket %s is too slow; closing it", conn.socket_id)
+            log.warning("client of socket %s is too slow; closing it", conn.socket_id, extra=_ctx(conn))
             conn.gateway_close = (1013, "too many frames queued: the client is too slow")
             conn.queue = asyncio.Queue()
             conn.queue.put_nowait(("close", (*conn.gateway_close, False)))
@@ -332,7 +338,8 @@ class Gateway:
                 if ws.application_state == WebSocketState.DISCONNECTED or \
                         ws.client_state == WebSocketState.DISCONNECTED:
                     return
-                log.warning("dropped a frame for socket %s: %s: %s", conn.socket_id, type(exc).__name__, exc)
+                log.warning("dropped a frame for socket %s: %s: %s", conn.socket_id, type(exc).__name__, exc,
+                            extra=_ctx(conn))
 
     async def _on_ops(self, msg: Msg) -> None:
         try:

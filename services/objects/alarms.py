@@ -66,9 +66,11 @@ async def run_alarm(inst: Instance, obj: Any, generation: int, retry_base: float
         return RunOutcome.BUSY
     handler = getattr(obj, "alarm", None)
     name = f"{inst.cls.__name__} {inst.object_id}"
+    ctx = {"namespace": inst.namespace, "object_id": inst.object_id, "partition": inst.partition,
+           "epoch": inst.epoch}
     if handler is None:
         log.warning("Attempted to run a scheduled alarm without a handler: %s has no alarm() method; "
-                    "the alarm is dropped", name)
+                    "the alarm is dropped", name, extra=ctx)
         alarm.write(None)
         return RunOutcome.STALE
     if starting is not None:
@@ -82,16 +84,17 @@ async def run_alarm(inst: Instance, obj: Any, generation: int, retry_base: float
         decision = after_failure(row, touched, reset, retry_base, now_ms())
         what = f"{type(exc).__name__}: {exc}"
         if reset:
-            log.warning("alarm of %s reset the object (%s); it stays due", name, what)
+            log.warning("alarm of %s reset the object (%s); it stays due", name, what, extra=ctx)
         elif decision.action == "keep":  # a new alarm set (or deleted) by the failed run replaces the retry
-            log.warning("alarm of %s failed (%s); not retried: it changed its alarm", name, what)
+            log.warning("alarm of %s failed (%s); not retried: it changed its alarm", name, what, extra=ctx)
         elif decision.action == "abandon":
-            log.warning("alarm of %s failed %d times; abandoned: %s", name, row.retry_count + 1, what)
+            log.warning("alarm of %s failed %d times; abandoned: %s", name, row.retry_count + 1, what,
+                        extra=ctx)
             alarm.write(None)
             return RunOutcome.ABANDONED
         else:
             log.warning("alarm of %s failed (%s); retry %d in %.1f s", name, what, row.retry_count + 1,
-                        decision.delay)
+                        decision.delay, extra=ctx)
             alarm.write(decision.row)
         return RunOutcome.FAILED
     except BaseException:
@@ -307,6 +310,7 @@ class Alarms:
 
     async def _fire(self, state: PartitionState, object_id: str, namespace: str, generation: int,
                     msg: Msg | None) -> None:
+        ctx = {"namespace": namespace, "object_id": object_id, "partition": state.partition, "epoch": state.epoch}
         try:
             if not self.partitions.is_current(state):
                 return  # not acknowledged: the next owner gets it (and its sweep finds it anyway)
@@ -329,7 +333,7 @@ class Alarms:
             if not ok:
                 # the runtime failed (storage unreachable, object reset): nothing was recorded and
                 # the alarm is still due; the handler's own failures are recorded as retries
-                log.info("alarm of %s/%s not run now: %s", namespace, object_id, value)
+                log.info("alarm of %s/%s not run now: %s", namespace, object_id, value, extra=ctx)
                 if msg is not None:
                     await msg.nak(delay=REDELIVER_DELAY)
                 return
@@ -341,13 +345,14 @@ class Alarms:
                     await msg.ack()
         except DurableError as exc:
             if exc.retryable or isinstance(exc, ObjectReset):
-                log.info("alarm of %s/%s not run now (%s); it stays due", namespace, object_id, exc)
+                log.info("alarm of %s/%s not run now (%s); it stays due", namespace, object_id, exc, extra=ctx)
             else:  # e.g. its class is no longer bound: nobody can ever run it
-                log.warning("dropping the alarm wake-up of %s/%s: %s", namespace, object_id, exc)
+                log.warning("dropping the alarm wake-up of %s/%s: %s", namespace, object_id, exc, extra=ctx)
                 if msg is not None:
                     await _ack(msg)
         except Exception as exc:  # noqa: BLE001 - a wake-up that fails is redelivered or swept
-            log.warning("alarm of %s/%s could not run: %s: %s", namespace, object_id, type(exc).__name__, exc)
+            log.warning("alarm of %s/%s could not run: %s: %s", namespace, object_id, type(exc).__name__, exc,
+                        extra=ctx)
         finally:
             state.end()
             if msg is None:

@@ -22,6 +22,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind
 
 from ..core import telemetry
 from ..core.errors import ObjectReset
+from ..core.logs import ranges
 from ..core.metrics import WorkerMetrics
 from ..core.tasks import TaskSet
 from .alarm_rules import AlarmRow
@@ -183,7 +184,9 @@ class Flusher:
                 batch = keep
                 continue
             except Exception as exc:  # noqa: BLE001 - any commit failure resets the objects involved
-                log.warning("flush of %d objects failed: %s: %s", len(batch), type(exc).__name__, exc)
+                log.warning("flush of %d objects failed: %s: %s", len(batch), type(exc).__name__, exc,
+                            extra={"partitions": ranges({obj.owner.partition for obj, _ in batch}),
+                                   "count": len(batch)})
                 error = ObjectReset(f"Durable Object reset because its storage write failed: {exc}")
                 for obj, _ in batch:
                     obj.fail(error)
