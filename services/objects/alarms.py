@@ -27,12 +27,11 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
-from prometheus_client import Histogram
 
 from ..client import Client
 from ..core import telemetry
 from ..core.errors import DurableError, ObjectReset
-from ..core.metrics import LATE_AFTER
+from ..core.metrics import LATE_AFTER, Histograms
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
 from ..core.wire import AlarmFire, alarm_wakeup, parse_alarm_fire
@@ -135,7 +134,7 @@ class Alarms:
         self.retried = 0
         self.late = 0
         #: the lateness histogram (metrics.py), when the worker keeps metrics
-        self.lateness: Histogram | None = None
+        self.lateness: Histograms | None = None
 
     async def start(self) -> None:
         try:
