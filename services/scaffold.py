@@ -22,9 +22,11 @@ PATTERNS = {
     "chat": "chat",
     "lock": "lock",
     "auction": "auction",
+    "presence": "presence",
+    "stream": "stream",
 }
 #: patterns of the specification not available as an app yet
-PLANNED = ("game", "collab", "presence", "stream")
+PLANNED = ("game", "collab")
 
 _PYTEST_INI = """[pytest]
 asyncio_mode = auto

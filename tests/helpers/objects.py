@@ -10,6 +10,7 @@ from typing import Any
 
 from durable.objects import AlarmInfo, DurableObject, Request, Response
 from durable.objects.patterns import Counter, RateLimiter, Session, check_fence
+from durable.objects.patterns.stream import StreamChannel
 from durable.objects.patterns.transfer import Transfer
 
 __all__ = ["Counter", "RateLimiter", "Session", "Probe", "Lifecycle"]
@@ -573,3 +574,9 @@ class CrashingTransfer(Transfer):
         if os.environ.get("DURABLE_TEST_CRASH") != "1":
             return accounts
         return _CrashAfterDebit(accounts, "crash-source")
+
+
+class ShortStream(StreamChannel):
+    """A stream channel that keeps only 5 messages, so a test reaches the gaps quickly."""
+
+    RETAIN = 5

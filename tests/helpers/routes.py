@@ -9,8 +9,11 @@ from examples import routes
 
 
 async def fetch(request: Request, env: Env) -> Response:
-    """/sock/<name> -> the Sock named <name>; everything else as the examples' routes."""
+    """/sock/<name> -> the Sock named <name>, /short-stream/<name> -> a ShortStream; everything else as
+    the examples' routes."""
     segments = [s for s in request.path.split("/") if s]
     if len(segments) == 2 and segments[0] == "sock":
         return await env.SOCKS.get_by_name(segments[1]).fetch(request)
+    if len(segments) >= 2 and segments[0] == "short-stream":
+        return await env.SHORT_STREAMS.get_by_name(segments[1]).fetch(request)
     return await routes.fetch(request, env)

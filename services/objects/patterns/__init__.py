@@ -7,6 +7,7 @@ from .lock import Lock, StaleToken, check_fence
 from .presence import Presence, PresenceRoom
 from .rate_limiter import RateLimiter
 from .session import Session
+from .stream import StreamChannel
 from .transfer import Account, Transfer
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "RateLimiter",
     "Session",
     "StaleToken",
+    "StreamChannel",
     "Transfer",
     "check_fence",
 ]
