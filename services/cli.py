@@ -26,6 +26,7 @@ from .core.config import AppConfig, load_config
 from .core.embedded import DEV_MARKER, EmbeddedNats, EmbeddedPostgres, die_with_parent, stop_leftovers
 from .core.errors import ConfigError, Unavailable
 from .core.settings import DEV_CHILD_ENV, Settings, refuse_dev_secret
+from .operate import commands as operate
 
 log = logging.getLogger("durable")
 
@@ -479,8 +480,12 @@ def main(argv: list[str] | None = None) -> int:
     id_cmd = sub.add_parser("id", help="print the id of a named object, e.g. `durable id Counter demo`")
     id_cmd.add_argument("target", help="binding (COUNTERS) or class (Counter)")
     id_cmd.add_argument("name")
+    operate.add_commands(sub)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.command in operate.COMMANDS:  # the operator's commands: quiet logs, their own exit codes
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+        return operate.run(args, _run)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     telemetry.configure_from_env(f"durable-{args.command}")

@@ -39,6 +39,7 @@ from .flusher import CommittedAlarm
 from .instance import Instance
 from .partitions import Partitions, PartitionState
 from .sql import ObjectStore
+from .tail import Tail
 
 log = logging.getLogger("durable.alarms")
 
@@ -99,8 +100,10 @@ class Alarms:
     """The alarms of one worker's partitions: wake-ups in, alarm events run, schedules out."""
 
     def __init__(self, nc: NatsClient, settings: Settings, partitions: Partitions, store: ObjectStore,
-                 client: Client) -> None:
+                 client: Client, tail: Tail | None = None) -> None:
         self.nc = nc
+        #: live events for `durable tail`
+        self.tail = tail
         self.settings = settings
         self.partitions = partitions
         self.store = store
@@ -260,6 +263,8 @@ class Alarms:
                 self.fired += 1
             elif outcome is RunOutcome.ABANDONED:
                 self.abandoned += 1
+            if self.tail is not None and self.tail.active:
+                self.tail.emit("alarm", inst.namespace, inst.object_id, outcome=outcome.value)
             return outcome
 
         return event
