@@ -10,6 +10,7 @@ from durable import Env, Request, Response
 from .auction import auction_app
 from .chat import chat_app
 from .counter import counter_app
+from .game import game_app
 from .lock import lock_app
 from .ratelimit import ratelimit_app
 from .session import session_app
@@ -31,6 +32,7 @@ _BY_SEGMENT: dict[str, Callable[[Request, Env], Awaitable[Response]]] = {
     "lock": lock_app.fetch,
     "session": session_app.fetch,
     "api": ratelimit_app.fetch,
+    "game": game_app.fetch,
 }
 
 
