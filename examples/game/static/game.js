@@ -52,12 +52,6 @@ class DurableGame {
       if (this.ws !== ws) return;
       this.ws = null;
       this.syncing = false;
-      if (event.code === 4403) {  // the token we kept holds no seat here: forget it
-        this.closed = true;
-        this.status("closed");
-        this.on.onForget?.();
-        return;
-      }
       if (this.closed) { this.status("closed"); return; }
       this.status(`reconnecting (closed ${event.code})`);
       setTimeout(() => this.connect(), this.backoff());
@@ -102,6 +96,10 @@ class DurableGame {
         this.on.onSpectators?.(msg.count);
         break;
       case "error":
+        if (msg.code === "unknown_token") {  // the token we kept holds no seat here: we watch
+          this.who = {spectate: true};
+          this.on.onForget?.();
+        }
         this.on.onError?.(msg.error, msg.code);
         break;
     }
