@@ -22,9 +22,10 @@ PATTERNS = {
     "chat": "chat",
     "lock": "lock",
     "auction": "auction",
+    "game": "game",
 }
 #: patterns of the specification not available as an app yet
-PLANNED = ("game", "collab", "presence", "stream")
+PLANNED = ("collab", "presence", "stream")
 
 _PYTEST_INI = """[pytest]
 asyncio_mode = auto
