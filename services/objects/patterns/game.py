@@ -51,8 +51,9 @@ MAX_TOKEN_CHARS = 64
 #: diffs kept for ``since``: a Connect Four game has at most 42 moves, 2 joins and an end, so
 #: only a player reconnecting hundreds of times pushes the first ones out (then: the full state)
 EVENT_LOG = 256
-#: the state fields every diff carries as they are after it (the client merges them)
-_TOP_LEVEL = ("status", "turn", "turnDeadline", "result", "moves")
+#: the state fields every diff carries as they are after it (the client merges them): all but
+#: the board (a move's ``cell`` says what changed there) and seq (the diff's own)
+_TOP_LEVEL = ("players", "status", "turn", "turnDeadline", "result", "moves")
 
 
 class Status(enum.StrEnum):
@@ -179,10 +180,10 @@ class Game(DurableObject):
     def _clock(self) -> int | None:
         return self.now_ms() + self.MOVE_TIMEOUT_MS if self.MOVE_TIMEOUT_MS > 0 else None
 
-    async def _finish(self, state: dict[str, Any], winner: int | None, reason: str,
-                      line: list[list[int]] | None = None) -> dict[str, Any]:
+    async def _finish(self, state: dict[str, Any], winner: int, reason: str) -> dict[str, Any]:
+        """The game ends without a move (a forfeit, the clock, a resignation)."""
         state.update(status=Status.OVER.value, turn=None, turnDeadline=None,
-                     result={"winner": winner, "reason": reason, "line": line})
+                     result={"winner": winner, "reason": reason, "line": None})
         for p in state["players"]:
             if p:
                 p["forfeitAt"] = None

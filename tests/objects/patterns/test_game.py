@@ -312,6 +312,20 @@ async def test_a_player_who_vanishes_forfeits_after_the_timeout(gw: str) -> None
         await c.ws.close()
 
 
+async def test_a_player_who_left_while_the_game_waited_forfeits_once_it_starts(gw: str) -> None:
+    ada = await join(gw, "left-early", "quickgame", name="Ada")
+    await ada.ws.close()  # waiting for an opponent costs nothing...
+    watcher = await join(gw, "left-early", "quickgame", spectate=1)
+    assert watcher.welcome["state"]["players"][0] == {"seat": 1, "name": "Ada", "connected": False, "forfeitAt": None}
+    bob = await join(gw, "left-early", "quickgame", name="Bob")
+    started = await watcher.next()  # ...but once the game is on, Ada's absence counts
+    assert started["set"]["status"] == "playing" and started["set"]["players"][0]["forfeitAt"] is not None
+    over = await bob.next(timeout=30)
+    assert over["set"]["result"] == {"winner": 2, "reason": "forfeit", "line": None}
+    for c in (bob, watcher):
+        await c.ws.close()
+
+
 async def test_a_player_who_comes_back_in_time_does_not_forfeit(gw: str) -> None:
     ada, bob = await seat_two(gw, "back", "quickgame")
     await bob.ws.close()
