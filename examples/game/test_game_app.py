@@ -35,7 +35,10 @@ async def test_two_players_play_to_a_win(durable_app: DurableApp) -> None:
             await _next(ada, "diff")  # Bob sat down: the game is on, Ada first
             await bob.send(json.dumps({"type": "move", "column": 0}))
             assert (await _next(bob, "error"))["code"] == "not_your_turn"
-            for player, column in [(ada, 0), (bob, 1), (ada, 0), (bob, 1), (ada, 0), (bob, 1), (ada, 0)]:
+            moves = [(ada, 0), (bob, 1), (ada, 0), (bob, 1), (ada, 0), (bob, 1), (ada, 0)]
+            for i, (player, column) in enumerate(moves):
+                if i == 3:  # evicted mid-game, as an idle object is: the sockets and the game stay
+                    assert await durable_app.evict(durable_app.env.GAMES.get_by_name("friday"))
                 await player.send(json.dumps({"type": "move", "column": column}))
                 last = await _next(ada, "diff")
                 assert last == await _next(bob, "diff")

@@ -27,8 +27,9 @@ that sees a gap (a diff whose seq is not its seq + 1) sends ``{"type": "sync", "
 Client -> game (JSON text frames): ``{"type": "move", "column": 0..6}``, ``{"type": "resign"}``,
 ``{"type": "sync", "since": <seq>}``, ``{"type": "state"}``; ``ping`` is answered ``pong`` by the
 gateway. Game -> client: ``welcome`` (you, seq, and state or diffs), ``diff`` (seq, event, and
-what changed: ``set`` top-level fields, ``cell`` for a move, ``player`` for a seat), ``state``,
-``spectators`` (count, not sequenced), ``error`` (code and message).
+what changed: ``set`` top-level fields, ``cell`` for a move, ``player`` for a seat), ``sync``
+(the diffs asked for), ``state``, ``spectators`` (count, not sequenced), ``error`` (code and
+message). A token the game does not know gets an ``unknown_token`` error and a spectator's seat.
 """
 
 from __future__ import annotations
