@@ -11,6 +11,7 @@ from typing import Any
 from durable.objects import AlarmInfo, DurableObject, Request, Response
 from durable.objects.patterns import Counter, RateLimiter, Session, check_fence
 from durable.objects.patterns.game import Game
+from durable.objects.patterns.stream import StreamChannel
 from durable.objects.patterns.transfer import Transfer
 
 __all__ = ["Counter", "RateLimiter", "Session", "Probe", "Lifecycle"]
@@ -588,3 +589,9 @@ class ClockedGame(Game):
 
     FORFEIT_AFTER_MS = 600_000
     MOVE_TIMEOUT_MS = 1000
+
+
+class ShortStream(StreamChannel):
+    """A stream channel that keeps only 5 messages, so a test reaches the gaps quickly."""
+
+    RETAIN = 5

@@ -8,6 +8,7 @@ from .lock import Lock, StaleToken, check_fence
 from .presence import Presence, PresenceRoom
 from .rate_limiter import RateLimiter
 from .session import Session
+from .stream import StreamChannel
 from .transfer import Account, Transfer
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "RateLimiter",
     "Session",
     "StaleToken",
+    "StreamChannel",
     "Transfer",
     "check_fence",
 ]
