@@ -10,6 +10,7 @@ from durable import Env, Request, Response
 from .auction import auction_app
 from .chat import chat_app
 from .counter import counter_app
+from .game import game_app
 from .lock import lock_app
 from .presence import presence_app
 from .ratelimit import ratelimit_app
@@ -24,6 +25,7 @@ _BY_SEGMENT: dict[str, Callable[[Request, Env], Awaitable[Response]]] = {
     "lock": lock_app.fetch,
     "session": session_app.fetch,
     "api": ratelimit_app.fetch,
+    "game": game_app.fetch,
     "stream": stream_app.fetch,
 }
 

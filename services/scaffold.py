@@ -24,9 +24,10 @@ PATTERNS = {
     "auction": "auction",
     "presence": "presence",
     "stream": "stream",
+    "game": "game",
 }
 #: patterns of the specification not available as an app yet
-PLANNED = ("game", "collab")
+PLANNED = ("collab",)
 
 _PYTEST_INI = """[pytest]
 asyncio_mode = auto

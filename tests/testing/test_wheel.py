@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from durable.core.embedded import free_port
-from durable.scaffold import PATTERNS
+from durable.scaffold import PATTERNS, PLANNED
 
 from tests.helpers.settings import ROOT
 
@@ -199,6 +199,9 @@ def test_durable_new_refuses_an_unknown_pattern_and_a_used_folder(installed: Pat
     durable = str(installed / "bin" / "durable")
     unknown = subprocess.run([durable, "new", "quantum"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown pattern 'quantum'" in unknown.stderr and "counter" in unknown.stderr
+    for planned in PLANNED[:1]:  # one the specification names that has no app yet, while there is one
+        refused = subprocess.run([durable, "new", planned], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert refused.returncode == 2 and "planned" in refused.stderr
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("keep me")
     used = subprocess.run([durable, "new", "counter", "taken"], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -3,6 +3,7 @@
 from .auction import Auction, BidRefused
 from .chat_room import ChatRoom
 from .counter import Counter
+from .game import Game
 from .lock import Lock, StaleToken, check_fence
 from .presence import Presence, PresenceRoom
 from .rate_limiter import RateLimiter
@@ -16,6 +17,7 @@ __all__ = [
     "BidRefused",
     "ChatRoom",
     "Counter",
+    "Game",
     "Lock",
     "Presence",
     "PresenceRoom",
