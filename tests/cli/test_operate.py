@@ -115,6 +115,7 @@ async def test_a_state_put_racing_traffic_goes_through_the_gates(
     counter = env.COUNTERS.get_by_name("raced")
     returned: list[int] = []
     failed = 0
+    warmed_up = asyncio.Event()
 
     async def traffic() -> None:
         nonlocal failed
@@ -123,10 +124,11 @@ async def test_a_state_put_racing_traffic_goes_through_the_gates(
                 returned.append(await counter.increment())
             except DurableError:  # queued behind the operator's write when the object reset
                 failed += 1
+            if len(returned) >= 50:
+                warmed_up.set()
 
     async def operator() -> int:
-        while len(returned) < 50:
-            await asyncio.sleep(0.005)
+        await warmed_up.wait()
         code, _ = await run(settings, config, capsys, "state", "put", "COUNTERS", "raced", "value", "1000000")
         return code
 
