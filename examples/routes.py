@@ -10,27 +10,23 @@ from durable import Env, Request, Response
 from .auction import auction_app
 from .chat import chat_app
 from .counter import counter_app
+from .game import game_app
 from .lock import lock_app
+from .presence import presence_app
 from .ratelimit import ratelimit_app
 from .session import session_app
-
-
-async def _presence(request: Request, env: Env) -> Response:
-    """/presence/<topic>[/heartbeat|/leave]: one PresenceRoom per topic."""
-    segments = [s for s in request.path.split("/") if s]
-    if len(segments) < 2:
-        return Response("Not found", 404)
-    return await env.PRESENCE.get_by_name(segments[1]).fetch(request)
-
+from .stream import stream_app
 
 _BY_SEGMENT: dict[str, Callable[[Request, Env], Awaitable[Response]]] = {
     "": chat_app.fetch, "index.html": chat_app.fetch, "static": chat_app.fetch, "room": chat_app.fetch,
     "counter": counter_app.fetch,
-    "presence": _presence,
+    "presence": presence_app.fetch,
     "auction": auction_app.fetch,
     "lock": lock_app.fetch,
     "session": session_app.fetch,
     "api": ratelimit_app.fetch,
+    "game": game_app.fetch,
+    "stream": stream_app.fetch,
 }
 
 

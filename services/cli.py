@@ -26,6 +26,7 @@ from .core.config import AppConfig, load_config
 from .core.embedded import DEV_MARKER, EmbeddedNats, EmbeddedPostgres, die_with_parent, stop_leftovers
 from .core.errors import ConfigError, Unavailable
 from .core.settings import DEV_CHILD_ENV, Settings, refuse_dev_secret
+from .operate import commands as operate
 
 log = logging.getLogger("durable")
 
@@ -502,11 +503,15 @@ def main(argv: list[str] | None = None) -> int:
     id_cmd = sub.add_parser("id", help="print the id of a named object, e.g. `durable id Counter demo`")
     id_cmd.add_argument("target", help="binding (COUNTERS) or class (Counter)")
     id_cmd.add_argument("name")
+    operate.add_commands(sub)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     log_format = os.environ.get("DURABLE_LOG_FORMAT", "auto").strip().lower()
-    logs.configure(logging.DEBUG if args.verbose else logging.INFO,
-                   log_format if log_format in ("json", "text") else "auto")
+    log_format = log_format if log_format in ("json", "text") else "auto"
+    if args.command in operate.COMMANDS:  # the operator's commands: quiet logs, their own exit codes
+        logs.configure(logging.DEBUG if args.verbose else logging.WARNING, log_format)
+        return operate.run(args, _run)
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, log_format)
     try:
         telemetry.configure_from_env(f"durable-{args.command}")
         if args.command == "dev":

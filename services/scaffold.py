@@ -22,9 +22,12 @@ PATTERNS = {
     "chat": "chat",
     "lock": "lock",
     "auction": "auction",
+    "presence": "presence",
+    "stream": "stream",
+    "game": "game",
 }
 #: patterns of the specification not available as an app yet
-PLANNED = ("game", "collab", "presence", "stream")
+PLANNED = ("collab",)
 
 _PYTEST_INI = """[pytest]
 asyncio_mode = auto

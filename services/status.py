@@ -45,7 +45,7 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(out)
 
 
-async def _micro_stats(servers: list[str], wait: float = 0.5) -> list[dict[str, Any]]:
+async def micro_stats(servers: list[str], wait: float = 0.5) -> list[dict[str, Any]]:
     nc = await nats.connect(servers=servers, connect_timeout=2, max_reconnect_attempts=0)
     try:
         inbox = nc.new_inbox()
@@ -133,7 +133,7 @@ async def collect(settings: Settings, config: AppConfig | None = None) -> dict[s
     finally:
         await conn.close()
     try:
-        stats = await _micro_stats(settings.nats_servers)
+        stats = await micro_stats(settings.nats_servers)
     except Exception as exc:  # noqa: BLE001 - Postgres alone still tells most of the story
         stats = []
         nats_error: str | None = f"{type(exc).__name__}: {exc}"

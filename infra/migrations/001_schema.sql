@@ -17,9 +17,19 @@ CREATE TABLE IF NOT EXISTS do_storage (
     key        bytea NOT NULL,
     namespace  text NOT NULL,
     value      bytea NOT NULL,
+    -- when the key was last written, for operators (durable objects ls)
+    written_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (object_id, key)
 );
 CREATE INDEX IF NOT EXISTS do_storage_namespace ON do_storage (namespace);
+
+-- The names objects were made from, where a worker saw one (names.py): for operators only.
+CREATE TABLE IF NOT EXISTS do_object_names (
+    object_id  text PRIMARY KEY,
+    namespace  text NOT NULL,
+    name       text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS do_object_names_prefix ON do_object_names (namespace, name text_pattern_ops);
 
 -- One alarm per object; Postgres is the source of truth, JetStream only the wake-up.
 -- scheduled_ms is what the object set (as Cloudflare reports it); due_ms is when the alarm next
@@ -128,7 +138,7 @@ BEGIN
     IF cardinality(up_o) > 0 THEN
         INSERT INTO do_storage (object_id, key, namespace, value)
         SELECT * FROM unnest(up_o, up_k, up_ns, up_v)
-        ON CONFLICT (object_id, key) DO UPDATE SET value = EXCLUDED.value;
+        ON CONFLICT (object_id, key) DO UPDATE SET value = EXCLUDED.value, written_at = now();
     END IF;
     IF cardinality(alarm_del) > 0 THEN
         DELETE FROM do_alarms WHERE object_id = ANY(alarm_del);

@@ -107,3 +107,14 @@ def loads(data: bytes, as_json: bool) -> Any:
     except Exception as exc:  # noqa: BLE001 - every decoder failure is the same user error
         kind = "JSON" if as_json else "msgpack"
         raise InvalidRequest(f"malformed {kind} payload: {exc}") from None
+
+
+def to_json_text(value: Any) -> str:
+    """A stored value as JSON text for people and files (``durable state``): bytes and datetimes
+    as the same tagged objects the wire uses, so ``from_json_text`` gives the value back."""
+    return json.dumps(value, default=_json_default, ensure_ascii=False)
+
+
+def from_json_text(text: str) -> Any:
+    """The value of ``to_json_text``'s output (or any JSON a person typed)."""
+    return json.loads(text, object_hook=_json_hook)

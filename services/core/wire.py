@@ -17,12 +17,17 @@ Gateways. Objects send frames and closes to a gateway as one message of *operati
 object's sockets are ordinary requests with the verbs ``ws.message``, ``ws.close`` and
 ``ws.error`` (``schemas/ws_event.json``); gateways announce themselves on ``dgwhb.<key>``.
 
+Tail. ``durable tail`` publishes ``dtail.<key>.interest`` every 2 s while it runs; workers that
+heard one in the last 6 s publish each request, alarm run and object log line as JSON on
+``dtail.<key>.ev.<namespace>.<object-id>.<kind>``, and nothing otherwise.
+
 Alarms. One JetStream work-queue stream per deployment: schedules on
 ``dal.<key>.s.<partition>.<object>``, fires on ``dal.<key>.f.<partition>.<object>``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -338,6 +343,39 @@ def parse_gateway_heartbeat(data: bytes) -> str | None:
     except Exception:  # noqa: BLE001 - not a heartbeat of ours
         return None
     return gateway if isinstance(gateway, str) else None
+
+
+# ----- tail (durable tail) --------------------------------------------------------------------
+
+#: a tailer says it is listening this often; workers publish events for TAIL_LINGER_S after the last
+TAIL_INTEREST_EVERY_S = 2.0
+TAIL_LINGER_S = 6.0
+
+
+def tail_interest_subject(deployment_key: int) -> str:
+    """Where a running ``durable tail`` announces itself; workers publish events only while one does."""
+    return f"dtail.{deployment_key}.interest"
+
+
+def tail_event_subject(deployment_key: int, namespace: str, object_id: str, kind: str) -> str:
+    """One live event of one object: ``kind`` is request, alarm or log."""
+    return f"dtail.{deployment_key}.ev.{namespace}.{object_id or '-'}.{kind}"
+
+
+def tail_filter(deployment_key: int, namespace: str | None = None, object_id: str | None = None) -> str:
+    """The subscription of a tailer: everything, one class, or one object."""
+    return f"dtail.{deployment_key}.ev.{namespace or '*'}.{object_id or '*'}.*"
+
+
+def encode_tail_event(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":"), default=str).encode()
+
+
+def decode_tail_event(data: bytes) -> dict[str, Any]:
+    event = json.loads(data)
+    if not isinstance(event, dict):
+        raise ValueError("a tail event is a JSON object")
+    return event
 
 
 # ----- alarms ----------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from .flusher import CommittedAlarm
 from .instance import Instance
 from .partitions import Partitions, PartitionState
 from .sql import ObjectStore
+from .tail import Tail
 
 log = logging.getLogger("durable.alarms")
 
@@ -108,8 +109,10 @@ class Alarms:
     """The alarms of one worker's partitions: wake-ups in, alarm events run, schedules out."""
 
     def __init__(self, nc: NatsClient, settings: Settings, partitions: Partitions, store: ObjectStore,
-                 client: Client) -> None:
+                 client: Client, tail: Tail | None = None) -> None:
         self.nc = nc
+        #: live events for `durable tail`
+        self.tail = tail
         self.settings = settings
         self.partitions = partitions
         self.store = store
@@ -279,6 +282,8 @@ class Alarms:
                 self.failed += 1
             elif outcome is RunOutcome.FAILED:
                 self.failed += 1
+            if self.tail is not None and self.tail.active:
+                self.tail.emit("alarm", inst.namespace, inst.object_id, outcome=outcome.value)
             return outcome
 
         return event

@@ -34,6 +34,7 @@ from ..core.errors import (
 )
 from ..core.http import Request, Response
 from ..core.metrics import RequestSeries, WorkerMetrics
+from .admin import ADMIN_STATE_VERB, state_write_handler
 from .alarm_rules import RunOutcome
 from .alarms import Alarms
 from .base import DurableObject
@@ -41,6 +42,7 @@ from .instance import Instance
 from .micro import MicroService
 from .partitions import Partitions, PartitionState
 from .sockets import SocketState
+from .tail import Tail
 
 log = logging.getLogger("durable.worker")
 
@@ -171,9 +173,11 @@ class Dispatcher:
     """Runs the requests of the owned partitions and sends their replies."""
 
     def __init__(self, nc: NatsClient, partitions: Partitions, alarms: Alarms, micro: MicroService,
-                 owns: Callable[[int, int], bool], max_request_bytes: int,
+                 owns: Callable[[int, int], bool], max_request_bytes: int, tail: Tail | None = None,
                  metrics: WorkerMetrics | None = None) -> None:
         self.nc = nc
+        #: live events for `durable tail` (published only while someone tails)
+        self.tail = tail
         self.metrics = metrics or WorkerMetrics(partitions.classes)
         self.partitions = partitions
         self.alarms = alarms
@@ -198,6 +202,8 @@ class Dispatcher:
             return rpc_handler(inst.cls, verb[1], payload)
         if verb == ["fetch"]:
             return fetch_handler(inst, payload)
+        if verb == ADMIN_STATE_VERB:
+            return state_write_handler(inst, payload)
         raise InvalidRequest(f"unknown verb {'.'.join(verb)!r}: expected rpc.<method> or fetch")
 
     async def handle(self, state: PartitionState, msg: Msg) -> None:
@@ -280,16 +286,18 @@ class Dispatcher:
             if msg.reply:
                 await self.nc.publish(msg.reply, body,
                                       headers={"Content-Type": codec.JSON_CONTENT_TYPE} if as_json else None)
-            seconds = time.perf_counter() - started
-            self.micro.record(namespace, seconds, None)
+            self.micro.record(namespace, time.perf_counter() - started, None)
             series.ok.inc()
+            if self.tail is not None and self.tail.active:
+                self._tail(msg, started, None)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             error = exc if isinstance(exc, DurableError) else RemoteError(str(exc), remote_type=type(exc).__name__)
-            seconds = time.perf_counter() - started
-            self.micro.record(namespace, seconds, error)
+            self.micro.record(namespace, time.perf_counter() - started, error)
             (series.server_error if error.status >= 500 else series.error).inc()
             if span is not None:
                 span.set_status(StatusCode.ERROR, error.code)
+            if self.tail is not None and self.tail.active:
+                self._tail(msg, started, error)
             # runtime errors carry no object state, so they are sent even after the lease lapsed
             # (a flush failure must reach its caller, not become a timeout); errors raised by
             # object code are state, and follow the success path's rule
@@ -302,6 +310,17 @@ class Dispatcher:
             series.total.observe(end - started)
             if span is not None:
                 span.end()
+
+    def _tail(self, msg: Msg, started: float, error: DurableError | None) -> None:
+        """One answered request for `durable tail`: which object, which verb, how long, outcome."""
+        assert self.tail is not None
+        address = wire.parse_request_subject(msg.subject)
+        fields: dict[str, Any] = {"verb": ".".join(address.verb),
+                                  "ms": round((time.perf_counter() - started) * 1000, 3),
+                                  "outcome": "ok" if error is None else error.code}
+        if error is not None:
+            fields["error"] = error.message[:1000]
+        self.tail.emit("request", address.namespace, address.object_id, **fields)
 
     async def reply_error(self, msg: Msg, error: DurableError, as_json: bool) -> None:
         if not msg.reply:

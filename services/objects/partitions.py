@@ -75,8 +75,11 @@ class Partitions:
 
     def __init__(self, partitions: int, classes: dict[str, type], ids: dict[str, IdFactory], env: Any,
                  store: ObjectStore, gateways: GatewayLink, flusher: Flusher,
-                 owns: Callable[[int, int], bool]) -> None:
+                 owns: Callable[[int, int], bool],
+                 on_named: Callable[[str, str, str], None] | None = None) -> None:
         self.partitions = partitions
+        #: told (namespace, object id, name) when an instance's name is known (names.py)
+        self._on_named = on_named
         self.classes = classes
         self.ids = ids
         self.env = env
@@ -157,6 +160,8 @@ class Partitions:
                 if not self.ids[namespace].name_matches(oid, name):
                     raise InvalidRequest(f"{NAME_HEADER} {name!r} is not the name of object {oid}")
                 inst.ctx.id.name = name  # woken by a nameless request first; now we know it
+                if self._on_named is not None:
+                    self._on_named(namespace, oid, name)
             return inst
         if partition_of(oid, self.partitions) != state.partition:
             # a raw publisher picked the wrong partition: serving it here could give the object
@@ -175,6 +180,8 @@ class Partitions:
             if not ids.name_matches(oid, name):
                 raise InvalidRequest(f"{NAME_HEADER} {name!r} is not the name of object {oid}")
             object_id = ObjectId(oid, name)
+            if self._on_named is not None:
+                self._on_named(namespace, oid, name)
         inst = Instance(self, state.partition, state.epoch, namespace, cls, object_id)
         state.instances[oid] = inst
         return inst

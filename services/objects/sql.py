@@ -22,6 +22,11 @@ _READ_RANGE = (
     "SELECT key, value FROM do_storage WHERE object_id = $1 AND key >= $2 "
     "AND ($3::bytea IS NULL OR key < $3) ORDER BY key {order} LIMIT $4"
 )
+_RECORD_NAMES = """
+INSERT INTO do_object_names (namespace, object_id, name)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+ON CONFLICT (object_id) DO NOTHING
+"""
 _READ_SOCKETS = (
     "SELECT socket_id, gateway, tags, attachment, auto_request, auto_response FROM do_sockets "
     "WHERE object_id = $1 ORDER BY accepted_at, socket_id"
@@ -178,6 +183,11 @@ class ObjectStore:
     async def sockets_of_lost_gateways(self, partitions: list[int], live_gateways: list[str]) -> list[Any]:
         async with self.pool.acquire() as conn:
             return list(await conn.fetch(_SOCKETS_OF_LOST_GATEWAYS, partitions, live_gateways))
+
+    async def record_names(self, rows: list[tuple[str, str, str]]) -> None:
+        """(namespace, object id, name) rows for operators (names.py); one statement."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(_RECORD_NAMES, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
 
     async def flush(self, rows: FlushRows) -> set[int]:
         """Commit ``rows`` if every partition's epoch is still the one given; returns the

@@ -71,6 +71,26 @@ def _encode(value: Any) -> bytes:
     return enc
 
 
+def check_entries(entries: Mapping[str, Any]) -> None:
+    """Raise the StorageError ``put`` would raise for the first entry it refuses: lets a caller
+    with many batches (durable state import) refuse all of them before writing any."""
+    for key, value in entries.items():
+        try:
+            _key_bytes(key)
+            _encode(value)
+        except StorageError as exc:
+            raise StorageError(f"key {str(key)[:100]!r}: {exc.message}") from None
+
+
+def check_keys(keys: Iterable[str]) -> None:
+    """Raise the StorageError ``delete`` would raise for the first key it refuses."""
+    for key in keys:
+        try:
+            _key_bytes(key)
+        except StorageError as exc:
+            raise StorageError(f"key {str(key)[:100]!r}: {exc.message}") from None
+
+
 def _check_batch(n: int) -> None:
     if n > MAX_BATCH:
         raise StorageError(f"Maximum number of key value pairs is {MAX_BATCH}. {n} pairs were provided.")

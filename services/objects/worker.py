@@ -37,9 +37,11 @@ from .gateway_link import GatewayLink
 from .gateway_watch import GatewayWatch
 from .handover import Handover
 from .micro import MicroService
+from .names import NameRecorder
 from .ownership import Ownership
 from .partitions import Partitions, PartitionState
 from .sql import ObjectStore
+from .tail import Tail
 
 log = logging.getLogger("durable.worker")
 
@@ -90,6 +92,8 @@ class Worker:
         self.partitions: Partitions
         self.alarms: Alarms
         self.micro: MicroService
+        self.names: NameRecorder
+        self.tail: Tail
         self.dispatcher: Dispatcher
         self.handover: Handover
         self.gateways: GatewayWatch
@@ -149,6 +153,8 @@ class Worker:
         self.env = Env(self.client, self.config)
         self._build()
         self.flusher.start()
+        self.names.start()
+        await self.tail.start()
         await self.micro.start()
         await self.alarms.start()
         await self.gateways.start()
@@ -162,15 +168,17 @@ class Worker:
         self.flusher = Flusher(self.store, self._fenced, self._alarms_committed,
                                audit_worker=self.worker_id if self.audit_commits else None,
                                concurrency=settings.flush_concurrency, metrics=self.metrics)
+        self.names = NameRecorder(self.store)
+        self.tail = Tail(self.nc, settings.deployment_key)
         self.partitions = Partitions(settings.partitions, self.classes, self.ids, self.env, self.store,
                                      GatewayLink(self.nc, settings.deployment_key), self.flusher,
-                                     self.ownership.owns)
-        self.alarms = Alarms(self.nc, settings, self.partitions, self.store, self.client)
+                                     self.ownership.owns, self.names.note)
+        self.alarms = Alarms(self.nc, settings, self.partitions, self.store, self.client, self.tail)
         self.alarms.lateness = self.metrics.alarm_lateness
         self.micro = MicroService(self.nc, [b.class_name for b in self.config.bindings], self._metadata,
                                   self.partitions.live_by_namespace)
         self.dispatcher = Dispatcher(self.nc, self.partitions, self.alarms, self.micro, self.ownership.owns,
-                                     settings.max_request_bytes, self.metrics)
+                                     settings.max_request_bytes, self.tail, self.metrics)
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
                                  self.ownership.release)
         self.gateways = GatewayWatch(self.nc, settings, self.worker_id, self.partitions, self.store)
@@ -210,6 +218,8 @@ class Worker:
         await self.alarms.stop()
         await self.gateways.stop()
         await self.micro.stop()
+        await self.tail.stop()
+        await self.names.stop()
         await self.pool.close()
         await close_nats(self.nc)
         if self.health is not None:
@@ -256,5 +266,7 @@ class Worker:
             "live_objects": str(self.live_objects()),
             "alarms_run": str(self.alarms.fired),
             "alarms_abandoned": str(self.alarms.abandoned),
+            # the worker's wall clock when it answered: `durable doctor` compares it with Postgres'
+            "time_ms": str(int(time.time() * 1000)),
         }
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from durable.objects import AlarmInfo, DurableObject, Request, Response
 from durable.objects.patterns import Counter, RateLimiter, Session, check_fence
+from durable.objects.patterns.game import Game
+from durable.objects.patterns.stream import StreamChannel
 from durable.objects.patterns.transfer import Transfer
 
 __all__ = ["Counter", "RateLimiter", "Session", "Probe", "Lifecycle"]
@@ -573,3 +575,23 @@ class CrashingTransfer(Transfer):
         if os.environ.get("DURABLE_TEST_CRASH") != "1":
             return accounts
         return _CrashAfterDebit(accounts, "crash-source")
+
+
+class QuickGame(Game):
+    """The Game pattern with a forfeit a few seconds after a player drops, and no move clock."""
+
+    FORFEIT_AFTER_MS = 3000
+    MOVE_TIMEOUT_MS = 0
+
+
+class ClockedGame(Game):
+    """The Game pattern with a one-second move clock (and a forfeit too long to matter)."""
+
+    FORFEIT_AFTER_MS = 600_000
+    MOVE_TIMEOUT_MS = 1000
+
+
+class ShortStream(StreamChannel):
+    """A stream channel that keeps only 5 messages, so a test reaches the gaps quickly."""
+
+    RETAIN = 5

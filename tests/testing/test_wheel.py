@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from durable.core.embedded import free_port
+from durable.scaffold import PATTERNS, PLANNED
 
 from tests.helpers.settings import ROOT
 
@@ -178,7 +179,7 @@ def test_the_plugin_from_the_wheel_tests_the_app(installed: Path, tmp_path: Path
     assert "1 passed" in result.stdout
 
 
-@pytest.mark.parametrize("pattern", ["counter", "lock", "auction"])
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_durable_new_from_the_wheel_writes_an_app_whose_tests_pass(installed: Path, tmp_path: Path,
                                                                    pattern: str) -> None:
     env = _clean_environ()
@@ -196,8 +197,11 @@ def test_durable_new_from_the_wheel_writes_an_app_whose_tests_pass(installed: Pa
 def test_durable_new_refuses_an_unknown_pattern_and_a_used_folder(installed: Path, tmp_path: Path) -> None:
     env = _clean_environ()
     durable = str(installed / "bin" / "durable")
-    unknown = subprocess.run([durable, "new", "game"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert unknown.returncode == 2 and "planned" in unknown.stderr and "counter" in unknown.stderr
+    unknown = subprocess.run([durable, "new", "quantum"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown pattern 'quantum'" in unknown.stderr and "counter" in unknown.stderr
+    for planned in PLANNED[:1]:  # one the specification names that has no app yet, while there is one
+        refused = subprocess.run([durable, "new", planned], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert refused.returncode == 2 and "planned" in refused.stderr
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "mine.txt").write_text("keep me")
     used = subprocess.run([durable, "new", "counter", "taken"], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -3,10 +3,12 @@
 from .auction import Auction, BidRefused
 from .chat_room import ChatRoom
 from .counter import Counter
+from .game import Game
 from .lock import Lock, StaleToken, check_fence
 from .presence import Presence, PresenceRoom
 from .rate_limiter import RateLimiter
 from .session import Session
+from .stream import StreamChannel
 from .transfer import Account, Transfer
 
 __all__ = [
@@ -15,12 +17,14 @@ __all__ = [
     "BidRefused",
     "ChatRoom",
     "Counter",
+    "Game",
     "Lock",
     "Presence",
     "PresenceRoom",
     "RateLimiter",
     "Session",
     "StaleToken",
+    "StreamChannel",
     "Transfer",
     "check_fence",
 ]

@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 from durable.client import Env
+from durable.core.config import AppConfig
 from durable.core.errors import RemoteError
+from durable.core.settings import Settings
 from durable.objects import Worker
 from websockets.asyncio.client import connect
 
-from tests.helpers.gateway import recv_json
+from tests.helpers.gateway import gateway, recv_json
 from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory, WorkerProcess
 
 
 async def test_bids_are_validated_and_a_retried_bid_counts_once(worker: Worker, env: Env) -> None:
@@ -100,3 +104,31 @@ async def test_watchers_see_bids_and_one_close(worker: Worker, env: Env, gw: str
             await asyncio.wait_for(ws.recv(), 1.5)
         await ws.send("hello")
         assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "error"
+
+
+@pytest.mark.fault
+async def test_a_worker_killed_mid_auction_keeps_every_accepted_bid_and_closes_once(
+        settings: Settings, config: AppConfig, start_worker: WorkerFactory, env: Env, tmp_path: Path) -> None:
+    doomed = WorkerProcess(settings, tmp_path / "doomed.log")
+    await doomed.start()
+    try:
+        auction = env.AUCTIONS.get_by_name("crash")
+        opened = await auction.open("crash", 10, 5, 6_000, snipe_window_ms=0)
+        async with gateway(settings, config) as gw, connect(f"{gw}/auction/crash") as watcher:
+            assert (await recv_json(watcher))["type"] == "state"
+            accepted = [await auction.bid(f"b{n}", 10 + 5 * n, f"bid-{n}") for n in range(5)]
+            doomed.kill()
+            await start_worker()  # takes the partitions once the dead worker's lease runs out
+            assert await auction.bid("b4", 30, "bid-4") == accepted[-1]  # a retried bid: the same outcome
+            state = await auction.status()
+            assert (state["price"], state["leader"], state["bids"]) == (30, "b4", 5)
+            frames = []
+            while not frames or frames[-1]["type"] != "closed":
+                frames.append(await recv_json(watcher, timeout=30))
+            assert frames[-1] == {"type": "closed", "winner": {"bidder": "b4", "price": 30}}
+            assert [f["price"] for f in frames if f["type"] == "bid"] == [10, 15, 20, 25, 30]
+            with pytest.raises(TimeoutError):  # closed once, by the new worker's alarm
+                await asyncio.wait_for(watcher.recv(), 1.5)
+        assert (await auction.status())["closed"] and time.time() * 1000 >= opened["ends_at_ms"]
+    finally:
+        doomed.close()

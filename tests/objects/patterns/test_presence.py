@@ -4,15 +4,19 @@ expired by the alarm, updates, and refused input that changes nothing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from durable.client import Env
+from durable.core.config import AppConfig
 from durable.core.errors import RemoteError
+from durable.core.settings import Settings
 from durable.objects import Worker
 from websockets.asyncio.client import connect
 
-from tests.helpers.gateway import recv_json
+from tests.helpers.gateway import gateway, recv_json
 from tests.helpers.waiting import assert_eventually
+from tests.helpers.workers import WorkerFactory, WorkerProcess
 
 
 async def test_socket_members_join_and_leave_once_per_member(worker: Worker, env: Env, gw: str) -> None:
@@ -83,3 +87,30 @@ async def test_bad_input_is_refused_and_changes_nothing(worker: Worker, env: Env
         return await room.members() == []
 
     await assert_eventually(nobody, timeout=5)
+
+
+@pytest.mark.fault
+async def test_presence_survives_the_owner_killed(
+        settings: Settings, config: AppConfig, start_worker: WorkerFactory, env: Env, tmp_path: Path) -> None:
+    doomed = WorkerProcess(settings, tmp_path / "doomed.log")
+    await doomed.start()
+    try:
+        room = env.PRESENCE.get_by_name("crash")
+        async with gateway(settings, config) as gw, connect(f"{gw}/presence/crash?id=ann") as ann:
+            await recv_json(ann)
+            bo = await connect(f"{gw}/presence/crash?id=bo")
+            await recv_json(bo)
+            assert (await recv_json(ann))["id"] == "bo"
+            assert await room.heartbeat("svc", {}, 3_000) == "joined"
+            assert (await recv_json(ann))["id"] == "svc"
+            doomed.kill()
+            await start_worker()  # takes the partitions once the dead worker's lease runs out
+            # the sockets stayed open at the gateway; the heartbeat member is still stored
+            assert sorted(m["id"] for m in await room.members()) == ["ann", "bo", "svc"]
+            await bo.close()
+            assert await recv_json(ann, timeout=15) == {"type": "leave", "id": "bo"}
+            # nobody beats for svc any more: the alarm, now on the new worker, removes it
+            assert await recv_json(ann, timeout=30) == {"type": "leave", "id": "svc", "reason": "expired"}
+            assert [m["id"] for m in await room.members()] == ["ann"]
+    finally:
+        doomed.close()
