@@ -15,6 +15,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 log = logging.getLogger("durable.health")
 
 #: longest request head read (request line and headers); a probe's is a few hundred bytes
@@ -56,8 +58,13 @@ class HealthServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True,
-                                                  limit=MAX_HEAD)
+        try:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True,
+                                                      limit=MAX_HEAD)
+        except OSError as exc:
+            raise ConfigError(f"the health port {self.host}:{self.port} cannot be used ({exc.strerror}): set "
+                              "DURABLE_HEALTH_PORT to a free port (or DURABLE_HEALTH_HOST to an address of this "
+                              "machine)") from None
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("health port listening", extra={"host": self.host, "port": self.port})
 

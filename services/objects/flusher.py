@@ -37,6 +37,8 @@ class Flushable(Protocol):
     """An object with writes to commit (instance.py implements it)."""
 
     owner: Owner
+    #: span contexts of traced events waiting for the next flush; None (almost always): none
+    flush_traces: list[SpanContext] | None
 
     def take_batch(self) -> Batch | None:
         """Its pending writes; None when there are none or a flush of it is in flight."""
@@ -207,7 +209,7 @@ class Flusher:
 
     async def _commit(self, batch: list[BatchItem]) -> None:
         rows = flush_rows([(obj.owner, b) for obj, b in batch], self.audit_worker)
-        traced = [c for obj, _ in batch for c in obj.take_traces()]
+        traced = [c for obj, _ in batch if obj.flush_traces for c in obj.take_traces()]
         started = time.perf_counter()
         if traced:  # the first traced event is the parent, the others are linked
             with telemetry.tracer.start_as_current_span(

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from durable.client import Env
 from durable.core.config import AppConfig
-from durable.core.errors import UnknownMethod
+from durable.core.errors import ConfigError, UnknownMethod
 from durable.core.settings import Settings
 from durable.objects import Worker
 
@@ -192,3 +192,15 @@ async def test_sigterm_turns_readiness_false_before_the_worker_exits(
     assert acquired and all("partitions" in r and "epochs" in r and r["worker"] for r in acquired)
     assert any(r["msg"].startswith("worker stopping") for r in logged)
     assert all({"ts", "level", "logger", "msg"} <= set(r) for r in logged)
+
+
+async def test_a_health_port_in_use_is_a_clear_configuration_error(settings: Settings, config: AppConfig) -> None:
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        worker = Worker(settings.model_copy(update={"health_port": port, "health_host": "127.0.0.1"}), config)
+        with pytest.raises(ConfigError, match=f"DURABLE_HEALTH_PORT.*|health port 127.0.0.1:{port}"):
+            await worker.start()
+        assert not hasattr(worker, "nc")  # refused before connecting to anything
+    finally:
+        blocker.close()
