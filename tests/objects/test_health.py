@@ -7,6 +7,7 @@ import asyncio
 import signal
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import httpx
 import pytest
 from durable.client import Env
@@ -126,7 +127,13 @@ async def test_metrics_after_traffic_count_what_was_sent(start_worker: WorkerFac
     assert value(parsed, "durable_partitions_acquired_total") == PARTITIONS
     assert value(parsed, "durable_epochs_fenced_total") == 0
     assert value(parsed, "durable_alarms_pending") == 0
-    assert value(parsed, "durable_storage_bytes", namespace="Counter") > 0
+    conn = await asyncpg.connect(worker.settings.database_url)
+    try:
+        stored = await conn.fetchval("SELECT sum(octet_length(key) + octet_length(value)) FROM do_storage "
+                                     "WHERE namespace = 'Counter'")
+    finally:
+        await conn.close()
+    assert value(parsed, "durable_storage_bytes", namespace="Counter") == stored > 0
     # object ids never become labels
     assert not any(counter.id.hex in str(labels) for _, labels in parsed)
 
