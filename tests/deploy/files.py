@@ -21,6 +21,7 @@ from tests.helpers.settings import ROOT
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 K8S = DEPLOY / "k8s"
+NOT_MANIFESTS = ("nats-values.yaml", "kustomization.yaml")
 
 #: Settings branch `ops` adds (the health port, the shutdown delay, the log format). Until it is
 #: merged they are accepted as names; once ``health_port`` is a real setting, every one of them
@@ -142,10 +143,11 @@ def nats_hosts(url_list: str) -> list[tuple[str, int]]:
 
 
 def manifests() -> list[dict[str, Any]]:
-    """Every Kubernetes object of deploy/k8s (nats-values.yaml is Helm values, not an object)."""
+    """Every Kubernetes object of deploy/k8s (nats-values.yaml is Helm values, not an object;
+    kustomization.yaml lists the files)."""
     docs: list[dict[str, Any]] = []
     for path in sorted(K8S.glob("*.yaml")):
-        if path.name != "nats-values.yaml":
+        if path.name not in NOT_MANIFESTS:
             docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return docs
 

@@ -23,7 +23,6 @@ import httpx
 import pytest
 from durable.core.embedded import EmbeddedPostgres, free_port
 from durable.core.settings import Settings
-from durable.status import micro_stats
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.deploy import natsconf
@@ -162,6 +161,8 @@ async def wait_ready(topology: Topology, workers: list[str], routers: list[str],
         return
     # TODO(ops): without branch ops' /readyz, wait on what it stands for: every partition owned
     # and subscribed, each worker holding its share, the routers answering HTTP.
+    from durable.status import micro_stats
+
     await wait_until_partitions_owned(settings, START_TIMEOUT)
 
     async def balanced() -> bool:

@@ -19,6 +19,7 @@ from tests.deploy import natsconf
 from tests.deploy.files import (
     DEPLOY,
     K8S,
+    NOT_MANIFESTS,
     ROOT,
     dockerfile_stages,
     env_file_values,
@@ -266,6 +267,13 @@ def test_every_manifest_is_a_known_kind_with_a_name() -> None:
     assert kinds == sorted([("ConfigMap", "durable"), ("Secret", "durable"), ("Deployment", "durable-worker"),
                             ("Deployment", "durable-router"), ("Service", "durable-router"),
                             ("PodDisruptionBudget", "durable-worker"), ("PodDisruptionBudget", "durable-router")])
+
+
+def test_the_kustomization_applies_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    # every manifest but the Secret's placeholders, which must never be applied as they are
+    expected = sorted(p.name for p in K8S.glob("*.yaml") if p.name not in (*NOT_MANIFESTS, "secret.yaml"))
+    assert sorted(kustomization["resources"]) == expected
 
 
 def test_the_worker_deployment_probes_its_health_port() -> None:
