@@ -229,24 +229,33 @@ class CollabDocument(DurableObject):
         stored = ws.deserialize_attachment() or {}
         return {int(cid): int(clock) for cid, clock in stored.get("clients", [])}
 
+    def _is_news(self, entry: AwarenessEntry) -> bool:
+        """Newer than what the document holds (Yjs clients ignore the rest just the same)."""
+        known = self.awareness.get(entry.client_id)
+        return known is None or entry.clock > known.clock or (entry.clock == known.clock and entry.removed)
+
     async def _announce(self, ws: WebSocket, payload: bytes) -> None:
+        """An awareness update: keep what is news, relay it, and note which clients this socket
+        speaks for. y-websocket clients send back every change they receive, so a client id
+        belongs to the first socket that announced it, not to every socket that echoes it."""
         if len(payload) > self.MAX_AWARENESS_BYTES:
             raise ProtocolError(f"an awareness update of {len(payload)} bytes is over the limit of "
                                 f"{self.MAX_AWARENESS_BYTES}", CLOSE_TOO_LARGE)
-        entries = parse_awareness(payload)
+        entries = [e for e in parse_awareness(payload) if self._is_news(e)]
+        sockets = await self.ctx.get_websockets()
+        elsewhere = {cid for other in sockets if other is not ws for cid in self._announced(other)}
         announced = self._announced(ws)
         clients = dict(announced)
         for e in entries:
             if e.removed:
                 clients.pop(e.client_id, None)
-            else:
+            elif e.client_id in clients or e.client_id not in elsewhere:
                 clients[e.client_id] = e.clock
         if len(clients) > self.MAX_CLIENTS_PER_SOCKET:
             raise ProtocolError(f"a socket may announce at most {self.MAX_CLIENTS_PER_SOCKET} awareness clients")
+        if not entries:
+            return
         for e in entries:
-            known = self.awareness.get(e.client_id)
-            if known is not None and e.clock < known.clock:
-                continue  # an older state than the one held: Yjs clients ignore it too
             if e.removed:
                 self.awareness.pop(e.client_id, None)
             else:
@@ -255,9 +264,9 @@ class CollabDocument(DurableObject):
             # the clocks too: a removal must carry a newer clock than the client's last, or
             # Yjs clients ignore it (after hibernation this is all the document knows)
             ws.serialize_attachment({"clients": [[cid, clock] for cid, clock in clients.items()]})
-        frame = awareness_message(payload)
-        for other in await self.ctx.get_websockets():
-            other.send(frame)  # to the sender too: y-websocket takes silence for a dead connection
+        frame = awareness_message(encode_awareness(entries))
+        for other in sockets:
+            other.send(frame)  # to the sender too: y-websocket takes a long silence for a dead link
 
     async def _left(self, ws: WebSocket) -> None:
         """Tell the others that the awareness clients of ``ws`` are gone (unless another socket
