@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 from durable.testing import DurableApp
 from pycrdt import Doc, Text
@@ -117,14 +116,14 @@ async def test_a_text_frame_is_refused_with_4400(durable_app: DurableApp) -> Non
 
 
 async def test_the_page_and_its_scripts_are_served(durable_app: DurableApp) -> None:
-    async with durable_app.serve() as base, httpx.AsyncClient(base_url=base) as http:
-        page = await http.get("/collab/notes")
-        assert page.status_code == 200 and "/collab/static/collab.js" in page.text
-        script = await http.get("/collab/static/collab.js")
-        assert script.status_code == 200 and "WebsocketProvider" in script.text
-        bundle = await http.get("/collab/static/yjs.bundle.js")
-        assert bundle.status_code == 200 and "yjs@" in bundle.text[:300]
-        assert (await http.get("/collab/static/THIRD_PARTY_LICENSES.txt")).status_code == 200
-        for private in ("/collab/static/package.json", "/collab/static/%2e%2e/collab_app.py", "/collab/static/"):
-            assert (await http.get(private)).status_code == 404, private
-        assert (await http.get("/collab", follow_redirects=False)).headers["location"] == "/collab/scratch"
+    page = await durable_app.fetch("/collab/notes")
+    assert page.status == 200 and b"/collab/static/collab.js" in page.body
+    script = await durable_app.fetch("/collab/static/collab.js")
+    assert script.status == 200 and b"WebsocketProvider" in script.body
+    bundle = await durable_app.fetch("/collab/static/yjs.bundle.js")
+    assert bundle.status == 200 and b"yjs@" in bundle.body[:300]
+    assert (await durable_app.fetch("/collab/static/THIRD_PARTY_LICENSES.txt")).status == 200
+    for private in ("/collab/static/package.json", "/collab/static/../collab_app.py", "/collab/static/"):
+        assert (await durable_app.fetch(private)).status == 404, private
+    assert (await durable_app.fetch("/collab")).headers.get("location") == "/collab/scratch"
+    assert (await durable_app.env.DOCS.get_by_name("notes").fetch("http://h/collab/notes")).status == 426
