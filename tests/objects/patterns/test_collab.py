@@ -123,6 +123,13 @@ async def test_the_document_survives_eviction_with_its_clients_connected(
         assert await ada.wait_text("before eviction. after eviction.")
         async with yjs_clients(server_url(gw), "evicted", 1) as (late,):
             assert await late.wait_text("before eviction. after eviction.")
+        # awareness after hibernation: the removal's clock comes from the socket's attachment
+        await bob.call("awareness", state={"user": {"name": "Bob"}})
+        bob_id = (await bob.call("awareness", state={"user": {"name": "Bob", "cursor": 3}}))["clientID"]
+        await assert_eventually(lambda: _sees(ada, bob_id, {"name": "Bob", "cursor": 3}), 10, "Ada sees Bob")
+        await assert_eventually(lambda: _live(worker, settings, stub) is None, 10, "the document evicted again")
+        await bob.kill()
+        await assert_eventually(lambda: _unseen(ada, bob_id), 20, "Bob's awareness removed after hibernation")
 
 
 def _live(worker: Worker, settings: Settings, stub: Stub) -> Any:
@@ -250,8 +257,13 @@ async def test_awareness_is_relayed_never_stored_and_removed_when_a_client_vanis
         await assert_eventually(lambda: ada_sees(False), 20, "Bob's awareness removed")
 
 
-async def _sees(client: YjsClient, client_id: int) -> bool:
-    return str(client_id) in (await client.state())["awareness"]
+async def _sees(client: YjsClient, client_id: int, user: Any = None) -> bool:
+    states = (await client.state())["awareness"]
+    return str(client_id) in states and (user is None or states[str(client_id)].get("user") == user)
+
+
+async def _unseen(client: YjsClient, client_id: int) -> bool:
+    return not await _sees(client, client_id)
 
 
 # ----- bad input -------------------------------------------------------------------------------
