@@ -161,6 +161,7 @@ async def test_the_document_survives_a_kill9_of_the_owning_worker(
             assert doomed.proc is not None and doomed.proc.returncode == -9
             await bob.call("append", text="during failover ")  # waits in the client or the gateway
             await start_worker()  # takes the partitions once the dead worker's lease runs out
+            await ada.wait_text(lambda t: t.endswith("during failover "), 30)  # Bob's edit got through
             await ada.call("append", text="after")
             expected = "a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 during failover after"
             for c in (ada, bob):
