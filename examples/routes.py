@@ -9,6 +9,7 @@ from durable import Env, Request, Response
 
 from .auction import auction_app
 from .chat import chat_app
+from .collab import collab_app
 from .counter import counter_app
 from .game import game_app
 from .lock import lock_app
@@ -27,6 +28,7 @@ _BY_SEGMENT: dict[str, Callable[[Request, Env], Awaitable[Response]]] = {
     "api": ratelimit_app.fetch,
     "game": game_app.fetch,
     "stream": stream_app.fetch,
+    "collab": collab_app.fetch,
 }
 
 

@@ -25,9 +25,10 @@ PATTERNS = {
     "presence": "presence",
     "stream": "stream",
     "game": "game",
+    "collab": "collab",
 }
 #: patterns of the specification not available as an app yet
-PLANNED = ("collab",)
+PLANNED: tuple[str, ...] = ()
 
 _PYTEST_INI = """[pytest]
 asyncio_mode = auto
@@ -51,7 +52,7 @@ routes each request to an object. Change them as your app grows.
 def _copy(source: Traversable, target: Path) -> list[Path]:
     written = []
     for item in source.iterdir():
-        if item.name == "__pycache__" or item.name.endswith(".pyc"):
+        if item.name in ("__pycache__", "node_modules") or item.name.endswith(".pyc"):
             continue
         if item.is_dir():
             target.joinpath(item.name).mkdir()

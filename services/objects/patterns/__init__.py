@@ -2,6 +2,7 @@
 
 from .auction import Auction, BidRefused
 from .chat_room import ChatRoom
+from .collab import CollabDocument
 from .counter import Counter
 from .game import Game
 from .lock import Lock, StaleToken, check_fence
@@ -16,6 +17,7 @@ __all__ = [
     "Auction",
     "BidRefused",
     "ChatRoom",
+    "CollabDocument",
     "Counter",
     "Game",
     "Lock",
