@@ -95,6 +95,8 @@ class Instance:
         self.input = InputGate()
         self.output = OutputGate(runtime.tasks)
         self.pending = PendingWrites(self._wrote)
+        #: keys the flush in flight deletes: their cache markers go once it commits
+        self._flushing_deletes: list[bytes] = []
         self.storage = Storage(self.object_id, runtime.store, self.pending, self.output, self.input,
                                self._check_can_set_alarm)
         #: tasks an event started that must finish before its reply (see Sockets.set_auto_response)
@@ -238,11 +240,16 @@ class Instance:
         if output.flushing or output.failed is not None or not output.has_unflushed:
             return None
         output.flushing = True
-        return self.pending.take(output.write_seq)
+        batch = self.pending.take(output.write_seq)
+        self._flushing_deletes = [k for k, v in batch.writes.items() if v is None]
+        return batch
 
     def flushed(self, seq: int) -> list[ReplySender]:
         """A flush committed up to ``seq``: the replies now free to go."""
         ready = self.output.flushed(seq)
+        if self._flushing_deletes:
+            self.storage.forget_deleted(self._flushing_deletes)
+            self._flushing_deletes = []
         if self.output.has_unflushed:
             self.runtime.mark_dirty(self)
         return ready

@@ -155,6 +155,9 @@ class Storage:
         #: bumped by delete_all(), so reads that were in flight across it are discarded
         self._generation = 0
         self._txn_depth = 0
+        #: Postgres reads in flight: while any is, delete markers stay (a read that began before a
+        #: delete committed may still return the row, and the marker is what hides it)
+        self._reads = 0
         #: why the object was reset; storage refuses every call from then on
         self.closed: BaseException | None = None
         self.alarm = ObjectAlarm(object_id, store, pending, self._check_open, can_set_alarm)
@@ -171,7 +174,11 @@ class Storage:
         if not missing or self._complete:
             return
         generation = self._generation
-        rows = await self._store.read_keys(self._object_id, missing)
+        self._reads += 1
+        try:
+            rows = await self._store.read_keys(self._object_id, missing)
+        finally:
+            self._reads -= 1
         self._check_open()
         if generation != self._generation:
             return  # delete_all() ran meanwhile: these rows are gone, and the cache is complete
@@ -212,7 +219,11 @@ class Storage:
             hidden = sum(1 for k, v in self._cache.items() if v is None and rng.contains(k))
             db_limit = None if rng.limit is None else rng.limit + hidden
             generation = self._generation
-            rows = await self._store.read_range(self._object_id, rng.lo, rng.hi, rng.reverse, db_limit)
+            self._reads += 1
+            try:
+                rows = await self._store.read_range(self._object_id, rng.lo, rng.hi, rng.reverse, db_limit)
+            finally:
+                self._reads -= 1
             self._check_open()
             fresh = generation == self._generation  # else delete_all() ran: the cache alone is the truth
             for k, v in rows if fresh else ():
@@ -232,6 +243,17 @@ class Storage:
         if rng.limit is not None:
             ordered = ordered[: rng.limit]
         return {k.decode(): codec.unpack(merged[k]) for k in ordered}
+
+    def forget_deleted(self, keys: Iterable[bytes]) -> None:
+        """Deletes of ``keys`` committed: drop their markers (the database no longer has the rows),
+        so an object that deletes as it goes (a stream's old messages, a log after compaction)
+        keeps a cache the size of what it holds, not of everything it ever deleted."""
+        if self._reads:
+            return  # a read in flight may predate the commit: the markers still hide its rows
+        cache, pending = self._cache, self._pending.kv
+        for k in keys:
+            if k in cache and cache[k] is None and k not in pending:
+                del cache[k]
 
     # ----- writing -----------------------------------------------------------------------
 

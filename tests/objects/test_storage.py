@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 from durable.client import Env
 from durable.core.errors import RemoteError, StorageError
+from durable.core.settings import Settings
 from durable.objects import Worker
 
 from tests.helpers.waiting import assert_eventually
@@ -577,3 +578,22 @@ async def test_a_put_made_before_the_handler_raised_is_still_committed(
     assert await probe.storage("get", ["a", "b"]) == {"a": 1, "b": 2}
     await wait_evicted(worker)
     await assert_contents(probe, database_url, {"a": 1, "b": 2})
+
+
+async def test_committed_deletes_leave_no_markers_in_the_cache(worker: Worker, env: Env, settings: Settings) -> None:
+    """An object that deletes as it goes (a stream dropping old messages) keeps a cache the size
+    of what it holds, and a deleted key still reads as absent once its marker is gone."""
+    from durable.core.wire import partition_of
+
+    probe = env.PROBES.get_by_name("rolling")
+    for n in range(300):
+        await probe.storage("put", f"m:{n:05d}", n)
+        if n >= 5:
+            await probe.storage("delete", f"m:{n - 5:05d}")
+    state = worker.parts[partition_of(probe.id.hex, settings.partitions)]
+    inst = state.instances[probe.id.hex]
+    await inst.storage.sync()
+    await probe.storage("put", "tick", 1)  # one more flush: the last delete's marker goes too
+    assert len(inst.storage._cache) <= 10, len(inst.storage._cache)
+    assert await probe.storage("get", "m:00000") is None
+    assert list(await probe.storage("list", prefix="m:")) == [f"m:{n:05d}" for n in range(295, 300)]
