@@ -117,7 +117,7 @@ class ChatRoom(DurableObject):
         try:
             data = json.loads(message)
             kind = data["type"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             ws.send(json.dumps({"type": "error", "error": "frames are JSON objects with a 'type'"}))
             return
         if kind == "message":

@@ -332,7 +332,7 @@ class Game(DurableObject):
             raise Refused("malformed", f"frames are at most {MAX_FRAME_CHARS} characters")
         try:
             frame = json.loads(message)
-        except ValueError:
+        except (ValueError, RecursionError):
             frame = None
         if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
             raise Refused("malformed", "frames are JSON objects with a 'type'")

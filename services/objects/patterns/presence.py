@@ -181,7 +181,7 @@ class PresenceRoom(DurableObject):
             if not isinstance(data, dict) or data.get("type") != "update" or not isinstance(member, dict):
                 raise ValueError("send {\"type\": \"update\", \"meta\": {...}} (members only)")
             _, meta = check_member(member["id"], data.get("meta"))
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             ws.send(json.dumps({"type": "error", "error": str(exc)}))
             return
         for other in await self.ctx.get_websockets():

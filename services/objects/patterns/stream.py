@@ -5,7 +5,9 @@ last :attr:`StreamChannel.RETAIN` in storage and fans each out to every viewer. 
 
 - **Ordered, resumable messages**: every message has an offset; a viewer that reconnects with
   ``?since=<offset>`` gets what it missed (of those kept) before anything new. A viewer whose
-  ``since`` is older than what is kept is told which offsets it lost (a ``gap`` frame).
+  ``since`` is older than what is kept is told which offsets it lost (a ``gap`` frame); one
+  that missed more than its window gets the newest window's worth and a ``skip`` frame naming
+  the kept offsets it was skipped past (readable from the HTTP history).
 - **Acknowledged means kept**: the publisher's ``published`` answer, and the message's fan-out,
   leave only once the message is durable (the output gate), so a message a viewer saw or a
   publisher was told about survives eviction and failover of the owning worker.
@@ -96,6 +98,8 @@ class StreamChannel(DurableObject):
     WINDOW = 256
     #: most messages one HTTP history answer carries
     MAX_PAGE = 1000
+    #: and most bytes of JSON (replies travel as one NATS message, at most 1 MiB)
+    MAX_PAGE_BYTES = 768 * 1024
 
     def __init__(self, ctx: Any, env: Any) -> None:
         super().__init__(ctx, env)
@@ -133,10 +137,19 @@ class StreamChannel(DurableObject):
                 "epoch": await self.ctx.storage.get("epoch") or 0}
 
     async def messages(self, since: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-        """Kept messages after offset ``since``, oldest first, at most ``limit``."""
+        """Kept messages after offset ``since``, oldest first, at most ``limit`` and at most
+        MAX_PAGE_BYTES of JSON (a reply must fit in one NATS message): a caller pages on with
+        ``since`` = the last offset it got."""
         limit = max(1, min(limit, self.MAX_PAGE))
         stored = await self.ctx.storage.list(prefix="m:", start=_key(since + 1), limit=limit)
-        return list(stored.values())
+        page: list[dict[str, Any]] = []
+        size = 0
+        for message in stored.values():
+            size += len(json.dumps(message)) + 1
+            if page and size > self.MAX_PAGE_BYTES:
+                break
+            page.append(message)
+        return page
 
     async def _bounds(self) -> tuple[int, int]:
         """(head, oldest kept offset); (0, 0) for a channel with no message yet."""
@@ -197,8 +210,10 @@ class StreamChannel(DurableObject):
         lowest = max(first, oldest, head - window + 1 if window else 0)
         missed = list((await self.ctx.storage.list(prefix="m:", start=_key(lowest))).values()) if first <= head else []
         resume_at = missed[0]["offset"] if missed else head + 1
-        if resume_at > first:
-            ws.send(_frame(type="gap", first=first, last=resume_at - 1))
+        if first < oldest:  # gone: older than what is kept
+            ws.send(_frame(type="gap", first=first, last=oldest - 1))
+        if max(first, oldest) < resume_at:  # kept, but more than its window: skipped, readable over HTTP
+            ws.send(_frame(type="skip", first=max(first, oldest), last=resume_at - 1, head=head))
         for message in missed:
             ws.send(_frame(type="message", **message, viewers=viewers))
         self._flows[ws.id] = _Flow(window=window, acked=resume_at - 1)
@@ -212,7 +227,7 @@ class StreamChannel(DurableObject):
         try:
             data = json.loads(message)
             kind = data["type"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             ws.send(_frame(type="error", error="frames are JSON objects with a 'type'"))
             return
         role = (ws.deserialize_attachment() or {}).get("role")

@@ -163,7 +163,7 @@ def parse_awareness(payload: bytes) -> list[AwarenessEntry]:
         state = reader.var_string("awareness state")
         try:
             json.loads(state, parse_constant=_no_constant)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ProtocolError(f"the awareness state of client {client_id} is not JSON") from None
         entries.append(AwarenessEntry(client_id, clock, state))
     reader.end("the awareness update")

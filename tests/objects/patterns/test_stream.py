@@ -143,7 +143,8 @@ async def test_bad_input_gets_a_clear_error_and_changes_nothing(gw: str) -> None
         await next_of(viewer, "welcome")
         for frame in ("not json", json.dumps([1]), json.dumps({"type": "publish"}), json.dumps({"type": "shout"}),
                       json.dumps({"type": "publish", "data": "x" * 70_000}),
-                      json.dumps({"type": "publish", "data": "\ud800"}), json.dumps({"type": "ack", "offset": 1})):
+                      json.dumps({"type": "publish", "data": "\ud800"}), json.dumps({"type": "ack", "offset": 1}),
+                      "[" * 50_000):  # nested too deep for the JSON parser
             await pub.send(frame)
             assert (await next_of(pub, "error"))["error"], frame
         for frame in (json.dumps({"type": "publish", "data": 1}), json.dumps({"type": "ack", "offset": "1"}),
@@ -181,3 +182,35 @@ async def test_a_worker_killed_mid_stream_loses_no_published_message(
                 assert replay == list(range(1, 32))
     finally:
         doomed.close()
+
+
+async def test_a_viewer_further_behind_than_its_window_is_skipped_not_told_of_a_loss(gw: str) -> None:
+    async with connect(f"{gw}/stream/behind?role=publisher&id=p") as pub:
+        await next_of(pub, "welcome")
+        for n in range(1, 11):
+            await publish(pub, n)
+        async with connect(f"{gw}/stream/behind?role=viewer&id=v&since=0&window=3") as viewer:
+            await next_of(viewer, "welcome")
+            frame = await recv_json(viewer)
+            assert frame == {"type": "skip", "first": 1, "last": 7, "head": 10}  # kept, not lost
+            assert [(await next_of(viewer, "message"))["offset"] for _ in range(3)] == [8, 9, 10]
+
+
+async def test_the_history_is_paged_to_fit_one_nats_message(gw: str) -> None:
+    big = "x" * 60_000
+    async with connect(f"{gw}/stream/big?role=publisher&id=p") as pub:
+        await next_of(pub, "welcome")
+        for _ in range(20):
+            await publish(pub, big)
+    async with httpx.AsyncClient(base_url=http_base(gw)) as http:
+        offsets: list[int] = []
+        since = 0
+        while True:
+            page = await http.get(f"/stream/big/messages?since={since}")
+            assert page.status_code == 200, page.text
+            got = [m["offset"] for m in page.json()]
+            if not got:
+                break
+            offsets += got
+            since = got[-1]
+    assert offsets == list(range(1, 21))
