@@ -23,14 +23,6 @@ CREATE TABLE IF NOT EXISTS do_storage (
 );
 CREATE INDEX IF NOT EXISTS do_storage_namespace ON do_storage (namespace);
 
--- The names objects were made from, where a worker saw one (names.py): for operators only.
-CREATE TABLE IF NOT EXISTS do_object_names (
-    object_id  text PRIMARY KEY,
-    namespace  text NOT NULL,
-    name       text NOT NULL
-);
-CREATE INDEX IF NOT EXISTS do_object_names_prefix ON do_object_names (namespace, name text_pattern_ops);
-
 -- One alarm per object; Postgres is the source of truth, JetStream only the wake-up.
 -- scheduled_ms is what the object set (as Cloudflare reports it); due_ms is when the alarm next
 -- wakes (the scheduled time, or a retry's time after a failed run). generation is a random token

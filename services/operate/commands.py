@@ -170,8 +170,9 @@ async def _with_db(settings: Settings, fn: Callable[[asyncpg.Connection], Corout
         return 1
     try:
         return await fn(conn)
-    except asyncpg.UndefinedTableError:
-        print("durable: the schema is not applied to this database (start a worker once)", file=sys.stderr)
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+        print("durable: this database's schema is missing or older than this version of durable "
+              "(start a worker of this version once: it applies the schema)", file=sys.stderr)
         return 1
     finally:
         await conn.close()
