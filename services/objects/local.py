@@ -36,7 +36,7 @@ class LocalDispatcher:
         self._owns = owns
         #: the handlers run as tasks of their own, kept with the NATS ones (a stop waits for both)
         self.tasks = tasks
-        #: requests taken here (and not over NATS) since start: tests and metrics read it
+        #: requests taken here (and not over NATS) since start (the tests check which path a call took)
         self.taken = 0
 
     def dispatch(self, subject: str, payload: bytes,
