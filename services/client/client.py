@@ -2,7 +2,8 @@
 
 A request that met no responder (the partition is between owners) is retried with jittered
 exponential backoff until the retry deadline; a request that timed out after it may have
-been delivered is reported as a retryable RequestTimeout and never repeated silently.
+been delivered is reported as a RequestTimeout (outcome unknown: not retryable) and never
+repeated silently.
 """
 
 from __future__ import annotations

@@ -154,11 +154,12 @@ class Unavailable(DurableError):
 
 
 class RequestTimeout(DurableError, TimeoutError):
-    """No reply in time; the request may have been delivered, so it was not repeated."""
+    """No reply in time; the request may have been delivered, so it was not repeated. Its
+    outcome is unknown: repeating it may apply it twice, so it is not marked retryable."""
 
     code = "timeout"
     status = 504
-    default_retryable = True
+    default_retryable = False
 
 
 class Overloaded(DurableError):

@@ -37,7 +37,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..client import Client, Env
 from ..core import telemetry
-from ..core.errors import DurableError, RemoteError, StorageError, UnknownMethod, UnknownSocket
+from ..core.errors import DurableError, RemoteError, RequestTimeout, StorageError, UnknownMethod, UnknownSocket
 from ..core.http import Request, Response
 from ..core.settings import Settings, client_address
 from ..core.tasks import TaskSet
@@ -186,7 +186,8 @@ class Gateway:
             response = await self.user_fetch(Request(url, "GET", headers), self.env)
         except DurableError as exc:
             self.conns.pop(socket_id, None)
-            status = 503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
+            status = 504 if isinstance(exc, RequestTimeout) else \
+                503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
             await self._deny(ws, Response.json_response({"error": exc.to_wire()}, status))
             return
         except BaseException:

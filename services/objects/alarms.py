@@ -30,7 +30,7 @@ from opentelemetry.trace import SpanKind
 
 from ..client import Client
 from ..core import telemetry
-from ..core.errors import DurableError, ObjectReset
+from ..core.errors import DurableError, ObjectReset, RequestTimeout
 from ..core.metrics import LATE_AFTER, Histograms
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
@@ -254,7 +254,7 @@ class Alarms:
                 return
             value = await self.client.call(namespace, object_id, "alarm", alarm_wakeup(fire.generation))
         except DurableError as exc:
-            if exc.retryable or isinstance(exc, ObjectReset):
+            if exc.retryable or isinstance(exc, ObjectReset | RequestTimeout):  # runs are idempotent
                 log.info("alarm wake-up of %s/%s not delivered now (%s); redelivered", namespace, object_id, exc)
                 await _nak(msg, REDELIVER_DELAY)
             else:  # e.g. its class is no longer bound: nobody can ever run it
@@ -348,7 +348,7 @@ class Alarms:
                 else:
                     await msg.ack()
         except DurableError as exc:
-            if exc.retryable or isinstance(exc, ObjectReset):
+            if exc.retryable or isinstance(exc, ObjectReset | RequestTimeout):  # runs are idempotent
                 log.info("alarm of %s/%s not run now (%s); it stays due", namespace, object_id, exc, extra=ctx)
             else:  # e.g. its class is no longer bound: nobody can ever run it
                 log.warning("dropping the alarm wake-up of %s/%s: %s", namespace, object_id, exc, extra=ctx)

@@ -29,7 +29,7 @@ from ..client import Client, Env
 from ..client.client import LocalDispatch
 from ..core import telemetry
 from ..core.config import AppConfig, import_function
-from ..core.errors import DurableError
+from ..core.errors import DurableError, RequestTimeout
 from ..core.http import Request, Response
 from ..core.metrics import CONTENT_TYPE, RouterMetrics, counter, gauge, register_callback, render
 from ..core.settings import Settings
@@ -147,7 +147,10 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
             ):
                 response = await fetch_fn(req, state["env"])
         except DurableError as exc:
-            status = 503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
+            # a timeout's outcome is unknown (504, not retryable); refusals that provably did not
+            # run are 503 (retry elsewhere or later); errors of the caller keep their 4xx
+            status = 504 if isinstance(exc, RequestTimeout) else \
+                503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
             return JSONResponse({"error": exc.to_wire()}, status)
         return StarletteResponse(response.body, response.status, dict(response.headers.items()))
 

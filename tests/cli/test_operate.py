@@ -36,8 +36,14 @@ async def run(settings: Settings, config: AppConfig, capsys: pytest.CaptureFixtu
     return code, capsys.readouterr().out
 
 
-async def names_recorded(worker: Worker) -> None:
-    await worker.names.write()
+async def names_recorded(settings: Settings, config: AppConfig, capsys: pytest.CaptureFixture[str],
+                         binding: str, count: int) -> None:
+    """Until the worker's background writer has recorded ``count`` names (it writes every second)."""
+    async def recorded() -> bool:
+        _, out = await run(settings, config, capsys, "objects", "ls", binding, "--json")
+        return sum(1 for r in json.loads(out) if r["name"]) >= count
+
+    await assert_eventually(recorded, timeout=10, message="object names recorded")
 
 
 async def test_objects_ls_lists_names_keys_and_alarms(worker: Worker, env: Env, settings: Settings,
@@ -47,7 +53,8 @@ async def test_objects_ls_lists_names_keys_and_alarms(worker: Worker, env: Env, 
     unnamed = env.COUNTERS.new_unique_id()
     await env.COUNTERS.get(unnamed).increment(7)
     await env.ALARMERS.get_by_name("later").arm(3_600_000)
-    await names_recorded(worker)
+    await names_recorded(settings, config, capsys, "COUNTERS", 3)
+    await names_recorded(settings, config, capsys, "ALARMERS", 1)
 
     code, out = await run(settings, config, capsys, "objects", "ls", "COUNTERS", "--json")
     assert code == 0

@@ -66,3 +66,23 @@ async def test_the_rate_limiter_counts_per_client_ip(worker: Worker, client: Cli
     other = env.RATE_LIMITER.get_by_name("198.51.100.8")
     assert (await other.fetch(Request("http://internal/check"))).status == 200
     assert (await limiter.fetch(Request("http://internal/check"))).status == 429
+
+
+async def test_a_timeout_is_504_and_not_retryable(worker: Worker, settings: Settings, config: AppConfig) -> None:
+    """The outcome of a request that timed out is unknown (it may have run): 504, and the error
+    says it is not safe to repeat, unlike a refusal that provably did not run (503)."""
+    from durable.client import Env
+    from durable.core.http import Request, Response
+
+    async def slow_route(request: Request, env: Env) -> Response:
+        value = await env.PROBES.get_by_name("slow").slow_increment("k", 3000)
+        return Response.json_response({"value": value})
+
+    quick = settings.model_copy(update={"request_timeout": 0.5})
+    async with await Client.connect(quick, config) as client, \
+            serve_asgi(create_app(quick, config, client=client, user_fetch=slow_route)) as port, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http_client:
+        answer = await http_client.post("/anything")
+    assert answer.status_code == 504
+    error = answer.json()["error"]
+    assert (error["code"], error["retryable"]) == ("timeout", False)
