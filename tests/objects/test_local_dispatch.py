@@ -262,3 +262,31 @@ async def test_the_router_opts_in_to_its_in_process_worker(worker: Worker, setti
             assert response.status_code == 200, response.text
             assert response.json() == {"value": expected}
     assert worker.local.taken >= taken + 3
+
+
+async def test_a_slow_local_call_times_out_as_over_nats_and_is_not_repeated(
+        worker: Worker, settings: Settings, config: AppConfig, env: Env) -> None:
+    """The caller gives up after DURABLE_REQUEST_TIMEOUT (RequestTimeout: it may have run); the
+    object still finishes the call, once, and its late reply is dropped."""
+    impatient = settings.model_copy(update={"request_timeout": 0.3})
+    local, remote = await Client.connect(impatient, config), await Client.connect(impatient, config)
+    local.local = worker.local
+    reader = env.PROBES.get_by_name("local-slow")  # a patient caller
+
+    async def ran(times: int) -> bool:
+        return bool(await reader.storage("get", "n") == times)
+
+    taken = worker.local.taken
+    try:
+        outcomes = []
+        for times, c in enumerate((local, remote), start=1):
+            probe = Env(c, config).PROBES.get_by_name("local-slow")
+            outcomes.append(await _outcome(probe.slow_increment("n", 1000)))
+            await assert_eventually(lambda t=times: ran(t), 10, "the timed-out call ran, once")
+        assert outcomes[0][0] == "error" and outcomes[0][1][1] == "timeout", outcomes
+        assert outcomes[0][1][:3] == outcomes[1][1][:3]  # the same class, code and status
+        assert worker.local.taken == taken + 1  # the first went local, the second over NATS
+        await assert_stays(lambda: ran(2), 0.5, "and neither was repeated")
+    finally:
+        await local.close()
+        await remote.close()
