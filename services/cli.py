@@ -352,7 +352,9 @@ async def _dev_run(settings: Settings, config: AppConfig, workers: int, stop: as
         stack.push_async_callback(watchdog.stop)  # first thing to stop: nothing restarts while stopping
         from .router.app import create_app  # noqa: PLC0415
 
-        server = _Server(server_config(create_app(settings, config), settings.http_host, settings.http_port))
+        # the requests for this process's own partitions skip NATS (DURABLE_LOCAL_DISPATCH)
+        app = create_app(settings, config, local=worker.local if settings.local_dispatch else None)
+        server = _Server(server_config(app, settings.http_host, settings.http_port))
         router = asyncio.create_task(server.serve(), name="router")
 
         async def stop_router() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
@@ -44,6 +44,17 @@ class _Retry(Exception):
         self.cause = cause
 
 
+class LocalDispatch(Protocol):
+    """A worker in this process that takes requests without NATS (services/objects/local.py).
+
+    ``dispatch`` starts the request and returns the future of its reply, the (headers, body)
+    a NATS reply would carry, if that worker serves the subject's partition now; otherwise None,
+    and the request goes over NATS."""
+
+    def dispatch(self, subject: str, payload: bytes,
+                 headers: dict[str, str] | None) -> asyncio.Future[tuple[dict[str, str] | None, bytes]] | None: ...
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
@@ -68,6 +79,8 @@ class Client:
         self.config = config
         self.partitions = settings.partitions
         self._owns_connection = False
+        #: a worker in this process to hand requests to directly (``durable dev`` sets it; None: NATS)
+        self.local: LocalDispatch | None = None
 
     @classmethod
     async def connect(cls, settings: Settings, config: AppConfig | None = None, **nats_options: Any) -> Client:
@@ -125,8 +138,18 @@ class Client:
 
     async def _attempt(self, subject: str, payload: bytes, headers: dict[str, str] | None,
                        timeout: float) -> Any:
+        headers = telemetry.inject(headers)
+        if self.local is not None:
+            if len(payload) > self.nc.max_payload:  # as over NATS: the same limit, the same error
+                raise PayloadTooLarge(
+                    f"request of {len(payload)} bytes is over the NATS server's max_payload of "
+                    f"{self.nc.max_payload} bytes"
+                )
+            reply = self.local.dispatch(subject, payload, headers)
+            if reply is not None:
+                return await self._local_reply(subject, reply, timeout)
         try:
-            msg = await self.nc.request(subject, payload, timeout=timeout, headers=telemetry.inject(headers))
+            msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
         except NoRespondersError as exc:
             raise _Retry(exc) from None
         except MaxPayloadError:
@@ -141,6 +164,22 @@ class Client:
             ) from None
         try:
             return decode_reply(msg.headers, msg.data)
+        except NotOwner as exc:
+            raise _Retry(exc) from None
+
+    async def _local_reply(self, subject: str, reply: asyncio.Future[tuple[dict[str, str] | None, bytes]],
+                           timeout: float) -> Any:
+        """A local call's reply, decoded as a NATS reply is (the same errors, the same retries)."""
+        try:
+            async with asyncio.timeout(timeout):
+                headers, data = await reply
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no reply from {subject} in {timeout}s; the request may have been delivered, "
+                "so it was not repeated"
+            ) from None
+        try:
+            return decode_reply(headers, data)
         except NotOwner as exc:
             raise _Retry(exc) from None
 

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     nats_port: int = 4222
     postgres_port: int = 5433
     worker_name: str = ""
+    #: ``durable dev``: the router hands requests for partitions its in-process worker serves to
+    #: that worker directly (services/objects/local.py) instead of over NATS.
+    local_dispatch: bool = True
 
     @property
     def nats_servers(self) -> list[str]:

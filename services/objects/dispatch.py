@@ -1,5 +1,9 @@
 """Requests to objects: from a NATS message to the handler it names, and the reply back.
 
+A request arrives as a NATS message, or as a local call from a Client in this same process
+(local.py); either way it runs here, and its reply goes to one small *reply sink*: a NATS
+publish to the message's reply subject, or a future the local caller awaits.
+
 A request's verb (the subject's tail) picks the handler: ``rpc.<method>``, ``fetch``, ``alarm``
 (a wake-up forwarded by another worker) or ``ws.message|close|error`` (a gateway's socket
 events). The handler runs as one event of the object; its reply, value or error, leaves behind
@@ -13,7 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from nats.aio.client import Client as NatsClient
@@ -47,6 +51,70 @@ from .tail import Tail
 log = logging.getLogger("durable.worker")
 
 Handler = Callable[[Any], Awaitable[Any]]
+
+#: what a local caller's future receives: the reply's headers (None if it has none) and body
+LocalReply = tuple[dict[str, str] | None, bytes]
+
+
+class Incoming(Protocol):
+    """A request as the dispatcher reads it: a NATS ``Msg``, or a :class:`LocalRequest`."""
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def headers(self) -> dict[str, str] | None: ...
+
+
+class LocalRequest:
+    """A request handed over in process (local.py): the same subject, bytes and headers a NATS
+    message would carry, so it is decoded, checked and accounted exactly as one."""
+
+    __slots__ = ("data", "headers", "subject")
+
+    def __init__(self, subject: str, data: bytes, headers: dict[str, str] | None) -> None:
+        self.subject = subject
+        self.data = data
+        self.headers = headers
+
+
+class ReplySink(Protocol):
+    """Where one request's reply (value or error) goes, once it may leave."""
+
+    async def send(self, body: bytes, headers: dict[str, str] | None) -> None: ...
+
+
+class NatsReply:
+    """The reply to a NATS message: published to its reply subject (none: nobody waits)."""
+
+    __slots__ = ("nc", "subject")
+
+    def __init__(self, nc: NatsClient, subject: str) -> None:
+        self.nc = nc
+        self.subject = subject
+
+    async def send(self, body: bytes, headers: dict[str, str] | None) -> None:
+        if self.subject:
+            await self.nc.publish(self.subject, body, headers=headers)
+
+
+class FutureReply:
+    """The reply to a local call: the caller's future gets the bytes a NATS reply would carry
+    (it decodes them, so caller and object never share a mutable object). A caller that gave
+    up (timed out, cancelled) left the future done: the reply is dropped, as NATS drops a reply
+    nobody listens to."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[LocalReply]) -> None:
+        self.future = future
+
+    async def send(self, body: bytes, headers: dict[str, str] | None) -> None:
+        if not self.future.done():
+            self.future.set_result((headers, body))
 
 
 def parse_rpc_payload(payload: Any) -> tuple[list[Any], dict[str, Any]]:
@@ -207,13 +275,22 @@ class Dispatcher:
         raise InvalidRequest(f"unknown verb {'.'.join(verb)!r}: expected rpc.<method> or fetch")
 
     async def handle(self, state: PartitionState, msg: Msg) -> None:
-        """One request of ``state``'s partition (``state.begin()`` was called when it arrived)."""
+        """One NATS request of ``state``'s partition (``state.begin()`` was called when it arrived)."""
         try:
-            await self._handle(state, msg)
+            await self._handle(state, msg, NatsReply(self.nc, msg.reply))
         finally:
             state.end()
 
-    async def _handle(self, state: PartitionState, msg: Msg) -> None:
+    async def handle_local(self, state: PartitionState, request: LocalRequest,
+                           future: asyncio.Future[LocalReply]) -> None:
+        """One request from a caller in this process (``state.begin()`` was called when it was
+        handed over); its reply, or error, is set on ``future``."""
+        try:
+            await self._handle(state, request, FutureReply(future))
+        finally:
+            state.end()
+
+    async def _handle(self, state: PartitionState, msg: Incoming, sink: ReplySink) -> None:
         started = time.perf_counter()
         headers = msg.headers or {}
         as_json = (wire.header(headers, "Content-Type") or "").lower().startswith(codec.JSON_CONTENT_TYPE)
@@ -248,28 +325,28 @@ class Dispatcher:
                     ok, value, seq = await inst.run_event(handler)
                     inst.trace_flush(span, seq)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
-            await self._finish(state, msg, as_json, namespace, series, span, started, None, False, exc, None)
+            await self._finish(state, msg, sink, as_json, namespace, series, span, started, None, False, exc, None)
             return
         handled = time.perf_counter()
         series.queue.observe(inst.event_started - started if inst.event_started >= started else 0.0)
         series.handler.observe(handled - max(inst.event_started, started))
         output = inst.output
         if output.is_durable(seq):
-            await self._finish(state, msg, as_json, namespace, series, span, started, handled, ok, value, None)
+            await self._finish(state, msg, sink, as_json, namespace, series, span, started, handled, ok, value, None)
         elif output.failed is not None:
             # reset before its writes were durable (abort, failed flush): nothing will flush them
             error = ObjectReset("Durable Object was reset before its writes were confirmed durable (a flush "
                                 f"already in flight may still commit them): {output.failed}")
-            await self._finish(state, msg, as_json, namespace, series, span, started, handled, ok, value, error)
+            await self._finish(state, msg, sink, as_json, namespace, series, span, started, handled, ok, value, error)
         else:
             # the output gate: the flusher sends this reply once the writes before it commit
             output.reply_when_durable(
-                seq, functools.partial(self._finish, state, msg, as_json, namespace, series, span, started,
+                seq, functools.partial(self._finish, state, msg, sink, as_json, namespace, series, span, started,
                                        handled, ok, value))
 
-    async def _finish(self, state: PartitionState, msg: Msg, as_json: bool, namespace: str, series: RequestSeries,
-                      span: Span | None, started: float, handled: float | None, ok: bool, value: Any,
-                      flush_error: BaseException | None) -> None:
+    async def _finish(self, state: PartitionState, msg: Incoming, sink: ReplySink, as_json: bool, namespace: str,
+                      series: RequestSeries, span: Span | None, started: float, handled: float | None, ok: bool,
+                      value: Any, flush_error: BaseException | None) -> None:
         """Send the reply (or error) of one event, once its writes are durable."""
         try:
             if flush_error is not None:
@@ -283,9 +360,7 @@ class Dispatcher:
                                   remote_type=type(exc).__name__) from None
             if not self._owns(state.partition, state.epoch):
                 return  # never reply from an instance whose lease lapsed
-            if msg.reply:
-                await self.nc.publish(msg.reply, body,
-                                      headers={"Content-Type": codec.JSON_CONTENT_TYPE} if as_json else None)
+            await sink.send(body, {"Content-Type": codec.JSON_CONTENT_TYPE} if as_json else None)
             self.micro.record(namespace, time.perf_counter() - started, None)
             series.ok.inc()
             if self.tail is not None and self.tail.active:
@@ -302,7 +377,7 @@ class Dispatcher:
             # (a flush failure must reach its caller, not become a timeout); errors raised by
             # object code are state, and follow the success path's rule
             if isinstance(error, NotOwner | ObjectReset) or self._owns(state.partition, state.epoch):
-                await self.reply_error(msg, error, as_json)
+                await self._send_error(sink, error, as_json)
         finally:
             end = time.perf_counter()
             if handled is not None:
@@ -311,7 +386,7 @@ class Dispatcher:
             if span is not None:
                 span.end()
 
-    def _tail(self, msg: Msg, started: float, error: DurableError | None) -> None:
+    def _tail(self, msg: Incoming, started: float, error: DurableError | None) -> None:
         """One answered request for `durable tail`: which object, which verb, how long, outcome."""
         assert self.tail is not None
         address = wire.parse_request_subject(msg.subject)
@@ -323,10 +398,13 @@ class Dispatcher:
         self.tail.emit("request", address.namespace, address.object_id, **fields)
 
     async def reply_error(self, msg: Msg, error: DurableError, as_json: bool) -> None:
-        if not msg.reply:
-            return
+        """Answer a NATS message with an error."""
+        await self._send_error(NatsReply(self.nc, msg.reply), error, as_json)
+
+    @staticmethod
+    async def _send_error(sink: ReplySink, error: DurableError, as_json: bool) -> None:
         headers, body = wire.encode_error_reply(error, as_json)
         try:
-            await self.nc.publish(msg.reply, body, headers=headers)
+            await sink.send(body, headers)
         except Exception as exc:  # noqa: BLE001 - a lost reply is the caller's timeout, not our crash
             log.warning("could not send error reply: %s", exc)

@@ -36,6 +36,7 @@ from .flusher import CommittedAlarm, Flusher
 from .gateway_link import GatewayLink
 from .gateway_watch import GatewayWatch
 from .handover import Handover
+from .local import LocalDispatcher
 from .micro import MicroService
 from .names import NameRecorder
 from .ownership import Ownership
@@ -96,6 +97,8 @@ class Worker:
         self.tail: Tail
         self.dispatcher: Dispatcher
         self.handover: Handover
+        #: requests from a Client in this process, without NATS (``client.local = worker.local``)
+        self.local: LocalDispatcher
         self.gateways: GatewayWatch
 
     @property
@@ -181,6 +184,7 @@ class Worker:
                                      settings.max_request_bytes, self.tail, self.metrics)
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
                                  self.ownership.release)
+        self.local = LocalDispatcher(self.partitions, self.dispatcher, self.ownership.owns, self.handover.tasks)
         self.gateways = GatewayWatch(self.nc, settings, self.worker_id, self.partitions, self.store)
 
     async def wait_ready(self, timeout: float = 10.0) -> None:

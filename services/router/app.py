@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from ..client import Client, Env
+from ..client.client import LocalDispatch
 from ..core import telemetry
 from ..core.config import AppConfig, import_function
 from ..core.errors import DurableError, RequestTimeout
@@ -89,10 +90,12 @@ class Ops:
 
 
 def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | None = None,
-               client: Client | None = None, http: bool = True, websockets: bool = True) -> Starlette:
+               client: Client | None = None, http: bool = True, websockets: bool = True,
+               local: LocalDispatch | None = None) -> Starlette:
     """The router: HTTP requests (``http``) and WebSocket upgrades (``websockets``, the gateway)
     both go to ``user_fetch`` (by default the app's routing function: see :func:`load_routes`).
-    ``durable gateway`` serves only the WebSockets."""
+    ``durable gateway`` serves only the WebSockets. ``local``: a worker in this process that
+    takes the requests for the partitions it serves without NATS (``durable dev``)."""
     state: dict[str, Any] = {}
     fetch_fn: UserFetch = user_fetch or load_routes(settings, config)
     ops = Ops()
@@ -102,7 +105,7 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own = client is None
-        c = client or await Client.connect(settings, config)
+        c = await _client(settings, config, client, local)
         state["env"] = Env(c, config)
         gateway = Gateway(settings, c, state["env"], fetch_fn) if websockets else None
         app.state.gateway = gateway
@@ -167,6 +170,15 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
     app.state.trusted_proxies = list(settings.trusted_proxies)  # for uvicorn: see cli.server_config
     app.state.ops = ops
     return app
+
+
+async def _client(settings: Settings, config: AppConfig, client: Client | None,
+                  local: LocalDispatch | None) -> Client:
+    """The client given, or a connection of the router's own; with ``local`` as its in-process worker."""
+    c = client or await Client.connect(settings, config)
+    if local is not None:
+        c.local = local
+    return c
 
 
 def load_routes(settings: Settings, config: AppConfig) -> UserFetch:

@@ -52,13 +52,19 @@ async def test_an_untraced_call_adds_no_span(worker: Worker, env: Env) -> None:
     assert [s.name for s in _exporter.get_finished_spans()] == []
 
 
+@pytest.mark.parametrize("local", [False, True], ids=["nats", "local"])
 async def test_an_http_request_is_one_trace_from_the_router_through_nats_to_the_flush(
-        worker: Worker, settings: Settings, config: AppConfig) -> None:
+        worker: Worker, settings: Settings, config: AppConfig, local: bool) -> None:
+    """Over NATS, or (``local``) handed to the in-process worker as `durable dev` does: the
+    trace context crosses the hop the same way."""
     _exporter.clear()
-    app = create_app(settings, config, user_fetch=routes.fetch, websockets=False)
+    app = create_app(settings, config, user_fetch=routes.fetch, websockets=False,
+                     local=worker.local if local else None)
+    taken = worker.local.taken
     async with serve_asgi(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
         reply = await http.post("/counter/traced-http/increment")
     assert reply.status_code == 200, reply.text
+    assert worker.local.taken == taken + local
     spans = {s.name: s for s in _exporter.get_finished_spans()}
     router = spans["POST /counter/traced-http/increment"]
     call, event, flush = spans["call Counter fetch"], spans["Counter fetch"], spans["flush"]
