@@ -24,11 +24,13 @@ ADMIN_STATE_VERB = ["admin", "state"]
 
 @dataclass(frozen=True)
 class StateWrite:
-    """What one ``admin.state`` event does, in this order: wipe, delete keys, put entries."""
+    """What one ``admin.state`` event does, in this order: wipe, delete keys, put entries, set
+    the alarm (epoch milliseconds)."""
 
     put: dict[str, Any]
     delete: list[str]
     delete_all: bool
+    set_alarm: int | None = None
 
 
 def parse_state_write(payload: Any) -> StateWrite:
@@ -36,7 +38,7 @@ def parse_state_write(payload: Any) -> StateWrite:
     key and value is checked before anything is written."""
     if not isinstance(payload, dict):
         raise InvalidRequest(f"an admin.state payload is a map, not {type(payload).__name__}")
-    unknown = set(payload) - {"put", "delete", "delete_all", "name"}
+    unknown = set(payload) - {"put", "delete", "delete_all", "set_alarm", "name"}
     if unknown:
         raise InvalidRequest(f"unknown admin.state fields: {', '.join(sorted(map(str, unknown)))}")
     put = payload.get("put") or {}
@@ -48,14 +50,20 @@ def parse_state_write(payload: Any) -> StateWrite:
         raise InvalidRequest("'delete' is a list of str keys")
     if not isinstance(delete_all, bool):
         raise InvalidRequest("'delete_all' is true or false")
+    set_alarm = payload.get("set_alarm")
+    if set_alarm is not None and (not isinstance(set_alarm, int) or isinstance(set_alarm, bool) or set_alarm < 0):
+        raise InvalidRequest("'set_alarm' is a time in epoch milliseconds")
     check_entries(put)
     check_keys(delete)
-    return StateWrite(put, delete, delete_all)
+    return StateWrite(put, delete, delete_all, set_alarm)
 
 
 def state_write_handler(inst: Any, payload: Any) -> Callable[[Any], Awaitable[dict[str, int]]]:
     """The event: the writes, a wait until they are durable, then the instance's reset."""
     write = parse_state_write(payload)
+    if write.set_alarm is not None and getattr(inst.cls, "alarm", None) is None:
+        # refused before anything is written, not half-way through
+        raise InvalidRequest(f"{inst.cls.__name__} has no alarm() handler: its alarm cannot be set")
 
     async def run(obj: Any) -> dict[str, int]:
         storage = inst.storage
@@ -67,6 +75,8 @@ def state_write_handler(inst: Any, payload: Any) -> Callable[[Any], Awaitable[di
         items = list(write.put.items())
         for start in range(0, len(items), MAX_BATCH):
             await storage.put(dict(items[start:start + MAX_BATCH]))
+        if write.set_alarm is not None:
+            await storage.set_alarm(write.set_alarm)
         await storage.sync()
         inst.fail(ObjectReset("Durable Object was reset after an operator changed its storage (durable state)"))
         return {"put": len(items), "deleted": deleted, "wiped": int(write.delete_all)}

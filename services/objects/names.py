@@ -19,6 +19,8 @@ log = logging.getLogger("durable.worker")
 
 #: names noted but not written are dropped beyond this (an operator's hint, never a memory leak)
 MAX_PENDING = 10_000
+#: ids remembered as written (so a busy object is not written again); forgotten beyond this
+MAX_KNOWN = 50_000
 
 
 class NameRecorder:
@@ -63,5 +65,5 @@ class NameRecorder:
             self._pending |= set(list(batch)[: MAX_PENDING - len(self._pending)])
             return
         self._known.update(oid for _, oid, _ in batch)
-        if len(self._known) > 100 * MAX_PENDING:
+        if len(self._known) > MAX_KNOWN:  # about 7 MB: start over (a repeat write is a no-op)
             self._known.clear()

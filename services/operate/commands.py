@@ -34,6 +34,7 @@ from ..core.errors import (
     UnknownNamespace,
 )
 from ..core.settings import Settings
+from ..objects.storage import check_entries
 from . import doctor, inspect, tailer
 from .target import Namespace, UsageError, namespace
 
@@ -154,9 +155,16 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, config: AppCon
             raise UsageError("name one key, or --all")
         write = {"delete_all": True} if args.all else {"delete": [args.key]}
         return await _admin(settings, config, ns, args.object, [write])
-    entries = _read_jsonl(args.file)
-    writes: list[dict[str, Any]] = [{"delete_all": True}] if args.replace else []
-    writes += [{"put": chunk} for chunk in _chunks(entries)]
+    entries, alarm = _read_jsonl(args.file)
+    try:  # every entry checked here first: a refusal half-way would leave the object half-imported
+        check_entries(entries)
+    except StorageError as exc:
+        raise UsageError(exc.message) from None
+    writes: list[dict[str, Any]] = [{"put": chunk} for chunk in _chunks(entries)] or [{}]
+    if args.replace:  # the wipe commits with the first chunk, never alone
+        writes[0]["delete_all"] = True
+    if alarm is not None:  # with the first chunk too: a class without alarm() refuses before any write
+        writes[0]["set_alarm"] = alarm
     return await _admin(settings, config, ns, args.object, writes)
 
 
@@ -211,6 +219,9 @@ async def _state_get(conn: asyncpg.Connection, object_id: str, key: str | None) 
 async def _state_export(conn: asyncpg.Connection, object_id: str, output: str | None) -> int:
     state = await inspect.read_state(conn, object_id)
     lines = [codec.to_json_text({"key": k, "value": v}) for k, v in state.items()]
+    alarm = await inspect.read_alarm(conn, object_id)
+    if alarm is not None:  # the object's alarm travels with its keys
+        lines.append(codec.to_json_text({"alarm": alarm}))
     text = "".join(line + "\n" for line in lines)
     if output:
         await asyncio.to_thread(Path(output).write_text, text)
@@ -239,20 +250,26 @@ def _json_arg(text: str, what: str) -> Any:
         raise UsageError(f"the {what} is not JSON ({exc}): {text[:80]!r}") from None
 
 
-def _read_jsonl(file: str) -> dict[str, Any]:
+def _read_jsonl(file: str) -> tuple[dict[str, Any], int | None]:
+    """The entries of an export (``{"key", "value"}`` lines) and its alarm (an ``{"alarm": ms}`` line)."""
     try:
         text = sys.stdin.read() if file == "-" else Path(file).read_text()
     except OSError as exc:
         raise UsageError(f"cannot read {file}: {exc.strerror}") from None
     entries: dict[str, Any] = {}
+    alarm: int | None = None
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         entry = _json_arg(line, f"line {n}")
+        if isinstance(entry, dict) and set(entry) == {"alarm"} and isinstance(entry["alarm"], int):
+            alarm = entry["alarm"]
+            continue
         if not isinstance(entry, dict) or set(entry) != {"key", "value"} or not isinstance(entry["key"], str):
-            raise UsageError(f"line {n} is not {{\"key\": <str>, \"value\": <JSON>}} (what export writes)")
+            raise UsageError(f"line {n} is not {{\"key\": <str>, \"value\": <JSON>}} or {{\"alarm\": <ms>}} "
+                             "(what export writes)")
         entries[entry["key"]] = entry["value"]
-    return entries
+    return entries, alarm
 
 
 def _chunks(entries: dict[str, Any]) -> list[dict[str, Any]]:

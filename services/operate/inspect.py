@@ -35,6 +35,7 @@ LIMIT $3
 """
 
 _STATE = "SELECT key, value FROM do_storage WHERE object_id = $1 AND ($2::bytea IS NULL OR key = $2) ORDER BY key"
+_ALARM = "SELECT scheduled_ms FROM do_alarms WHERE object_id = $1"
 
 _ALARMS = """
 SELECT a.namespace, a.object_id, n.name, a.scheduled_ms, a.due_ms, a.retry_count
@@ -68,6 +69,12 @@ async def read_state(conn: asyncpg.Connection, object_id: str, key: str | None =
     """The object's committed storage (or one key of it), decoded."""
     rows = await conn.fetch(_STATE, object_id, None if key is None else key.encode())
     return {bytes(r["key"]).decode(): codec.unpack(r["value"]) for r in rows}
+
+
+async def read_alarm(conn: asyncpg.Connection, object_id: str) -> int | None:
+    """The object's alarm as it set it (epoch milliseconds), or None."""
+    value = await conn.fetchval(_ALARM, object_id)
+    return None if value is None else int(value)
 
 
 async def list_alarms(conn: asyncpg.Connection, namespace: str | None, overdue: bool,

@@ -26,12 +26,13 @@ class Namespace:
         return self.binding.class_name
 
     def object(self, name_or_id: str) -> ObjectId:
-        """An id given as 64 hex digits (checked against this namespace), else a name."""
+        """An id of this namespace given as its 64 hex digits, else a name (so a name that merely
+        looks like an id, a sha256 digest say, still names its object)."""
         if len(name_or_id) == 64 and all(c in "0123456789abcdef" for c in name_or_id):
             try:
                 return self.ids.from_string(name_or_id)
-            except InvalidId as exc:
-                raise UsageError(f"{name_or_id} is not an id of {self.name}: {exc.message}") from None
+            except InvalidId:
+                pass  # not an id of this namespace: a name
         try:
             return self.ids.from_name(name_or_id)
         except InvalidId as exc:

@@ -162,7 +162,7 @@ async def test_call_runs_a_method(worker: Worker, env: Env, settings: Settings, 
 
 @pytest.mark.parametrize(("argv", "words"), [
     (("objects", "ls", "NOPE"), "no binding or class named 'NOPE'"),
-    (("state", "get", "COUNTERS", "f" * 64), "is not an id of Counter"),
+    (("state", "get", "COUNTERS", "x" * 2000), "object names cannot be longer than 1024 bytes"),
     (("state", "put", "COUNTERS", "x", "value", "{not json"), "not JSON"),
     (("state", "put", "COUNTERS", "x", "k" * 3000, "1"), "Keys cannot be larger than 2048 bytes"),
     (("state", "delete", "COUNTERS", "x"), "name one key, or --all"),
@@ -241,3 +241,43 @@ async def test_doctor_names_what_is_missing(settings: Settings, config: AppConfi
     assert code == 1
     assert "[FAIL] nats: cannot connect" in out and "fix: start nats-server" in out
     assert "[FAIL] postgres: cannot connect" in out
+
+
+async def test_a_name_that_looks_like_an_id_still_names_its_object(
+        worker: Worker, env: Env, settings: Settings, config: AppConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    digest = "ab" * 32  # 64 hex digits, but not an id of this namespace
+    await env.COUNTERS.get_by_name(digest).increment(3)
+    code, out = await run(settings, config, capsys, "state", "get", "COUNTERS", digest, "value")
+    assert code == 0 and json.loads(out) == 3
+    real_id = env.COUNTERS.id_from_name(digest).hex
+    code, out = await run(settings, config, capsys, "state", "get", "COUNTERS", real_id, "value")
+    assert json.loads(out) == 3
+
+
+async def test_an_import_refuses_a_bad_entry_before_writing_anything(
+        worker: Worker, env: Env, settings: Settings, config: AppConfig, tmp_path: Path) -> None:
+    counter = env.COUNTERS.get_by_name("kept")
+    await counter.increment(9)
+    lines = [json.dumps({"key": f"k{n:05d}", "value": "v" * 1000}) for n in range(2000)]  # several chunks
+    lines.append(json.dumps({"key": "huge", "value": "x" * 200_000}))  # storage refuses this one
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UsageError, match="Values cannot be larger"):
+        await commands._dispatch(parse("state", "import", "COUNTERS", "kept", str(bad), "--replace"), settings, config)
+    assert await counter.get() == 9  # not wiped, nothing imported
+
+
+async def test_export_and_import_carry_the_alarm(worker: Worker, env: Env, settings: Settings, config: AppConfig,
+                                                 capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    source = env.ALARMERS.get_by_name("timed")
+    when = await source.arm(3_600_000)
+    dump = tmp_path / "timed.jsonl"
+    code, _ = await run(settings, config, capsys, "state", "export", "ALARMERS", "timed", "-o", str(dump))
+    assert code == 0 and json.loads(dump.read_text().splitlines()[-1]) == {"alarm": when}
+    code, _ = await run(settings, config, capsys, "state", "import", "ALARMERS", "copy", str(dump), "--replace")
+    assert code == 0
+    assert await env.ALARMERS.get_by_name("copy").get_alarm() == when
+    with pytest.raises(UsageError, match="no alarm\\(\\) handler"):  # a class without one: refused, nothing written
+        await commands._dispatch(parse("state", "import", "COUNTERS", "alarmless", str(dump)), settings, config)
+    code, out = await run(settings, config, capsys, "state", "get", "COUNTERS", "alarmless")
+    assert json.loads(out) == {}
