@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pycrdt import Doc, Subscription, Text, TransactionEvent, merge_updates
+from pycrdt import Doc, Subscription, Text, TransactionEvent, get_update, merge_updates
 
 from ...core.errors import StorageError
 from ...core.http import Request, Response
@@ -49,6 +49,7 @@ from .yprotocol import (
     SyncStep,
     awareness_message,
     encode_awareness,
+    has_structs,
     parse_awareness,
     parse_frame,
     sync_message,
@@ -140,6 +141,13 @@ class CollabDocument(DurableObject):
                 raise
             await self._rebuild()
             raise ProtocolError(f"the update was refused: {type(exc).__name__}") from None
+        if has_structs(get_update(update, self.doc.get_state())):
+            # it builds on edits this document does not have (the client kept edits the server
+            # lost, say after a restore): Yrs holds it in memory, never applied. Drop it, store
+            # what did apply, and ask the client for everything it has that we lack (step 1)
+            await self._rebuild()
+            change = None if change is None else self._integrate(change)
+            ws.send(sync_message(SyncStep.STEP1, self.doc.get_state()))
         if change is None:
             return
         try:

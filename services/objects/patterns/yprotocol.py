@@ -173,6 +173,12 @@ def parse_awareness(payload: bytes) -> list[AwarenessEntry]:
 # ----- writing ---------------------------------------------------------------------------------
 
 
+def has_structs(update: bytes) -> bool:
+    """Whether a (v1) update carries any structs, not just a delete set: it begins with the
+    number of clients whose structs follow."""
+    return Reader(update).var_uint("struct groups") > 0
+
+
 def var_uint(value: int) -> bytes:
     if not 0 <= value <= MAX_VAR_UINT:
         raise ValueError(f"a varUint is from 0 to 2**53 - 1, not {value}")

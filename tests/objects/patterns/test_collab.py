@@ -373,3 +373,34 @@ async def test_a_query_awareness_frame_gets_the_states_and_an_auth_frame_is_igno
         assert answer == awareness_message(encode_awareness([AwarenessEntry(77, 3, json.dumps({"n": 1}))]))
     finally:
         await ws.close()
+
+
+async def test_an_update_built_on_edits_the_server_lacks_is_dropped_and_the_client_asked_to_sync(
+        worker: Worker, gw: str, env: Env) -> None:
+    """Yrs keeps such an update aside in memory (pending), neither applied nor stored: the
+    document drops it and answers with its sync step 1, so the client sends what is missing."""
+    stub = env.DOCS.get_by_name("pending")
+    author: Doc[Any] = Doc(client_id=77)
+    text = author.get("text", type=Text)
+    text.insert(0, "hello")
+    first = author.get_update()
+    state = author.get_state()
+    text.insert(5, " world")
+    second = author.get_update(state)  # builds on `first`
+    ws = await _open(gw, "pending")
+    try:
+        await ws.send(sync_message(SyncStep.UPDATE, second))
+        reply = await asyncio.wait_for(ws.recv(), 10)
+        assert isinstance(reply, bytes) and reply[:2] == b"\x00\x00"  # step 1: "send me what I lack"
+        assert await stub.text() == ""
+        await ws.send(sync_message(SyncStep.UPDATE, first))
+        await assert_eventually(lambda: _text_is(stub, "hello"), 10, "the first edit applied")
+        await assert_stays(lambda: _text_is(stub, "hello"), 0.5, "the dropped edit stays dropped")
+        await ws.send(sync_message(SyncStep.UPDATE, second))  # now it applies
+        await assert_eventually(lambda: _text_is(stub, "hello world"), 10, "the second edit applied")
+    finally:
+        await ws.close()
+
+
+async def _text_is(stub: Stub, expected: str) -> bool:
+    return await stub.text() == expected
