@@ -3,7 +3,9 @@ ordinary event of the object: under its input gate, through its storage cache, f
 its partition's epoch fence, answered only once durable. Nothing an operator does bypasses the
 guarantees traffic has.
 
-After the writes are durable the instance is reset (as ``ctx.abort()`` does): an object that
+The user's object is not constructed for it (when it is not live already), so an object whose
+constructor fails on its stored state can still be repaired. After the writes are durable the
+instance is reset (as ``ctx.abort()`` does): an object that
 keeps state in attributes rebuilds it from storage on its next event, instead of carrying on
 with what it had before the operator's change. A request queued behind the write at that
 moment fails with a retryable reset, as on Cloudflare after ``abort()``.
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import InvalidRequest, ObjectReset
+from .instance import STORAGE_ONLY
 from .storage import MAX_BATCH, check_entries, check_keys
 
 #: the verb of an operator's write: ``do.<namespace>.<id>.admin.state``
@@ -81,4 +84,5 @@ def state_write_handler(inst: Any, payload: Any) -> Callable[[Any], Awaitable[di
         inst.fail(ObjectReset("Durable Object was reset after an operator changed its storage (durable state)"))
         return {"put": len(items), "deleted": deleted, "wiped": int(write.delete_all)}
 
+    setattr(run, STORAGE_ONLY, True)  # the user's object is not constructed for it
     return run

@@ -30,6 +30,11 @@ from .sockets import Sockets
 from .sql import ObjectStore, Owner
 from .storage import Storage
 
+#: An event handler with this attribute set needs only the object's storage: when the object is
+#: not live, its class is not constructed for it (an operator's write must work on an object
+#: whose constructor fails on the very state the operator is repairing).
+STORAGE_ONLY = "durable_storage_only"
+
 #: Cloudflare resets an object whose block_concurrency_while runs longer than this.
 BLOCK_CONCURRENCY_TIMEOUT = 30.0
 
@@ -179,7 +184,8 @@ class Instance:
                 try:
                     if self.obj is None:
                         await self.runtime.settled(self.object_id)
-                        await self._start()
+                        if not getattr(handler, STORAGE_ONLY, False):
+                            await self._start()
                     result = await handler(self.obj)
                     while self.before_reply:  # work the event started that its reply must follow
                         await self.before_reply.pop(0)

@@ -281,3 +281,16 @@ async def test_export_and_import_carry_the_alarm(worker: Worker, env: Env, setti
         await commands._dispatch(parse("state", "import", "COUNTERS", "alarmless", str(dump)), settings, config)
     code, out = await run(settings, config, capsys, "state", "get", "COUNTERS", "alarmless")
     assert json.loads(out) == {}
+
+
+async def test_an_operator_repairs_an_object_whose_constructor_fails_on_its_state(
+        worker: Worker, env: Env, settings: Settings, config: AppConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    fragile = env.FRAGILE.get_by_name("broken")
+    await fragile.set_config("not a map")  # the live instance took it; the next one will not start
+    code, _ = await run(settings, config, capsys, "state", "put", "FRAGILE", "broken", "value", "1")
+    assert code == 0  # the object was reset after the write, and was not constructed for it
+    with pytest.raises(DurableError, match="config must be a map"):
+        await fragile.get_config()
+    code, _ = await run(settings, config, capsys, "state", "put", "FRAGILE", "broken", "config", '{"mode": "fixed"}')
+    assert code == 0
+    assert await fragile.get_config() == {"mode": "fixed"}

@@ -595,3 +595,25 @@ class ShortStream(StreamChannel):
     """A stream channel that keeps only 5 messages, so a test reaches the gaps quickly."""
 
     RETAIN = 5
+
+
+class Fragile(DurableObject):
+    """Its constructor refuses a malformed ``config`` in storage: every event fails until an
+    operator repairs that state (``durable state put``)."""
+
+    def __init__(self, ctx: Any, env: Any) -> None:
+        super().__init__(ctx, env)
+        self.config: dict[str, Any] = {}
+        ctx.block_concurrency_while(self._load)
+
+    async def _load(self) -> None:
+        config = await self.ctx.storage.get("config")
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"config must be a map, not {type(config).__name__}")
+        self.config = config or {}
+
+    async def get_config(self) -> dict[str, Any]:
+        return self.config
+
+    async def set_config(self, value: Any) -> None:
+        await self.ctx.storage.put("config", value)
