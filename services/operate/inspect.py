@@ -14,24 +14,28 @@ import asyncpg
 
 from ..core import codec
 
+# The page of object ids first (from the names index when a prefix is given), then the
+# aggregates of just those objects: a listing never reads every row of a large class.
 _OBJECTS = """
 WITH objs AS (
-    SELECT object_id FROM do_storage WHERE namespace = $1
-    UNION SELECT object_id FROM do_alarms WHERE namespace = $1
+    SELECT object_id FROM (
+        SELECT object_id FROM do_storage WHERE namespace = $1 AND $2::text IS NULL
+        UNION SELECT object_id FROM do_alarms WHERE namespace = $1 AND $2::text IS NULL
+        UNION SELECT object_id FROM do_object_names WHERE namespace = $1 AND name LIKE $2 ESCAPE '\\'
+    ) ids
+    WHERE EXISTS (SELECT 1 FROM do_storage s WHERE s.object_id = ids.object_id)
+       OR EXISTS (SELECT 1 FROM do_alarms a WHERE a.object_id = ids.object_id)
 )
-SELECT o.object_id, n.name, coalesce(st.keys, 0) AS keys, coalesce(st.bytes, 0) AS bytes,
-       st.last_write, a.scheduled_ms AS alarm_ms
-FROM objs o
-LEFT JOIN do_object_names n ON n.object_id = o.object_id
+SELECT o.object_id, o.name, st.keys, st.bytes, st.last_write, a.scheduled_ms AS alarm_ms
+FROM (SELECT o.object_id, n.name FROM objs o LEFT JOIN do_object_names n ON n.object_id = o.object_id
+      ORDER BY n.name NULLS LAST, o.object_id LIMIT $3) AS o(object_id, name)
 LEFT JOIN LATERAL (
-    SELECT count(*) AS keys, sum(octet_length(s.key) + octet_length(s.value)) AS bytes,
+    SELECT count(*) AS keys, coalesce(sum(octet_length(s.key) + octet_length(s.value)), 0) AS bytes,
            max(s.written_at) AS last_write
     FROM do_storage s WHERE s.object_id = o.object_id
 ) st ON true
 LEFT JOIN do_alarms a ON a.object_id = o.object_id
-WHERE ($2::text IS NULL OR n.name LIKE $2 ESCAPE '\\')
-ORDER BY n.name NULLS LAST, o.object_id
-LIMIT $3
+ORDER BY o.name NULLS LAST, o.object_id
 """
 
 _STATE = "SELECT key, value FROM do_storage WHERE object_id = $1 AND ($2::bytea IS NULL OR key = $2) ORDER BY key"

@@ -65,6 +65,8 @@ async def test_objects_ls_lists_names_keys_and_alarms(worker: Worker, env: Env, 
     assert rows[unnamed.hex]["name"] is None and rows[unnamed.hex]["keys"] == 1
     assert all(r["bytes"] > 0 and r["last_write"] for r in rows.values())
 
+    code, out = await run(settings, config, capsys, "objects", "ls", "COUNTERS", "--limit", "2", "--json")
+    assert [r["name"] for r in json.loads(out)] == ["apple", "apricot"]  # named first, by name
     code, out = await run(settings, config, capsys, "objects", "ls", "Counter", "--prefix", "ap")
     assert code == 0 and "apple" in out and "apricot" in out and "banana" not in out and "(2 objects" in out
 
