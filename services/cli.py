@@ -435,13 +435,7 @@ async def _status(as_json: bool, watch: float | None = None) -> None:
     from . import status  # noqa: PLC0415
 
     settings, config = _load({})
-    # with nothing configured, look at what `durable dev` runs
-    overrides: dict[str, object] = {}
-    if not settings.nats_url:
-        overrides["nats_url"] = f"nats://127.0.0.1:{settings.nats_port}"
-    if not settings.database_url:
-        overrides["database_url"] = f"postgresql://postgres@127.0.0.1:{settings.postgres_port}/postgres"
-    settings = settings.model_copy(update=overrides)
+    settings = settings.or_dev_servers()  # with nothing configured, look at what `durable dev` runs
     stop = _stop_event() if watch else None
     while True:
         try:

@@ -97,6 +97,16 @@ class Settings(BaseSettings):
     #: that worker directly (services/objects/local.py) instead of over NATS.
     local_dispatch: bool = True
 
+    def or_dev_servers(self) -> Settings:
+        """These settings, pointing at the servers `durable dev` runs where no NATS or Postgres URL
+        is set: what commands that look at a deployment (status, objects, state...) use."""
+        overrides: dict[str, object] = {}
+        if not self.nats_url:
+            overrides["nats_url"] = f"nats://127.0.0.1:{self.nats_port}"
+        if not self.database_url:
+            overrides["database_url"] = f"postgresql://postgres@127.0.0.1:{self.postgres_port}/postgres"
+        return self.model_copy(update=overrides) if overrides else self
+
     @property
     def nats_servers(self) -> list[str]:
         """``DURABLE_NATS_URL`` may list several servers of a cluster, comma-separated."""

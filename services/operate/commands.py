@@ -119,12 +119,7 @@ def _settings() -> tuple[Settings, AppConfig]:
         raise UsageError(f"bad DURABLE_* settings: {exc.errors()[0].get('msg')}") from None
     except ConfigError as exc:
         raise UsageError(exc.message.replace("\n", " ")) from None
-    overrides: dict[str, object] = {}
-    if not settings.nats_url:
-        overrides["nats_url"] = f"nats://127.0.0.1:{settings.nats_port}"
-    if not settings.database_url:
-        overrides["database_url"] = f"postgresql://postgres@127.0.0.1:{settings.postgres_port}/postgres"
-    return settings.model_copy(update=overrides), config
+    return settings.or_dev_servers(), config
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings, config: AppConfig) -> int:
