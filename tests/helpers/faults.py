@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +34,11 @@ class ClusterWorker:
     """A `durable worker` process with a name of its own (a fresh one per start, so each
     incarnation is told apart in do_partitions and do_commit_audit) and commit auditing on."""
 
-    def __init__(self, name: str, settings: Settings, log_dir: Path, audit: bool = True) -> None:
+    def __init__(self, name: str, settings: Settings, log_dir: Path, audit: bool = True,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.name = name
+        #: run in the child before exec (the partition tests enter a host's network namespace)
+        self.preexec = preexec
         self.settings = settings
         self.log_path = log_dir / f"{name}.log"
         self.audit = audit
@@ -75,7 +78,8 @@ class ClusterWorker:
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== {self.worker_id} on {self.nats_url} =====\n".encode())
             self.proc = subprocess.Popen([sys.executable, "-m", "durable.cli", "worker"], env=self.env(),
-                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT)
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
+                                         preexec_fn=self.preexec)
         self.paused = False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
