@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     #: ``durable dev``: the router hands requests for partitions its in-process worker serves to
     #: that worker directly (services/objects/local.py) instead of over NATS.
     local_dispatch: bool = True
+    #: A worker whose NATS round trips (PING/PONG) have all failed for this long gives its
+    #: partitions up and leaves the lock session, so workers that can be reached take them
+    #: (a worker nobody can reach must not keep a lease). 0: half the lease.
+    nats_liveness_timeout: float = Field(default=0.0, ge=0)
 
     def or_dev_servers(self) -> Settings:
         """These settings, pointing at the servers `durable dev` runs where no NATS or Postgres URL

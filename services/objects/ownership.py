@@ -60,8 +60,11 @@ class Ownership:
 
     def __init__(self, settings: Settings, worker_id: str,
                  on_acquired: Callable[[int, int], Awaitable[None]], on_lost: Callable[[int, str], None],
-                 on_handover: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 on_handover: Callable[[int], Awaitable[None]] | None = None,
+                 nats_reachable: Callable[[], bool] | None = None) -> None:
         self.settings = settings
+        #: false while this worker cannot be reached over NATS (liveness.py): it then holds no lease
+        self._nats_reachable = nats_reachable
         self.worker_id = worker_id
         self._on_acquired = on_acquired
         self._on_lost = on_lost
@@ -127,6 +130,16 @@ class Ownership:
     async def _run(self) -> None:
         interval = self.settings.heartbeat_interval
         while not self._stopping:
+            if self._nats_reachable is not None and not self._nats_reachable():
+                # nobody can reach our partitions: keeping their locks would keep them unserved
+                # for as long as the cut lasts. Leaving the lock session releases them at once,
+                # and the other workers see us leave and take them; we rejoin once NATS answers.
+                if self.epochs or self._conn is not None:
+                    log.warning("NATS unreachable: giving up %d partition(s) and leaving the lock session "
+                                "until it answers again", len(self.epochs), extra={"worker": self.worker_id})
+                    await self._lose_all("NATS unreachable")
+                await self._sleep_watching(interval)
+                continue
             try:
                 async with self._conn_lock:
                     if self._conn is not None and self._conn.is_closed() and self.epochs:

@@ -36,6 +36,7 @@ from .flusher import CommittedAlarm, Flusher
 from .gateway_link import GatewayLink
 from .gateway_watch import GatewayWatch
 from .handover import Handover
+from .liveness import NatsLiveness
 from .local import LocalDispatcher
 from .micro import MicroService
 from .names import NameRecorder
@@ -70,7 +71,8 @@ class Worker:
             b.class_name: IdFactory(b.class_name, namespace_key(settings.id_secret, b.identity))
             for b in config.bindings
         }
-        self.ownership = Ownership(settings, self.worker_id, self._acquired, self._lost, self._hand_over)
+        self.ownership = Ownership(settings, self.worker_id, self._acquired, self._lost, self._hand_over,
+                                   nats_reachable=self._nats_reachable)
         self.started_at = time.time()
         #: request-path metrics in a registry of this worker's own (several may share a process)
         self.metrics = WorkerMetrics(self.classes)
@@ -100,6 +102,7 @@ class Worker:
         #: requests from a Client in this process, without NATS (``client.local = worker.local``)
         self.local: LocalDispatcher
         self.gateways: GatewayWatch
+        self.nats_liveness: NatsLiveness | None = None
 
     @property
     def parts(self) -> dict[int, PartitionState]:
@@ -161,6 +164,9 @@ class Worker:
         await self.micro.start()
         await self.alarms.start()
         await self.gateways.start()
+        self.nats_liveness = NatsLiveness(self.nc, settings.heartbeat_interval,
+                                          settings.nats_liveness_timeout or settings.lease_ttl / 2)
+        self.nats_liveness.start()
         await self.ownership.start()
         self.partitions.start_eviction(settings.idle_timeout)
 
@@ -215,6 +221,8 @@ class Worker:
         await self.handover.quiesce(states, grace)
         await self.flusher.stop()
         await self.ownership.stop()
+        if self.nats_liveness is not None:
+            await self.nats_liveness.stop()
         if linger:  # refuse (rather than drop) what is still routed here
             await self.handover.linger(states)
         await self.handover.tasks.wait(2.0)  # the last refusals go out
@@ -246,6 +254,9 @@ class Worker:
 
     async def _acquired(self, partition: int, epoch: int) -> None:
         await self.handover.acquired(partition, epoch)
+
+    def _nats_reachable(self) -> bool:
+        return self.nats_liveness is None or self.nats_liveness.reachable()
 
     def _lost(self, partition: int, reason: str) -> None:
         self.handover.lost(partition, reason)
