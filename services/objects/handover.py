@@ -4,7 +4,9 @@ Acquired: subscribe to the partition's requests (queue group ``p<partition>``) a
 its alarms. Handed over (rebalancing): refuse new requests with NotOwner, which callers retry,
 finish the events in flight, flush, release the lock; the subscription stays a little longer,
 refusing what NATS still routes here, so no request is dropped unanswered. Lost (lease lapsed,
-fenced): reset every instance at once; their callers get ObjectReset, not a silent retry.
+fenced): reset every instance at once; their callers get ObjectReset, not a silent retry; the
+subscription is withdrawn and lingers as in a hand-over, so requests that had not reached an
+instance are refused with NotOwner rather than dropped.
 """
 
 from __future__ import annotations
@@ -78,8 +80,15 @@ class Handover:
             f"this worker stepped down from partition {partition} ({reason}); "
             "the object was reset; writes not yet acknowledged may be lost"))
         if state.sub is not None:
-            sub, state.sub = state.sub, None
-            self.tasks.spawn(_unsubscribe(sub), "unsubscribe")
+            # as a hand-over does: withdraw interest but keep the subscription a little, so what
+            # is queued for it or still on its way is refused with NotOwner (it never ran: the
+            # caller retries elsewhere) instead of dropped unanswered (the caller's timeout)
+            self.tasks.spawn(self._withdraw_and_linger(state), "unsubscribe")
+
+    async def _withdraw_and_linger(self, state: PartitionState) -> None:
+        if state.sub is not None:
+            await self._withdraw(state.sub)
+        await self.linger([state])
 
     async def hand_over(self, partition: int, grace: float = 5.0) -> None:
         """Give a partition to the worker it is now assigned to (see the module docstring)."""
