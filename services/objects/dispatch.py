@@ -242,8 +242,10 @@ class Dispatcher:
 
     def __init__(self, nc: NatsClient, partitions: Partitions, alarms: Alarms, micro: MicroService,
                  owns: Callable[[int, int], bool], max_request_bytes: int, tail: Tail | None = None,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, accepting: Callable[[], bool] | None = None) -> None:
         self.nc = nc
+        #: false while the owner cannot renew its lease (ownership.reaching_postgres): refuse
+        self._accepting = accepting
         #: live events for `durable tail` (published only while someone tails)
         self.tail = tail
         self.metrics = metrics or WorkerMetrics(partitions.classes)
@@ -302,6 +304,8 @@ class Dispatcher:
         try:
             if not self.partitions.is_current(state) or not self._owns(state.partition, state.epoch):
                 raise NotOwner(f"partition {state.partition} is not owned by this worker")
+            if self._accepting is not None and not self._accepting():
+                raise NotOwner(f"the owner of partition {state.partition} cannot reach Postgres now; retry")
             if not address.valid:
                 raise InvalidRequest(f"malformed subject {msg.subject!r}")
             if len(msg.data) > self.max_request_bytes:

@@ -78,6 +78,9 @@ class Ownership:
         self.assigned: set[int] = set(range(settings.partitions))
         self.epochs: dict[int, int] = {}
         self.lease_deadline = 0.0
+        #: send time of the last lease renewal that came back (see :meth:`reaching_postgres`)
+        self.renewed_at = 0.0
+        self._overdue_logged = False
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -102,6 +105,22 @@ class Ownership:
 
     def lease_valid(self) -> bool:
         return time.monotonic() < self.lease_deadline
+
+    def reaching_postgres(self) -> bool:
+        """False while a lease renewal is overdue (no heartbeat came back for an interval plus
+        max(1 s, an interval)): Postgres is probably out of reach, so a request taken now would
+        wait for a commit that cannot happen and, when the lease lapses, fail as ObjectReset
+        (outcome unknown). The dispatcher refuses new requests with NotOwner (retryable: they
+        never ran) meanwhile; the lease itself is kept, so a short flap costs no partition."""
+        if not self.epochs:
+            return True
+        interval = self.settings.heartbeat_interval
+        late = time.monotonic() - self.renewed_at - interval - max(1.0, interval)
+        if late > 0 and not self._overdue_logged:
+            self._overdue_logged = True
+            log.warning("lease renewal overdue (Postgres out of reach?): refusing new requests until it "
+                        "returns or the lease lapses", extra={"worker": self.worker_id})
+        return late <= 0
 
     def owns(self, partition: int, epoch: int) -> bool:
         return self.epochs.get(partition) == epoch and self.lease_valid()
@@ -154,6 +173,10 @@ class Ownership:
                     await self._conn.execute("UPDATE do_workers SET last_seen = now() WHERE worker_id = $1",
                                              self.worker_id, timeout=self._call_timeout())
                     self.lease_deadline = sent + self.settings.lease_ttl * 0.8
+                    self.renewed_at = sent
+                    if self._overdue_logged:
+                        self._overdue_logged = False
+                        log.warning("lease renewed again: taking requests", extra={"worker": self.worker_id})
                     await self._rebalance()
                     await self._acquire()
             except Exception as exc:  # noqa: BLE001 - the lease loop must outlive any single failure

@@ -187,7 +187,8 @@ class Worker:
         self.micro = MicroService(self.nc, [b.class_name for b in self.config.bindings], self._metadata,
                                   self.partitions.live_by_namespace)
         self.dispatcher = Dispatcher(self.nc, self.partitions, self.alarms, self.micro, self.ownership.owns,
-                                     settings.max_request_bytes, self.tail, self.metrics)
+                                     settings.max_request_bytes, self.tail, self.metrics,
+                                     accepting=self.ownership.reaching_postgres)
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
                                  self.ownership.release)
         self.local = LocalDispatcher(self.partitions, self.dispatcher, self.ownership.owns, self.handover.tasks)

@@ -84,6 +84,8 @@ class Cluster:
     database: str
     workers: dict[str, ClusterWorker]
     log_dir: Path
+    #: what the load recorded in the last run (see netns_load.py)
+    record: dict[str, Any] | None = None
 
     def settings_for(self, host: Host, **overrides: Any) -> Settings:
         return partition_settings(self.servers, host, self.database, **overrides)
@@ -115,6 +117,7 @@ class Cluster:
             audit = await check_audit(conn)
         finally:
             await conn.close()
+        self.record = record
         books = check(fault, record, stored, window)
         print(f"\n{HEADER}\n{books.row()}")
         assert audit.commits > 0, "nothing was audited: the check below would prove nothing"
@@ -181,3 +184,22 @@ async def test_a_worker_cut_from_nats_gives_its_partitions_up(cluster: Cluster) 
     slow = {o[:12]: round(g, 2) for o, g in books.unavailable.items() if g > RECOVERY_BOUND}
     assert not slow, f"objects unanswered for longer than {RECOVERY_BOUND}s of the cut: {slow}"
     assert "NATS" in cluster.workers["w1"].log_text(), "the cut-off worker logged nothing about NATS"
+
+
+async def test_a_worker_cut_from_postgres_refuses_new_requests_at_once(cluster: Cluster) -> None:
+    """w1 keeps NATS but loses Postgres: once its lease renewal is overdue it refuses new requests
+    with a retryable NotOwner (the client retries them, and w2 serves them once w1's lease is
+    over), instead of holding them until its lease lapses and failing them as ObjectReset."""
+    load, window = await cut_under_load(cluster, "w1", "pg", cut=RECOVERY_BOUND)
+    books = await cluster.books("worker cut from Postgres", load, window)
+    assert books.lost == 0 and books.double_applied == 0, books.violations[:10]
+    slow = {o[:12]: round(g, 2) for o, g in books.unavailable.items() if g > RECOVERY_BOUND}
+    assert not slow, f"objects unanswered for longer than {RECOVERY_BOUND}s of the cut: {slow}"
+    # refusing starts once a renewal is an interval + max(1 s, an interval) late; the last one
+    # went out at most an interval before the cut
+    refusing = window[0] + HEARTBEAT + max(1.0, HEARTBEAT) + 0.5
+    assert cluster.record is not None
+    held = [(oid[:12], e[0], round(e[1] - window[0], 2)) for oid, rec in cluster.record["objects"].items()
+            for e in rec["errors"] if e[0] in ("ObjectReset", "RequestTimeout") and refusing < e[1] < window[1]]
+    assert held == [], f"calls started after the worker knew it could not commit were held, then failed: {held[:10]}"
+    assert "lease renewal overdue" in cluster.workers["w1"].log_text()
