@@ -27,6 +27,7 @@ from ..core.logs import ranges
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
 from .balance import assign
+from .rejoin import RejoinProbe
 
 log = logging.getLogger("durable.ownership")
 
@@ -78,8 +79,10 @@ class Ownership:
         self.assigned: set[int] = set(range(settings.partitions))
         self.epochs: dict[int, int] = {}
         self.lease_deadline = 0.0
-        #: send time of the last lease renewal that came back (see :meth:`reaching_postgres`)
+        #: when the last lease renewal came back, and when the one in flight (if any) was sent
+        #: (see :meth:`reaching_postgres`)
         self.renewed_at = 0.0
+        self._renewal_sent: float | None = None
         self._overdue_logged = False
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -88,6 +91,8 @@ class Ownership:
         self._unlocks = TaskSet()
         #: asyncpg connections take one operation at a time
         self._conn_lock = asyncio.Lock()
+        #: after the lock session was lost to a failure: when to open a new one (rejoin.py)
+        self._rejoin = RejoinProbe(settings, self.worker_id)
 
     @property
     def session_name(self) -> str:
@@ -107,15 +112,17 @@ class Ownership:
         return time.monotonic() < self.lease_deadline
 
     def reaching_postgres(self) -> bool:
-        """False while a lease renewal is overdue (no heartbeat came back for an interval plus
-        max(1 s, an interval)): Postgres is probably out of reach, so a request taken now would
+        """False while a lease renewal is overdue (the one in flight was sent more than max(1 s,
+        an interval) ago, or none came back for two intervals plus that): Postgres is probably
+        out of reach, so a request taken now would
         wait for a commit that cannot happen and, when the lease lapses, fail as ObjectReset
         (outcome unknown). The dispatcher refuses new requests with NotOwner (retryable: they
         never ran) meanwhile; the lease itself is kept, so a short flap costs no partition."""
         if not self.epochs:
             return True
-        interval = self.settings.heartbeat_interval
-        late = time.monotonic() - self.renewed_at - interval - max(1.0, interval)
+        interval, now = self.settings.heartbeat_interval, time.monotonic()
+        sent = self._renewal_sent
+        late = (now - sent if sent is not None else now - self.renewed_at - 2 * interval) - max(1.0, interval)
         if late > 0 and not self._overdue_logged:
             self._overdue_logged = True
             log.warning("lease renewal overdue (Postgres out of reach?): refusing new requests until it "
@@ -159,6 +166,9 @@ class Ownership:
                     await self._lose_all("NATS unreachable")
                 await self._sleep_watching(interval)
                 continue
+            if not await self._rejoin.ready(max(1.0, 2 * interval)):
+                await self._sleep_watching(interval)
+                continue
             try:
                 async with self._conn_lock:
                     if self._conn is not None and self._conn.is_closed() and self.epochs:
@@ -170,16 +180,22 @@ class Ownership:
                     sent = time.monotonic()
                     # a black-holed connection must not outlive the lease: statement_timeout
                     # only works while the server hears us
-                    await self._conn.execute("UPDATE do_workers SET last_seen = now() WHERE worker_id = $1",
-                                             self.worker_id, timeout=self._call_timeout())
+                    self._renewal_sent = sent
+                    try:
+                        await self._conn.execute("UPDATE do_workers SET last_seen = now() WHERE worker_id = $1",
+                                                 self.worker_id, timeout=self._call_timeout())
+                    finally:
+                        self._renewal_sent = None
                     self.lease_deadline = sent + self.settings.lease_ttl * 0.8
-                    self.renewed_at = sent
+                    self.renewed_at = time.monotonic()
                     if self._overdue_logged:
                         self._overdue_logged = False
                         log.warning("lease renewed again: taking requests", extra={"worker": self.worker_id})
                     await self._rebalance()
                     await self._acquire()
             except Exception as exc:  # noqa: BLE001 - the lease loop must outlive any single failure
+                if self.epochs or self._conn is not None:
+                    self._rejoin.arm()  # we were a live worker: rejoin only once Postgres is steady
                 if self.epochs:
                     log.warning("lock session failed (%s: %s); stepping down from all partitions",
                                 type(exc).__name__, exc)
@@ -321,6 +337,7 @@ class Ownership:
         for task in list(self._handing_over.values()):
             task.cancel()
         await asyncio.gather(*self._handing_over.values(), return_exceptions=True)
+        await self._rejoin.close()
         await self._unlocks.wait(2.0)  # background unlocks of fenced partitions; _unlock_now covers the rest
         if self._conn is not None and not self._conn.is_closed():
             await self._unlock_now(sorted(self.epochs))

@@ -13,10 +13,12 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +136,15 @@ def partition_settings(servers: Servers, host: Host, database: str, **overrides:
 
 
 @pytest.fixture
-async def cluster(net: Net, servers: Servers, tmp_path: Path) -> AsyncIterator[Cluster]:
+async def cluster(net: Net, servers: Servers, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    """Two workers on a fresh database; settings overrides of the workers by indirect parametrization."""
     database = await servers.pg.create_database(f"part{os.getpid()}_{next(_db)}")
     c = Cluster(net, servers, database, {}, tmp_path)
+    overrides: dict[str, Any] = getattr(request, "param", {})
     try:
         for name in ("w1", "w2"):
             host = net.hosts[name]
-            w = ClusterWorker(name, c.settings_for(host), tmp_path, preexec=host.preexec())
+            w = ClusterWorker(name, c.settings_for(host, **overrides), tmp_path, preexec=host.preexec())
             c.workers[name] = w
             await w.start()
         await wait_balanced(servers.pg.local_url(database), c.settings_for(net.hosts["w1"]),
@@ -203,3 +207,51 @@ async def test_a_worker_cut_from_postgres_refuses_new_requests_at_once(cluster: 
             for e in rec["errors"] if e[0] in ("ObjectReset", "RequestTimeout") and refusing < e[1] < window[1]]
     assert held == [], f"calls started after the worker knew it could not commit were held, then failed: {held[:10]}"
     assert "lease renewal overdue" in cluster.workers["w1"].log_text()
+
+
+#: a lease that rides a 3 s flap out (the renewal in flight comes back once the link is up),
+#: and one that does not (3 s of silence plus TCP's retransmission back-off exceed 80 % of it)
+RIDES_OUT = {"lease_ttl": 8.0, "heartbeat_interval": 1.0}
+LAPSES = {"lease_ttl": 4.0, "heartbeat_interval": 0.5}
+
+
+def log_times(log_text: str, needle: str) -> list[float]:
+    """Wall-clock times of a worker's log lines that contain ``needle``."""
+    times = []
+    for line in log_text.splitlines():
+        if needle in line:
+            m = re.search(r'"ts": "([^"]+)"', line)
+            if m:
+                times.append(datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp())
+    return times
+
+
+@pytest.mark.parametrize("cluster", [RIDES_OUT, LAPSES], indirect=True, ids=["lease8s", "lease4s"])
+async def test_a_flapping_postgres_link_never_hands_partitions_to_the_worker_behind_it(cluster: Cluster) -> None:
+    """w1's Postgres link goes 3 s down / 3 s up for 30 s (issue 14's flaps). With a lease that
+    outlasts a flap, w1 keeps its partitions throughout (refusing requests while a renewal is
+    overdue). With one that does not, w1 loses them and must not take them back in an up window
+    only to strand them at the next down one: it rejoins once Postgres has answered for a whole
+    lease. Either way nothing acknowledged is lost and every object answers within the bound."""
+    lease = cluster.workers["w1"].settings.lease_ttl
+    bound = lease + 6.0
+    load = await cluster.run_load(4.0 + 30.0 + 12.0)
+    await asyncio.sleep(4.0)
+    link = cluster.link("w1", "pg")
+    start = time.time()
+    for _ in range(5):
+        link.cut()
+        await asyncio.sleep(3.0)
+        link.heal()
+        await asyncio.sleep(3.0)
+    window = (start, time.time() - 3.0)
+    books = await cluster.books(f"Postgres link flapping 3 s / 3 s, lease {lease:g} s", load, window)
+    assert books.lost == 0 and books.double_applied == 0, books.violations[:10]
+    slow = {o[:12]: round(g, 2) for o, g in books.unavailable.items() if g > bound}
+    assert not slow, f"objects unanswered for longer than {bound}s: {slow}"
+    w1_log = cluster.workers["w1"].log_text()
+    taken = [round(t - start, 2) for t in log_times(w1_log, '"acquired ') if start < t < window[1]]
+    assert taken == [], f"w1 took partitions while its Postgres link was flapping, at +{taken} s"
+    if lease == RIDES_OUT["lease_ttl"]:
+        lost = [round(t - start, 2) for t in log_times(w1_log, "stepping down") if start < t]
+        assert lost == [], f"w1 lost its lease to 3 s flaps at +{lost} s"
