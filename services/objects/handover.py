@@ -2,8 +2,9 @@
 
 Acquired: subscribe to the partition's requests (queue group ``p<partition>``) and reconcile
 its alarms. Handed over (rebalancing): refuse new requests with NotOwner, which callers retry,
-finish the events in flight, flush, release the lock; the subscription stays a little longer,
-refusing what NATS still routes here, so no request is dropped unanswered. Lost (lease lapsed,
+finish the events in flight, flush, release the lock; the subscription stays, refusing, until
+the next owner holds the partition (so it is never without a subscriber), then withdraws and
+lingers a little, refusing what NATS still routes here, so no request is dropped unanswered. Lost (lease lapsed,
 fenced): reset every instance at once; their callers get ObjectReset, not a silent retry; the
 subscription is withdrawn and lingers as in a hand-over, so requests that had not reached an
 instance are refused with NotOwner rather than dropped.
@@ -40,8 +41,14 @@ class Handover:
     """The ownership callbacks (ownership.py calls them) and the drain of a stopping worker."""
 
     def __init__(self, nc: NatsClient, partitions: Partitions, dispatcher: Dispatcher, alarms: Alarms,
-                 flusher: Flusher, release: Callable[[int], Awaitable[None]]) -> None:
+                 flusher: Flusher, release: Callable[[int], Awaitable[None]],
+                 taken_over: Callable[[int, int], Awaitable[bool]] | None = None,
+                 successor_wait: float = 5.0) -> None:
         self.nc = nc
+        #: whether a partition released at an epoch has been taken under a newer one (a hand-over
+        #: keeps refusing, rather than leave the partition without a subscriber, until it has)
+        self._taken_over = taken_over
+        self.successor_wait = successor_wait
         self.partitions = partitions
         self.dispatcher = dispatcher
         self.alarms = alarms
@@ -96,20 +103,43 @@ class Handover:
         if state is None:
             return
         log.debug("handing over partition %d", partition)  # ownership logs one line for the lot
-        await self.quiesce([state], grace)
+        # the subscription keeps its interest, refusing with NotOwner (retryable: nothing runs),
+        # until the next owner has the partition: withdrawn now, the partition would have no
+        # subscriber at all (callers get "no responders") until the next owner's heartbeat
+        await self.quiesce([state], grace, withdraw=self._taken_over is None)
         closed = self.partitions.close(partition, ObjectReset(
             f"partition {partition} was handed over to another worker; retry"), state)
         if closed is None:
-            return  # stepped down meanwhile
+            if state.sub is not None:  # stepped down meanwhile (lost() withdraws and lingers)
+                await self._withdraw(state.sub)
+            return
         await self._release(partition)
         self.handed_over += 1
+        await self._await_successor(partition, state.epoch)
+        if state.sub is not None:
+            await self._withdraw(state.sub)
         await self.linger([state])
 
-    async def quiesce(self, states: list[PartitionState], grace: float) -> None:
-        """Refuse new requests, then wait for those taken to finish and their replies to go out."""
+    async def _await_successor(self, partition: int, epoch: int) -> None:
+        """Until another worker holds ``partition`` under an epoch after ``epoch`` (bounded)."""
+        if self._taken_over is None:
+            return
+        deadline = time.monotonic() + self.successor_wait
+        while time.monotonic() < deadline:
+            try:
+                if await self._taken_over(partition, epoch):
+                    return
+            except Exception as exc:  # noqa: BLE001 - Postgres unreachable: stop waiting, withdraw
+                log.debug("could not see who took partition %d: %s", partition, exc)
+                return
+            await asyncio.sleep(0.02)  # no event says "taken" here: a short poll, during hand-overs only
+
+    async def quiesce(self, states: list[PartitionState], grace: float, withdraw: bool = True) -> None:
+        """Refuse new requests (and withdraw interest, unless told not to), then wait for those
+        taken to finish and their replies to go out."""
         for state in states:
             state.closing = True
-            if state.sub is not None:
+            if state.sub is not None and withdraw:
                 await self._withdraw(state.sub)
         deadline = time.monotonic() + grace
         # busy() spans requests, events and flushes of many instances: no one event covers it, so

@@ -34,6 +34,8 @@ log = logging.getLogger("durable.ownership")
 SESSION_PREFIX = "durable-owner:"
 #: heartbeats a partition may stay without any owner before a worker it is not assigned to takes it
 ORPHAN_HEARTBEATS = 3
+#: how often a worker tries for partitions being handed over to it (see Ownership._incoming)
+INCOMING_POLL = 0.02
 
 #: live lock sessions of this deployment (in this database) and the partitions locked by anyone
 _LIVE = """
@@ -83,6 +85,8 @@ class Ownership:
         #: (see :meth:`reaching_postgres`)
         self.renewed_at = 0.0
         self._renewal_sent: float | None = None
+        #: until when partitions assigned to us but still held elsewhere are polled for (_incoming)
+        self._incoming_until = 0.0
         self._overdue_logged = False
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -205,7 +209,9 @@ class Ownership:
             await self._sleep_watching(interval)
 
     async def _sleep_watching(self, interval: float) -> None:
-        """Sleep until the next heartbeat, stepping down at once if the lease runs out meanwhile."""
+        """Sleep until the next heartbeat, stepping down at once if the lease runs out meanwhile,
+        and taking partitions handed over to us as soon as they are released (see
+        :meth:`_incoming`)."""
         end = time.monotonic() + interval
         while not self._stopping:
             now = time.monotonic()
@@ -214,7 +220,26 @@ class Ownership:
                 await self._lose_all("lease expired")
             if now >= end:
                 return
+            if self._incoming():
+                await asyncio.sleep(INCOMING_POLL)
+                await self._take_incoming()
+                continue
             await asyncio.sleep(min(end - now, max(0.01, self.lease_deadline - now), 0.25))
+
+    def _incoming(self) -> bool:
+        """Partitions newly assigned to us are still held by the worker handing them over: it
+        keeps refusing until we have them, so we try for them every INCOMING_POLL seconds, not
+        once a heartbeat, for a lease after the assignment changed."""
+        return (time.monotonic() < self._incoming_until and self.lease_valid()
+                and bool(self.desired() - set(self.epochs) - set(self._handing_over)))
+
+    async def _take_incoming(self) -> None:
+        try:
+            async with self._conn_lock:
+                if self._conn is not None and not self._conn.is_closed() and self.lease_valid():
+                    await self._acquire()
+        except Exception as exc:  # noqa: BLE001 - the heartbeat deals with a failed lock session
+            log.debug("taking incoming partitions failed: %s: %s", type(exc).__name__, exc)
 
     async def _rebalance(self) -> None:
         """Recompute the assignment from the live workers; hand over what is no longer ours."""
@@ -229,6 +254,7 @@ class Ownership:
                 log.info("live workers changed: %d -> %d", len(self.live), len(live))
             self.live = live
             self.assigned = assign(self.settings.partitions, live).get(me, set())
+            self._incoming_until = time.monotonic() + self.settings.lease_ttl
         # availability first: a partition nobody has held for a few heartbeats (its assignee is
         # stuck or disagrees about who is live) is taken by whoever sees it; balance moves it later
         for p in range(self.settings.partitions):

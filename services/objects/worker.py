@@ -190,7 +190,7 @@ class Worker:
                                      settings.max_request_bytes, self.tail, self.metrics,
                                      accepting=self.ownership.reaching_postgres)
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
-                                 self.ownership.release)
+                                 self.ownership.release, self._taken_over, settings.lease_ttl)
         self.local = LocalDispatcher(self.partitions, self.dispatcher, self.ownership.owns, self.handover.tasks)
         self.gateways = GatewayWatch(self.nc, settings, self.worker_id, self.partitions, self.store)
 
@@ -255,6 +255,12 @@ class Worker:
 
     async def _acquired(self, partition: int, epoch: int) -> None:
         await self.handover.acquired(partition, epoch)
+
+    async def _taken_over(self, partition: int, epoch: int) -> bool:
+        """Another worker took ``partition`` after we released it at ``epoch`` (a hand-over)."""
+        async with self.pool.acquire() as conn:
+            return bool(await conn.fetchval("SELECT epoch > $2 FROM do_partitions WHERE partition = $1",
+                                            partition, epoch, timeout=2))
 
     def _nats_reachable(self) -> bool:
         return self.nats_liveness is None or self.nats_liveness.reachable()
