@@ -11,15 +11,28 @@ back for ``timeout`` seconds, :meth:`reachable` turns false and the lease loop
 (ownership.py) gives every partition up and closes its lock session: Postgres releases the
 locks at once and the other workers, which see it leave, take them. It rejoins when a round
 trip succeeds again.
+
+A worker attached to a NATS node that is cut off from the rest of its cluster still gets its
+PONGs, while requests from the rest of the cluster no longer reach it. So each heartbeat it also
+pings the workers' micro-service (``$SRV.PING.durable``) and counts the live workers (those with
+a lock session, ownership.py) that answer: hearing no more than half of them for ``peers_timeout``
+seconds, with three or more live, it counts as unreachable too (the majority hears each other,
+so they keep serving and take its partitions; two workers split one against one is a tie and
+both keep what they have).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Callable
 
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from .micro import SERVICE_NAME
 
 log = logging.getLogger("durable.worker")
 
@@ -28,21 +41,33 @@ class NatsLiveness:
     """PING/PONG round trips to the NATS server; :meth:`reachable` is false once none came back
     for ``timeout`` seconds (counted from the send time of the last one that did)."""
 
-    def __init__(self, nc: NatsClient, interval: float, timeout: float) -> None:
+    def __init__(self, nc: NatsClient, interval: float, timeout: float,
+                 live: Callable[[], set[str]] | None = None, peers_timeout: float = 0.0) -> None:
         self.nc = nc
         self.interval = interval
         self.timeout = timeout
+        #: the live workers' ids (us included), and how long we may hear too few of them (0: never checked)
+        self._live = live
+        self.peers_timeout = peers_timeout
         self.last_ok = time.monotonic()
+        self.peers_last_ok = self.last_ok
         self._task: asyncio.Task[None] | None = None
         self._down_logged = False
 
     def reachable(self) -> bool:
-        ok = time.monotonic() - self.last_ok < self.timeout
-        if not ok and not self._down_logged:
+        now = time.monotonic()
+        core = now - self.last_ok < self.timeout
+        peers = not self.peers_timeout or now - self.peers_last_ok < self.peers_timeout
+        if not (core and peers) and not self._down_logged:
             self._down_logged = True
-            log.warning("NATS unreachable: no PING/PONG round trip for %.1fs (DURABLE_NATS_LIVENESS_TIMEOUT)",
-                        time.monotonic() - self.last_ok)
-        return ok
+            if not core:
+                log.warning("NATS unreachable: no PING/PONG round trip for %.1fs (DURABLE_NATS_LIVENESS_TIMEOUT)",
+                            now - self.last_ok)
+            else:
+                log.warning("NATS unreachable: for %.1fs this worker heard no more than half of the live "
+                            "workers (is its NATS node cut off from the rest of the cluster?)",
+                            now - self.peers_last_ok)
+        return core and peers
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="nats-liveness")
@@ -56,10 +81,37 @@ class NatsLiveness:
                 log.debug("NATS round trip failed: %s: %s", type(exc).__name__, exc)
             else:
                 self.last_ok = sent
-                if self._down_logged:
+                if self.peers_timeout and self._live is not None:
+                    await self._hear_peers(sent, self._live())
+                if self._down_logged and self.reachable():
                     self._down_logged = False
                     log.warning("NATS reachable again")
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - sent)))
+
+    async def _hear_peers(self, sent: float, live: set[str]) -> None:
+        """Ping the workers' micro-service; enough of the live workers answered: peers_last_ok."""
+        if len(live) < 3:
+            self.peers_last_ok = sent  # one or two live: hearing too few proves nothing (a tie at most)
+            return
+        heard: set[str] = set()
+
+        async def answer(msg: Msg) -> None:
+            try:
+                heard.add(str(json.loads(msg.data)["metadata"]["worker_id"]))
+            except (ValueError, KeyError, TypeError):
+                pass  # not a worker's answer
+
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=answer)
+        try:
+            await self.nc.publish(f"$SRV.PING.{SERVICE_NAME}", b"", reply=inbox)
+            await asyncio.sleep(min(1.0, self.interval))  # answers come within a round trip or two
+        finally:
+            await sub.unsubscribe()
+        # a live id is the worker id as its lock session's name holds it (possibly truncated)
+        answered = sum(1 for w in live if any(h.startswith(w) for h in heard))
+        if answered * 2 > len(live):
+            self.peers_last_ok = sent
 
     async def stop(self) -> None:
         if self._task is not None:

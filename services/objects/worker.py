@@ -165,7 +165,8 @@ class Worker:
         await self.alarms.start()
         await self.gateways.start()
         self.nats_liveness = NatsLiveness(self.nc, settings.heartbeat_interval,
-                                          settings.nats_liveness_timeout or settings.lease_ttl / 2)
+                                          settings.nats_liveness_timeout or settings.lease_ttl / 2,
+                                          live=self._live_workers, peers_timeout=settings.lease_ttl)
         self.nats_liveness.start()
         await self.ownership.start()
         self.partitions.start_eviction(settings.idle_timeout)
@@ -261,6 +262,10 @@ class Worker:
         async with self.pool.acquire() as conn:
             return bool(await conn.fetchval("SELECT epoch > $2 FROM do_partitions WHERE partition = $1",
                                             partition, epoch, timeout=2))
+
+    def _live_workers(self) -> set[str]:
+        """The ids of the workers with a lock session at the last heartbeat (ours included)."""
+        return set(self.ownership.live)
 
     def _nats_reachable(self) -> bool:
         return self.nats_liveness is None or self.nats_liveness.reachable()

@@ -9,6 +9,7 @@ import pytest
 from durable.core.embedded import EmbeddedPostgres
 
 from tests.helpers.cluster import EmbeddedNatsCluster
+from tests.helpers.partition_checks import HEADER, RESULTS
 from tests.helpers.postgres import create_database, dedicated_postgres
 from tests.helpers.settings import PARTITIONS
 
@@ -33,3 +34,12 @@ async def fault_postgres(tmp_path_factory: pytest.TempPathFactory) -> AsyncItera
 async def fault_database_url(fault_postgres: EmbeddedPostgres) -> str:
     """A fresh database on ``fault_postgres`` for this test."""
     return await create_database(fault_postgres, "f")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The partition tests' results table (test_partitions.py), at the end of any run that ran them."""
+    if RESULTS:
+        terminalreporter.write_sep("-", "partition tests: acknowledged increments under network faults")
+        terminalreporter.write_line(HEADER)
+        for row in RESULTS:
+            terminalreporter.write_line(row)

@@ -4,7 +4,7 @@ load of increments from the client host (tests/helpers/netns_load.py) that recor
 acknowledged result. Each test cuts one link, heals it, and checks the books: 0 acknowledged
 increments lost, none applied twice, the commit audit clean (never two owners committing for
 one partition at overlapping epochs), and every object answering again within the lease plus a
-few seconds of the cut. The results table is printed at the end of the module (``-s``).
+few seconds of the cut. The results table is printed at the end of the run (tests/faults/conftest.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +30,7 @@ from durable.core.settings import Settings
 from tests.helpers import netns
 from tests.helpers.faults import ClusterWorker, check_audit, stored_values, wait_balanced
 from tests.helpers.netns import Host, HostNats, HostPostgres, Net
-from tests.helpers.partition_checks import HEADER, RESULTS, Books, check
+from tests.helpers.partition_checks import HEADER, Books, check
 from tests.helpers.settings import ROOT, make_settings, worker_env
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(240)]
@@ -66,8 +67,12 @@ def net() -> Iterator[Net]:
 
 @dataclass
 class Servers:
-    nats: HostNats
+    nats: list[HostNats]
     pg: HostPostgres
+
+    def nats_for(self, host: Host) -> HostNats:
+        """The NATS node ``host`` is linked to (each host reaches one)."""
+        return next(n for n in self.nats if n.host.name in host.links)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,7 @@ async def servers(net: Net) -> Servers:
     await nats.start()
     pg = HostPostgres(net.hosts["pg"])
     await pg.start()
-    return Servers(nats, pg)
+    return Servers([nats], pg)
 
 
 @dataclass
@@ -95,24 +100,28 @@ class Cluster:
     def link(self, a: str, b: str) -> netns.Link:
         return self.net.hosts[a].link_to(self.net.hosts[b])
 
-    async def run_load(self, seconds: float) -> asyncio.subprocess.Process:
-        client = self.net.hosts["client"]
+    async def run_load(self, seconds: float, host: str = "client", prefix: str = "part",
+                       objects: int = OBJECTS) -> asyncio.subprocess.Process:
+        """The load client on ``host``, over counters ``<prefix>-<i>``; its record goes to
+        ``<prefix>.json`` (see netns_load.py)."""
+        client = self.net.hosts[host]
         s = self.settings_for(client)
-        out = self.log_dir / "load.json"
+        out = self.log_dir / f"{prefix}.json"
         env = worker_env(s, DURABLE_REQUEST_TIMEOUT="2.0", DURABLE_RETRY_DEADLINE="10.0",
                          DURABLE_DATABASE_URL="postgresql://unused@invalid/unused")
-        log = open(self.log_dir / "load.log", "ab")  # noqa: SIM115 - the child's output
+        log = open(self.log_dir / f"{prefix}.log", "ab")  # noqa: SIM115 - the child's output
         try:
             return await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.helpers.netns_load", str(out), str(seconds), str(OBJECTS),
+                sys.executable, "-m", "tests.helpers.netns_load", str(out), str(seconds), str(objects), prefix,
                 env=env, cwd=ROOT, stdout=log, stderr=log, preexec_fn=client.preexec())
         finally:
             log.close()
 
-    async def books(self, fault: str, load: asyncio.subprocess.Process, window: tuple[float, float]) -> Books:
+    async def books(self, fault: str, load: asyncio.subprocess.Process, window: tuple[float, float],
+                    prefix: str = "part") -> Books:
         rc = await asyncio.wait_for(load.wait(), 120)
-        assert rc == 0, (self.log_dir / "load.log").read_text()[-3000:]
-        record = json.loads((self.log_dir / "load.json").read_text())
+        assert rc == 0, (self.log_dir / f"{prefix}.log").read_text()[-3000:]
+        record = json.loads((self.log_dir / f"{prefix}.json").read_text())
         conn = await asyncpg.connect(self.servers.pg.local_url(self.database))
         try:
             stored = await stored_values(conn, list(record["objects"]))
@@ -132,22 +141,23 @@ def partition_settings(servers: Servers, host: Host, database: str, **overrides:
                               "request_timeout": 2.0, "retry_deadline": 10.0, "idle_timeout": 120.0}
     values.update(overrides)
     db_url = servers.pg.url_from(host, database) if "pg" in host.links else "postgresql://unused@invalid/x"
-    return make_settings(servers.nats.url_from(host), db_url, **values)
+    return make_settings(servers.nats_for(host).url_from(host), db_url, **values)
 
 
-@pytest.fixture
-async def cluster(net: Net, servers: Servers, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
-    """Two workers on a fresh database; settings overrides of the workers by indirect parametrization."""
+@asynccontextmanager
+async def running_cluster(net: Net, servers: Servers, log_dir: Path, names: list[str],
+                          **overrides: Any) -> AsyncIterator[Cluster]:
+    """Workers ``names`` (each on the host of that name) on a fresh database, balanced; at the
+    end every cut link is healed and every worker killed."""
     database = await servers.pg.create_database(f"part{os.getpid()}_{next(_db)}")
-    c = Cluster(net, servers, database, {}, tmp_path)
-    overrides: dict[str, Any] = getattr(request, "param", {})
+    c = Cluster(net, servers, database, {}, log_dir)
     try:
-        for name in ("w1", "w2"):
+        for name in names:
             host = net.hosts[name]
-            w = ClusterWorker(name, c.settings_for(host, **overrides), tmp_path, preexec=host.preexec())
+            w = ClusterWorker(name, c.settings_for(host, **overrides), log_dir, preexec=host.preexec())
             c.workers[name] = w
             await w.start()
-        await wait_balanced(servers.pg.local_url(database), c.settings_for(net.hosts["w1"]),
+        await wait_balanced(servers.pg.local_url(database), c.settings_for(net.hosts[names[0]]),
                             [w.worker_id for w in c.workers.values()])
         yield c
     finally:
@@ -158,11 +168,11 @@ async def cluster(net: Net, servers: Servers, tmp_path: Path, request: pytest.Fi
             w.close()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def results_table() -> Iterator[None]:
-    yield
-    if RESULTS:
-        print("\n\npartition tests:\n" + HEADER + "\n" + "\n".join(RESULTS))
+@pytest.fixture
+async def cluster(net: Net, servers: Servers, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+    """Two workers; settings overrides of the workers by indirect parametrization."""
+    async with running_cluster(net, servers, tmp_path, ["w1", "w2"], **getattr(request, "param", {})) as c:
+        yield c
 
 
 async def cut_under_load(c: Cluster, a: str, b: str, cut: float, before: float = 4.0,
@@ -255,3 +265,88 @@ async def test_a_flapping_postgres_link_never_hands_partitions_to_the_worker_beh
     if lease == RIDES_OUT["lease_ttl"]:
         lost = [round(t - start, 2) for t in log_times(w1_log, "stepping down") if start < t]
         assert lost == [], f"w1 lost its lease to 3 s flaps at +{lost} s"
+
+
+# ----- a three-node NATS cluster -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def net3() -> Iterator[Net]:
+    """Three NATS nodes (a JetStream cluster, a link per pair), Postgres, a worker per node and
+    a client on n1 and on n3; each worker and client reaches only its own node."""
+    reason = netns.available()
+    if reason is not None:
+        pytest.skip(f"the partition harness cannot run here: {reason}")
+    netns.remove_stale()
+    n = Net()
+    try:
+        nodes = [n.host(f"n{i}") for i in (1, 2, 3)]
+        pg = n.host("pg")
+        for i, a in enumerate(nodes):
+            for b in nodes[i + 1:]:
+                n.link(a, b)
+        for i, node in enumerate(nodes, 1):
+            w = n.host(f"w{i}")
+            n.link(w, node)
+            n.link(w, pg)
+        n.link(n.host("c1"), nodes[0])
+        n.link(n.host("c3"), nodes[2])
+        yield n
+    finally:
+        n.close()
+
+
+@pytest.fixture(scope="module")
+async def servers3(net3: Net) -> Servers:
+    nodes = [net3.hosts[f"n{i}"] for i in (1, 2, 3)]
+    nats = [HostNats(h, partitions=16, peers=[p for p in nodes if p is not h]) for h in nodes]
+    await asyncio.gather(*(x.start() for x in nats))
+    pg = HostPostgres(net3.hosts["pg"])
+    await pg.start()
+    # the workers create a replicated stream at start-up: wait for JetStream's meta leader
+    c1 = net3.hosts["c1"]
+    probe = ("import asyncio, nats\n"
+             "async def main():\n"
+             f"    nc = await nats.connect('{nats[0].url_from(c1)}')\n"
+             "    for _ in range(300):\n"
+             "        try:\n"
+             "            await nc.jetstream(timeout=1).account_info()\n"
+             "            return\n"
+             "        except Exception:\n"
+             "            await asyncio.sleep(0.1)\n"
+             "    raise SystemExit('JetStream did not come up')\n"
+             "asyncio.run(main())\n")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", probe, preexec_fn=c1.preexec())
+    assert await asyncio.wait_for(proc.wait(), 60) == 0, "JetStream did not come up on the three nodes"
+    return Servers(nats, pg)
+
+
+async def test_a_nats_node_cut_off_from_its_cluster_takes_no_partitions_with_it(
+        net3: Net, servers3: Servers, tmp_path: Path) -> None:
+    """n3 loses its routes to n1 and n2 (a minority of one) while w3 and a client stay attached
+    to it. w3 still gets its PONGs from n3 but nobody else can reach it: it must give its
+    partitions up (it hears too few of the live workers over NATS), so the majority's
+    client sees every object answer again within the bound. The client on n3 is refused (no
+    responders) rather than having writes accepted that cannot be committed or acknowledged;
+    nothing either client was acknowledged is lost."""
+    async with running_cluster(net3, servers3, tmp_path, ["w1", "w2", "w3"], alarm_replicas=3) as c:
+        cut = RECOVERY_BOUND + 5
+        seconds = 6.0 + cut + 12.0
+        majority = await c.run_load(seconds, host="c1", prefix="major")
+        minority = await c.run_load(seconds, host="c3", prefix="minor", objects=20)
+        await asyncio.sleep(6.0)
+        n3 = net3.hosts["n3"]
+        links = [n3.link_to(net3.hosts["n1"]), n3.link_to(net3.hosts["n2"])]
+        start = time.time()
+        for link in links:
+            link.cut()
+        await asyncio.sleep(cut)
+        for link in links:
+            link.heal()
+        window = (start, time.time())
+        books = await c.books("NATS node isolated (majority client)", majority, window, prefix="major")
+        minor = await c.books("NATS node isolated (minority client)", minority, window, prefix="minor")
+        for b in (books, minor):
+            assert b.lost == 0 and b.double_applied == 0, b.violations[:10]
+        slow = {o[:12]: round(g, 2) for o, g in books.unavailable.items() if g > RECOVERY_BOUND}
+        assert not slow, f"objects unanswered by the majority for longer than {RECOVERY_BOUND}s: {slow}"
+        assert "heard no more than half of the live workers" in c.workers["w3"].log_text()

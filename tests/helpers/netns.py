@@ -45,6 +45,7 @@ NS_PREFIX = "durable-"
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 NATS_PORT = 4222
+ROUTE_PORT = 6222
 PG_PORT = 5432
 
 
@@ -231,11 +232,22 @@ class HostNats:
     """A nats-server on ``host`` (port 4222 of its namespace) with JetStream, the partition
     mapping and the server pings durable dev uses."""
 
-    def __init__(self, host: Host, partitions: int) -> None:
+    def __init__(self, host: Host, partitions: int, peers: Sequence[Host] = ()) -> None:
         self.host = host
         self.dir = host.net.dir / f"nats-{host.name}"
         self.partitions = partitions
+        #: the other nodes of its cluster (routes to each over their link); none: a single node
+        self.peers = list(peers)
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _cluster_block(self) -> str:
+        if not self.peers:
+            return ""
+        routes = ", ".join(f"nats-route://{self.host.addr_of(p)}:{ROUTE_PORT}" for p in self.peers)
+        # no_advertise: each address is one link's; a client told another node's address
+        # could not reach it (clients are given the nodes they can reach)
+        return (f"cluster {{\n  name: durable-net\n  listen: 0.0.0.0:{ROUTE_PORT}\n  no_advertise: true\n"
+                f"  routes: [{routes}]\n}}\n")
 
     def url_from(self, client: Host) -> str:
         return f"nats://{client.addr_of(self.host)}:{NATS_PORT}"
@@ -246,7 +258,7 @@ class HostNats:
         conf.write_text(
             f"server_name: {self.host.name}\nlisten: 0.0.0.0:{NATS_PORT}\nmax_payload: 1MB\n{SERVER_PINGS}"
             f'jetstream {{\n  store_dir: "{self.dir / "js"}"\n  sync_interval: always\n}}\n'
-            f"mappings = {{\n  {server_mapping(self.partitions)}\n}}\n")
+            f"mappings = {{\n  {server_mapping(self.partitions)}\n}}\n{self._cluster_block()}")
         log = self.dir / "nats.log"
         self.proc = self.host.popen([nats_server_binary(), "-c", str(conf)], log)
         deadline = time.monotonic() + timeout

@@ -1,12 +1,13 @@
 """The independent client of the partition tests, run as a process on the client host:
 
-    python -m tests.helpers.netns_load OUT.json SECONDS OBJECTS
+    python -m tests.helpers.netns_load OUT.json SECONDS OBJECTS [PREFIX]
 
-(settings from the usual DURABLE_* environment). One loop per counter increments it through the
-Python client for SECONDS, recording every call: its start and end (wall clock, so the test can
-line them up with its cuts), and its value when acknowledged or its error type when not. Then
-it reads every counter once more (retrying) and writes the record to OUT.json. A call that
-failed is "outcome unknown"; the loop backs off a little and goes on.
+(settings from the usual DURABLE_* environment). One loop per counter (``PREFIX-<i>``, default
+``part``) increments it through the Python client for SECONDS, recording every call: its start
+and end (wall clock, so the test can line them up with its cuts), and its value when
+acknowledged or its error type when not. Then it reads every counter once more (retrying) and
+writes the record to OUT.json. A call that failed is "outcome unknown"; the loop backs off a
+little and goes on.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from tests.helpers.settings import ROOT
 CONFIG_FILE = ROOT / "durable.toml"  # the shipped Counter
 
 
-async def main(out: str, seconds: float, objects: int) -> None:
+async def main(out: str, seconds: float, objects: int, prefix: str = "part") -> None:
     settings = Settings()
     config = load_config(CONFIG_FILE)
     client = await Client.connect(settings, config, name="durable-partition-load",
                                   ping_interval=2, max_outstanding_pings=2, reconnect_time_wait=0.5)
     env = Env(client, config)
-    stubs = [env.COUNTERS.get_by_name(f"part-{i}") for i in range(objects)]
+    stubs = [env.COUNTERS.get_by_name(f"{prefix}-{i}") for i in range(objects)]
     record: dict[str, dict[str, Any]] = {s.id.hex: {"acks": [], "errors": [], "attempted": 0} for s in stubs}
     end = time.time() + seconds
 
@@ -68,4 +69,4 @@ async def main(out: str, seconds: float, objects: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5]))
