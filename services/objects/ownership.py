@@ -10,6 +10,13 @@ but heartbeats and acquisitions. Each acquisition bumps the partition's epoch in
 The local lease deadline is the send time of the last successful heartbeat plus 80 % of the
 TTL: Postgres cannot end the session before the TTL counted from *after* that heartbeat, so
 while the deadline holds no other worker can own our partitions. Past it, we step down.
+
+Availability under network faults (issue 14): a worker that cannot be reached over NATS
+(liveness.py) leaves the lock session so the others take its partitions at once; while a
+renewal is overdue it refuses new requests (:meth:`Ownership.reaching_postgres`) but keeps
+the lease, riding out flaps shorter than it; having lost its session to a failure, it rejoins
+only once Postgres has answered for a lease (rejoin.py); and partitions being handed over to
+it are tried for every few milliseconds, since the old owner keeps refusing until we hold them.
 """
 
 from __future__ import annotations
@@ -117,11 +124,11 @@ class Ownership:
 
     def reaching_postgres(self) -> bool:
         """False while a lease renewal is overdue (the one in flight was sent more than max(1 s,
-        an interval) ago, or none came back for two intervals plus that): Postgres is probably
-        out of reach, so a request taken now would
-        wait for a commit that cannot happen and, when the lease lapses, fail as ObjectReset
-        (outcome unknown). The dispatcher refuses new requests with NotOwner (retryable: they
-        never ran) meanwhile; the lease itself is kept, so a short flap costs no partition."""
+        an interval) ago, or none came back for two intervals plus that). Postgres is probably
+        out of reach then, so a request taken now would wait for a commit that cannot happen
+        and, when the lease lapses, fail as ObjectReset (outcome unknown). The dispatcher
+        refuses new requests with NotOwner (retryable: they never ran) meanwhile; the lease
+        itself is kept, so a flap shorter than the lease costs no partition."""
         if not self.epochs:
             return True
         interval, now = self.settings.heartbeat_interval, time.monotonic()
@@ -217,6 +224,7 @@ class Ownership:
             now = time.monotonic()
             if self.epochs and now >= self.lease_deadline:
                 log.warning("lease expired before a heartbeat returned; stepping down")
+                self._rejoin.arm()
                 await self._lose_all("lease expired")
             if now >= end:
                 return
