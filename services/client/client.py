@@ -35,6 +35,9 @@ from ..core.settings import Settings
 from ..core.wire import decode_reply, partition_of, request_subject
 
 log = logging.getLogger("durable.client")
+#: seconds between the client's PINGs to its NATS server; two unanswered and the connection is
+#: given up (then the next server of DURABLE_NATS_URL is tried), as nats-server does with ours
+CLIENT_PING_INTERVAL = 2
 
 
 class _Retry(Exception):
@@ -107,7 +110,11 @@ class Client:
 
         nc = NatsClient()
         options: dict[str, Any] = {"name": "durable-client", "max_reconnect_attempts": -1,
-                                   "connect_timeout": max(1, min(2, int(limit)))}
+                                   "connect_timeout": max(1, min(2, int(limit))),
+                                   # a dead (black-holed) connection is given up after a few
+                                   # seconds, not nats-py's 2 x 120 s, so a process cut from its
+                                   # NATS node reconnects to another one while the cut lasts
+                                   "ping_interval": CLIENT_PING_INTERVAL, "max_outstanding_pings": 2}
         options.update(nats_options)
         try:
             async with asyncio.timeout(limit):

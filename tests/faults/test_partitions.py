@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -70,9 +71,9 @@ class Servers:
     nats: list[HostNats]
     pg: HostPostgres
 
-    def nats_for(self, host: Host) -> HostNats:
-        """The NATS node ``host`` is linked to (each host reaches one)."""
-        return next(n for n in self.nats if n.host.name in host.links)
+    def nats_for(self, host: Host) -> HostNats | None:
+        """The (first) NATS node ``host`` is linked to, if any."""
+        return next((n for n in self.nats if n.host.name in host.links), None)
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +102,14 @@ class Cluster:
         return self.net.hosts[a].link_to(self.net.hosts[b])
 
     async def run_load(self, seconds: float, host: str = "client", prefix: str = "part",
-                       objects: int = OBJECTS) -> asyncio.subprocess.Process:
+                       objects: int = OBJECTS, **extra_env: str) -> asyncio.subprocess.Process:
         """The load client on ``host``, over counters ``<prefix>-<i>``; its record goes to
         ``<prefix>.json`` (see netns_load.py)."""
         client = self.net.hosts[host]
         s = self.settings_for(client)
         out = self.log_dir / f"{prefix}.json"
         env = worker_env(s, DURABLE_REQUEST_TIMEOUT="2.0", DURABLE_RETRY_DEADLINE="10.0",
-                         DURABLE_DATABASE_URL="postgresql://unused@invalid/unused")
+                         DURABLE_DATABASE_URL="postgresql://unused@invalid/unused", **extra_env)
         log = open(self.log_dir / f"{prefix}.log", "ab")  # noqa: SIM115 - the child's output
         try:
             return await asyncio.create_subprocess_exec(
@@ -141,7 +142,8 @@ def partition_settings(servers: Servers, host: Host, database: str, **overrides:
                               "request_timeout": 2.0, "retry_deadline": 10.0, "idle_timeout": 120.0}
     values.update(overrides)
     db_url = servers.pg.url_from(host, database) if "pg" in host.links else "postgresql://unused@invalid/x"
-    return make_settings(servers.nats_for(host).url_from(host), db_url, **values)
+    nats = servers.nats_for(host)
+    return make_settings(nats.url_from(host) if nats else "nats://unused:4222", db_url, **values)
 
 
 @asynccontextmanager
@@ -272,7 +274,8 @@ async def test_a_flapping_postgres_link_never_hands_partitions_to_the_worker_beh
 @pytest.fixture(scope="module")
 def net3() -> Iterator[Net]:
     """Three NATS nodes (a JetStream cluster, a link per pair), Postgres, a worker per node and
-    a client on n1 and on n3; each worker and client reaches only its own node."""
+    a client on n1 and on n3, each reaching only its own node; a router reaching n1 and n2, and
+    an HTTP client reaching the router."""
     reason = netns.available()
     if reason is not None:
         pytest.skip(f"the partition harness cannot run here: {reason}")
@@ -290,6 +293,10 @@ def net3() -> Iterator[Net]:
             n.link(w, pg)
         n.link(n.host("c1"), nodes[0])
         n.link(n.host("c3"), nodes[2])
+        router = n.host("r")  # a router reaching n1 and n2, and an HTTP client reaching the router
+        n.link(router, nodes[0])
+        n.link(router, nodes[1])
+        n.link(n.host("c0"), router)
         yield n
     finally:
         n.close()
@@ -350,3 +357,48 @@ async def test_a_nats_node_cut_off_from_its_cluster_takes_no_partitions_with_it(
         slow = {o[:12]: round(g, 2) for o, g in books.unavailable.items() if g > RECOVERY_BOUND}
         assert not slow, f"objects unanswered by the majority for longer than {RECOVERY_BOUND}s: {slow}"
         assert "heard no more than half of the live workers" in c.workers["w3"].log_text()
+
+
+def connected_node(host: Host, nodes: list[HostNats]) -> HostNats | None:
+    """The NATS node ``host`` has an established connection to (``ss`` in its namespace)."""
+    out = subprocess.run(["ip", "netns", "exec", host.ns, "ss", "-Htn", "state", "established",
+                          f"( dport = :{netns.NATS_PORT} )"], capture_output=True, text=True).stdout
+    for node in nodes:
+        if node.host.name in host.links and f"{host.addr_of(node.host)}:{netns.NATS_PORT}" in out:
+            return node
+    return None
+
+
+async def test_a_router_cut_from_its_nats_node_carries_on_through_another(
+        net3: Net, servers3: Servers, tmp_path: Path) -> None:
+    """The router knows n1 and n2; the link to the one it is connected to is cut. It must notice
+    (its client pings the server every few seconds) and reconnect to the other, so every object
+    answers HTTP again within the bound, instead of every request timing out until the client
+    library's default ping (two minutes apart) gives up on the dead connection."""
+    async with running_cluster(net3, servers3, tmp_path, ["w1", "w2", "w3"], alarm_replicas=3) as c:
+        r, c0 = net3.hosts["r"], net3.hosts["c0"]
+        urls = ",".join(n.url_from(r) for n in servers3.nats[:2])
+        env = worker_env(c.settings_for(r), DURABLE_NATS_URL=urls, DURABLE_HTTP_HOST="0.0.0.0",
+                         DURABLE_HTTP_PORT="8787", DURABLE_REQUEST_TIMEOUT="2.0", DURABLE_RETRY_DEADLINE="10.0",
+                         DURABLE_DATABASE_URL="postgresql://unused@invalid/unused")
+        router = r.popen([sys.executable, "-m", "durable.cli", "router"], tmp_path / "router.log", env=env, cwd=ROOT)
+        try:
+            cut = RECOVERY_BOUND + 5
+            load = await c.run_load(8.0 + cut + 12.0, host="c0", prefix="http",
+                                    DURABLE_LOAD_HTTP=f"http://{c0.addr_of(r)}:8787")
+            await asyncio.sleep(8.0)
+            node = connected_node(r, servers3.nats)
+            assert node is not None, (tmp_path / "router.log").read_text()[-2000:]
+            link = r.link_to(node.host)
+            start = time.time()
+            link.cut()
+            await asyncio.sleep(cut)
+            link.heal()
+            books = await c.books(f"router cut from its NATS node ({node.host.name})", load,
+                                  (start, time.time()), prefix="http")
+        finally:
+            router.kill()
+            router.wait(10)
+        assert books.acked > 0 and books.lost == 0 and books.double_applied == 0, books.violations[:10]
+        slow = {o[:12]: round(g, 2) for o, g in books.unavailable.items() if g > RECOVERY_BOUND}
+        assert not slow, f"objects unanswered over HTTP for longer than {RECOVERY_BOUND}s: {slow}"
