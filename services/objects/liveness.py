@@ -76,7 +76,12 @@ class NatsLiveness:
         while True:
             sent = time.monotonic()
             try:
+                # while reconnecting, nats-py's flush() returns without any round trip
+                if not self.nc.is_connected:
+                    raise ConnectionError("not connected (reconnecting)")
                 await self.nc.flush(timeout=max(1, round(self.timeout)))
+                if not self.nc.is_connected:
+                    raise ConnectionError("the connection was lost during the round trip")
             except Exception as exc:  # noqa: BLE001 - unreachable, reconnecting or closed: just not alive
                 log.debug("NATS round trip failed: %s: %s", type(exc).__name__, exc)
             else:
