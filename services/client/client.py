@@ -3,7 +3,8 @@
 A request that met no responder (the partition is between owners) is retried with jittered
 exponential backoff until the retry deadline; a request that timed out after it may have
 been delivered is reported as a RequestTimeout (outcome unknown: not retryable) and never
-repeated silently.
+repeated silently, unless it carries an idempotency key: then a repeat cannot run it twice
+(services/objects/idempotency.py), and timeouts are retried too until the retry deadline.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..core.errors import (
     Unavailable,
 )
 from ..core.settings import Settings
-from ..core.wire import decode_reply, partition_of, request_subject
+from ..core.wire import IDEMPOTENCY_HEADER, decode_reply, partition_of, request_subject
 
 log = logging.getLogger("durable.client")
 
@@ -213,12 +214,15 @@ class Client:
         try:
             if guard is not None:
                 reopened = await guard.before_outgoing()
+            # with an idempotency key a timeout is safe to repeat: the object runs the call once
+            retryable: tuple[type[Exception], ...] = \
+                (_Retry, RequestTimeout) if headers and IDEMPOTENCY_HEADER in headers else (_Retry,)
             try:
                 return await self._attempt(subject, payload, headers, timeout)
-            except _Retry:
+            except retryable:
                 pass
             retrying = AsyncRetrying(
-                retry=retry_if_exception_type(_Retry),
+                retry=retry_if_exception_type(retryable),
                 wait=wait_random_exponential(multiplier=0.01, max=0.5),
                 stop=stop_after_delay(self.settings.retry_deadline),
                 reraise=True,

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=10.0, gt=0)
     #: How long a caller keeps retrying requests that met no responder (failover window).
     retry_deadline: float = Field(default=10.0, ge=0)
+    #: How long a call's idempotency key is remembered: a repeat within it gets the recorded
+    #: reply, a repeat after it runs the method again (Stripe keeps keys 24 h).
+    idempotency_ttl: float = Field(default=86400.0, gt=0)
     #: Flush transactions a worker keeps in flight at once (each on its own connection).
     flush_concurrency: int = Field(default=1, ge=1, le=16)
     #: Record (partition, epoch, worker, time) of every commit in do_commit_audit (fault tests).

@@ -42,5 +42,5 @@ def test_an_unchanged_alarm_is_not_written() -> None:
 def test_the_flush_call_names_every_parameter_in_order() -> None:
     names = [name for name in FlushRows.__dataclass_fields__]
     assert _FLUSH.startswith("SELECT do_flush(parts => $1, epochs => $2, wiped => $3")
-    assert _FLUSH.count("=>") == len(names) == 28
+    assert _FLUSH.count("=>") == len(names) == 35
     assert _FLUSH.endswith(f"audit_worker => ${len(names)})")
