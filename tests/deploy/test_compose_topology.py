@@ -166,7 +166,7 @@ async def wait_ready(topology: Topology, workers: list[str], routers: list[str],
 
     async def balanced() -> bool:
         topology.check_running()
-        stats = await micro_stats(settings.nats_servers)
+        stats = await micro_stats(settings)
         owned = sorted(int(s["metadata"]["partitions_owned"]) for s in stats)
         share = settings.partitions // len(workers)
         return len(owned) == len(workers) and sum(owned) == settings.partitions and owned[0] >= share
