@@ -12,6 +12,7 @@ import nats
 import pytest
 from durable.client import Client, Env
 from durable.client.chat import ChatClient
+from durable.core import codec
 from durable.core.config import AppConfig
 from durable.core.errors import Unavailable
 from durable.core.settings import Settings
@@ -78,13 +79,18 @@ async def raw() -> AsyncIterator[Raw]:
 
 
 async def test_every_user_does_its_part_end_to_end(locked_worker: Worker, base: Settings,
-                                                   config: AppConfig) -> None:
+                                                   config: AppConfig, caplog: pytest.LogCaptureFixture) -> None:
     # an application client: calls on the partition subjects, replies on its own inbox
     app = await Client.connect(user_settings(base, "app"), config)
     try:
-        counter = Env(app, config).COUNTERS.get_by_name("locked")
+        env = Env(app, config)
+        counter = env.COUNTERS.get_by_name("locked")
         assert await counter.increment(2) == 2
         assert await counter.increment(3) == 5
+        # an alarm: the worker's JetStream stream, consumer, schedule and acknowledgement
+        alarmer = env.ALARMERS.get_by_name("locked")
+        await alarmer.arm(100)
+        await assert_eventually(alarmer.runs, timeout=10, message="the alarm ran")
     finally:
         await app.close()
     # the router and its WebSocket gateway: calls, frames from the object, heartbeats
@@ -101,8 +107,14 @@ async def test_every_user_does_its_part_end_to_end(locked_worker: Worker, base: 
     try:
         counter = Env(ops, config).COUNTERS.get_by_name("locked")
         assert await counter.increment(1) == 6
+        done = await ops.call("Counter", counter.id.hex, "admin.state", codec.pack({"put": {"value": 41}}))
+        assert done["put"] == 1 and await counter.increment(1) == 42
     finally:
         await ops.close()
+    # and nobody was refused anything on the way (each would have logged a permissions violation)
+    refused = [r.getMessage() for phase in ("setup", "call") for r in caplog.get_records(phase)
+               if "permissions violation" in r.getMessage().lower()]
+    assert refused == []
 
 
 async def test_an_app_user_reads_no_one_elses_traffic_and_sends_no_admin_or_partition_request(
