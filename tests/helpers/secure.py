@@ -99,7 +99,7 @@ class SecureNats(EmbeddedNats):
 
     async def start(self, timeout: float = 20.0) -> None:
         """Start with the users' passwords in the server's environment, as a deployment gives them."""
-        names = [f"DURABLE_NATS_{u.upper()}_PASSWORD" for u in USERS]
+        names = [f"NATS_{u.upper()}_PASSWORD" for u in USERS]
         saved = {n: os.environ.get(n) for n in names}
         os.environ.update({n: password(u) for n, u in zip(names, USERS, strict=True)})
         try:
