@@ -5,6 +5,7 @@ drain, the health endpoints)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from typing import Any
@@ -115,10 +116,35 @@ def test_a_nats_config_has_the_settings_the_runtime_needs(node: str) -> None:
 
 
 def test_nats_server_accepts_each_config() -> None:
-    for path in nats_services(load_compose()).values():
+    compose = load_compose()
+    for name, path in nats_services(compose).items():
+        env = {**os.environ, **service_env(compose["services"][name])}
         result = subprocess.run([nats_server_binary(), "-t", "-c", str(path)], capture_output=True, text=True,
-                                timeout=30)
+                                timeout=30, env=env)
         assert result.returncode == 0, result.stderr
+        # and without the users' passwords it refuses to start (no user left without one)
+        bare = {k: v for k, v in env.items() if not k.startswith("NATS_")}
+        result = subprocess.run([nats_server_binary(), "-t", "-c", str(path)], capture_output=True, text=True,
+                                timeout=30, env=bare)
+        assert result.returncode != 0 and "NATS_WORKER_PASSWORD" in result.stderr
+
+
+def test_compose_locks_nats_down_with_the_shipped_users() -> None:
+    """Each node mounts deploy/nats/auth.conf beside its config, which includes it; each worker
+    and router connects as its user with that user's password and reply prefix."""
+    compose = load_compose()
+    for name, path in nats_services(compose).items():
+        service = compose["services"][name]
+        assert "./nats/auth.conf:/etc/nats/auth.conf:ro" in service["volumes"]
+        assert nats_conf(path)["include"] == "auth.conf"
+    server_env = service_env(compose["services"]["nats-1"])
+    for kind in ("worker", "router"):
+        for name, service in services_running(compose, kind).items():
+            env = service_env(service)
+            assert env["DURABLE_NATS_USER"] == kind, name
+            assert env["DURABLE_NATS_INBOX_PREFIX"] == f"_INBOX.{kind}", name
+            assert env["DURABLE_NATS_PASSWORD"] == server_env[f"NATS_{kind.upper()}_PASSWORD"], name
+    assert "deploy/.env" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 def test_a_wrong_mapping_is_told_apart() -> None:
