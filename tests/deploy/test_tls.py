@@ -135,9 +135,5 @@ def test_tls_settings_that_cannot_work_are_config_errors(certs: Certs) -> None:
     with pytest.raises(ConfigError, match="cannot load the client certificate"):
         connect_options(base.model_copy(update={"nats_tls_cert": str(certs.client_cert),
                                                 "nats_tls_key": str(certs.server_key)}))
-    with pytest.raises(ConfigError, match="DURABLE_NATS_PASSWORD is set but DURABLE_NATS_USER is not"):
-        connect_options(base.model_copy(update={"nats_password": "x"}))
-    with pytest.raises(ConfigError, match="one way to authenticate"):
-        connect_options(base.model_copy(update={"nats_user": "u", "nats_token": "t"}))
     assert "tls" in connect_options(base)  # a tls:// URL: TLS with the system's CAs
     assert "tls" not in connect_options(base.model_copy(update={"nats_url": "nats://127.0.0.1:4222"}))
