@@ -18,6 +18,7 @@ from durable.core.errors import Unavailable
 from durable.core.settings import Settings
 from durable.core.wire import partition_of
 from durable.objects import Worker
+from durable.operate import doctor
 from durable.status import micro_stats
 from nats.aio.client import Client as NatsClient
 
@@ -111,6 +112,9 @@ async def test_every_user_does_its_part_end_to_end(locked_worker: Worker, base: 
         assert done["put"] == 1 and await counter.increment(1) == 42
     finally:
         await ops.close()
+    # `durable doctor` as the operator: its NATS checks, the mapping's included
+    checks = {c.name: c for c in await doctor.run(operator, config)}
+    assert checks["nats"].ok and checks["partition mapping"].ok, [c.line() for c in checks.values()]
     # and nobody was refused anything on the way (each would have logged a permissions violation)
     refused = [r.getMessage() for phase in ("setup", "call") for r in caplog.get_records(phase)
                if "permissions violation" in r.getMessage().lower()]
