@@ -32,6 +32,7 @@ from ..core.errors import (
     RequestTimeout,
     Unavailable,
 )
+from ..core.nats_options import connect_hint, connect_options
 from ..core.settings import Settings
 from ..core.wire import IDEMPOTENCY_HEADER, decode_reply, partition_of, request_subject
 
@@ -54,6 +55,10 @@ class LocalDispatch(Protocol):
 
     def dispatch(self, subject: str, payload: bytes,
                  headers: dict[str, str] | None) -> asyncio.Future[tuple[dict[str, str] | None, bytes]] | None: ...
+
+
+_NOT_RUNNING = (" Is nats-server running there? `durable dev` starts one on nats://127.0.0.1:4222; "
+                "elsewhere set DURABLE_NATS_URL to your NATS server(s).")
 
 
 def _describe(exc: BaseException) -> str:
@@ -108,7 +113,8 @@ class Client:
 
         nc = NatsClient()
         options: dict[str, Any] = {"name": "durable-client", "max_reconnect_attempts": -1,
-                                   "connect_timeout": max(1, min(2, int(limit)))}
+                                   "connect_timeout": max(1, min(2, int(limit))),
+                                   **connect_options(settings)}
         options.update(nats_options)
         try:
             async with asyncio.timeout(limit):
@@ -116,11 +122,11 @@ class Client:
         except (TimeoutError, OSError, NatsError) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
-            last = errors[-1] if errors else exc
+            # the error that says what to set (credentials, TLS), else the last one
+            last = next((e for e in reversed(errors) if connect_hint(e)), errors[-1] if errors else exc)
             raise Unavailable(
                 f"cannot connect to NATS at {', '.join(servers)} (DURABLE_NATS_URL) within {limit:g}s: "
-                f"{_describe(last)}. Is nats-server running there? `durable dev` starts one on "
-                "nats://127.0.0.1:4222; elsewhere set DURABLE_NATS_URL to your NATS server(s)."
+                f"{_describe(last)}.{connect_hint(last) or _NOT_RUNNING}"
             ) from None
         connected = True
         client = cls(nc, settings, config)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .errors import ConfigError
@@ -99,6 +99,21 @@ class Settings(BaseSettings):
     #: ``durable dev``: the router hands requests for partitions its in-process worker serves to
     #: that worker directly (services/objects/local.py) instead of over NATS.
     local_dispatch: bool = True
+
+    #: NATS credentials (README "Locking NATS down"): a user and password, a token, or a
+    #: ``.creds`` file (a JWT and NKey seed, for servers run with an operator); empty: anonymous.
+    nats_user: str = ""
+    nats_password: SecretStr = SecretStr("")
+    nats_token: SecretStr = SecretStr("")
+    nats_creds: str = ""
+    #: The prefix of this process's reply subjects. A server that locks NATS down lets each user
+    #: subscribe only to its own prefix, so nobody reads another's replies.
+    nats_inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")
+    #: TLS to NATS: the CA that signed the servers' certificates (``tls://`` URLs need one unless
+    #: the system's CAs signed them), and a client certificate and key for servers that verify clients.
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
 
     def or_dev_servers(self) -> Settings:
         """These settings, pointing at the servers `durable dev` runs where no NATS or Postgres URL
