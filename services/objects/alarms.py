@@ -35,6 +35,7 @@ from ..core.metrics import LATE_AFTER, Histograms
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
 from ..core.wire import AlarmFire, alarm_wakeup, parse_alarm_fire
+from .alarm_reads import AlarmRowReader
 from .alarm_rules import AlarmRow, RunOutcome, after_failure, now_ms
 from .alarm_stream import AlarmStream
 from .base import AlarmInfo
@@ -118,6 +119,8 @@ class Alarms:
         self.store = store
         self.client = client
         self.stream = AlarmStream(nc, settings)
+        #: the rows wake-ups check first, read together for the fires that arrive together
+        self.rows = AlarmRowReader(store)
         self.stream_ready = False
         self.tasks = TaskSet()
         self._sweeper: asyncio.Task[None] | None = None
@@ -168,6 +171,7 @@ class Alarms:
             self._publisher.cancel()
             await asyncio.gather(self._publisher, return_exceptions=True)
         await self.tasks.close(grace)
+        await self.rows.close()
 
     # ----- schedules out ------------------------------------------------------------------
 
@@ -238,7 +242,7 @@ class Alarms:
         built (its constructor run) for a wake-up whose alarm is gone or changed."""
         if object_id in state.instances:
             return self.partitions.instance(state, namespace, object_id)
-        row = await self.store.read_alarm(object_id)
+        row = await self.rows.read(object_id)
         if row is None or row.generation != generation:
             return None
         inst = self.partitions.instance(state, namespace, object_id)
@@ -248,7 +252,7 @@ class Alarms:
     async def _forward(self, fire: AlarmFire, msg: Msg) -> None:
         namespace, object_id = fire.namespace, fire.object_id
         try:
-            row = await self.store.read_alarm(object_id)  # without building the object anywhere
+            row = await self.rows.read(object_id)  # without building the object anywhere
             if row is None or row.generation != fire.generation:
                 await _ack(msg)
                 return

@@ -41,6 +41,10 @@ _READ_SOCKETS = (
     "WHERE object_id = $1 ORDER BY accepted_at, socket_id"
 )
 _READ_ALARM = "SELECT scheduled_ms, due_ms, generation, retry_count FROM do_alarms WHERE object_id = $1"
+_READ_ALARMS = (
+    "SELECT object_id, scheduled_ms, due_ms, generation, retry_count FROM do_alarms "
+    "WHERE object_id = ANY($1::text[])"
+)
 _READ_DUE = (
     "SELECT object_id, namespace, partition, due_ms, generation FROM do_alarms "
     "WHERE partition = ANY($1::int[]) AND due_ms <= $2 ORDER BY due_ms LIMIT $3"
@@ -210,6 +214,12 @@ class ObjectStore:
         async with self.pool.acquire() as conn:
             status = await conn.execute(_SWEEP_IDEMPOTENCY, partitions, now_ms, limit)
         return int(status.split()[-1])
+
+    async def read_alarms(self, object_ids: list[str]) -> dict[str, AlarmRow]:
+        """The alarm rows of many objects in one statement (alarm_reads.py); no row: no alarm."""
+        rows = await self._read(_READ_ALARMS, object_ids)
+        return {r["object_id"]: AlarmRow(r["scheduled_ms"], r["due_ms"], r["generation"], r["retry_count"])
+                for r in rows}
 
     async def read_sockets(self, object_id: str) -> list[Any]:
         return await self._read(_READ_SOCKETS, object_id)
