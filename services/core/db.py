@@ -26,6 +26,28 @@ async def connect(url: str, **kwargs: object) -> asyncpg.Connection:
     return await asyncpg.connect(url, **kwargs)
 
 
+class NotPrimary(RuntimeError):
+    """A connection reached a read-only server (a hot standby): durable writes, and holds its
+    partition locks, on the primary only."""
+
+
+async def require_primary(conn: asyncpg.Connection) -> None:
+    """Raise :class:`NotPrimary` if ``conn`` is to a standby in recovery. Postgres 14+ reports
+    ``in_hot_standby`` when the session starts (no round trip); older servers are asked. Used as
+    the pool's ``init`` and by the lock session: a standby accepts advisory locks, which would
+    lock nothing the primary knows about."""
+    reported = getattr(conn.get_settings(), "in_hot_standby", None)
+    standby = reported == "on" if reported is not None else await conn.fetchval("SELECT pg_is_in_recovery()")
+    if standby:
+        addr = conn._addr  # (host, port) or a socket path
+        where = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        raise NotPrimary(
+            f"the Postgres at {where} is a read-only standby (in recovery); durable needs the primary. "
+            "Name the primary in DURABLE_DATABASE_URL, or every server with "
+            "?target_session_attrs=read-write so that the one accepting writes is found"
+        )
+
+
 async def apply_schema(conn: asyncpg.Connection, partitions: int) -> list[str]:
     """Apply the SQL migrations not yet recorded; returns the names applied now."""
     applied_now: list[str] = []

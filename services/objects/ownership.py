@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from ..core.db import require_primary
 from ..core.logs import ranges
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
@@ -114,6 +115,11 @@ class Ownership:
                 "client_connection_check_interval": "1000",
             },
         )
+        try:  # a standby would grant advisory locks that lock nothing on the primary
+            await require_primary(conn)
+        except BaseException:
+            conn.terminate()
+            raise
         await conn.execute(
             "INSERT INTO do_workers(worker_id, host, pid) VALUES ($1, $2, $3) "
             "ON CONFLICT (worker_id) DO UPDATE SET last_seen = now()",

@@ -148,7 +148,8 @@ class Worker:
             await close_nats(self.nc)
             raise
         self.pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=8,
-                                              reset=_keep_session, command_timeout=settings.lease_ttl)
+                                              reset=_keep_session, command_timeout=settings.lease_ttl,
+                                              init=db.require_primary)  # never a read-only standby
         async with self.pool.acquire() as conn:
             await db.apply_schema(conn, settings.partitions)
             await db.apply_class_migrations(conn, self.config)
