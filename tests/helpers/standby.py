@@ -10,8 +10,8 @@ worker has been flushed to the standby's WAL. The setting is made with ALTER SYS
 primary *after* the base backup, so the standby does not inherit it: promoted, it must not wait
 for a standby of its own that does not exist.
 
-:meth:`ReplicatedPostgres.kill_primary` kills the primary's whole process group (postmaster
-and backends: a lost machine, not a crashed postmaster whose backends linger), and
+:meth:`ReplicatedPostgres.kill_primary` kills the primary's postmaster and every process of it
+(a lost machine, not a crashed postmaster whose backends linger), and
 :meth:`promote` is ``SELECT pg_promote()`` on the standby (``pg_ctl promote`` refuses to run as
 root). Both servers are stopped by PID at the end.
 """
@@ -27,10 +27,35 @@ from pathlib import Path
 from types import TracebackType
 
 import asyncpg
-from durable.core.embedded import EmbeddedPostgres
+from durable.core.embedded import EmbeddedPostgres, free_port
 
 #: matches every standby: the pair has one, and its name does not matter
 SYNC_STANDBYS = "*"
+
+
+def _server_processes(postmaster: int) -> list[int]:
+    """The postmaster and its children (backends, walsender/walreceiver, startup...), each of
+    which Postgres puts in a process group of its own (setsid), so a signal to the postmaster's
+    group reaches the postmaster only."""
+    pids = [postmaster]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:  # field 4: the parent's pid
+            pids.append(int(entry.name))
+    return pids
+
+
+def _signal_server(postmaster: int, sig: signal.Signals) -> None:
+    for pid in _server_processes(postmaster):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 class ReplicatedPostgres:
@@ -88,11 +113,34 @@ class ReplicatedPostgres:
             await conn.close()
 
     async def kill_primary(self) -> None:
-        """kill -9 of the primary's postmaster and every backend of it (its process group)."""
+        """kill -9 of the primary's postmaster and all its processes at once: a lost machine, not a
+        crashed postmaster whose backends linger until they notice."""
         proc, self.primary.process = self.primary.process, None
         assert proc is not None and proc.poll() is None, "the primary is not running"
-        os.killpg(proc.pid, signal.SIGKILL)
+        _signal_server(proc.pid, signal.SIGKILL)
         await asyncio.to_thread(proc.wait)
+
+    async def cut_standby(self, timeout: float = 30.0) -> None:
+        """Cut the standby off from the primary (its walreceiver is pointed at a port nobody
+        listens on, and reconnects there): it falls behind from now on, and with synchronous
+        replication every commit on the primary waits. (A SIGSTOP'd standby would not do: the
+        WAL sent meanwhile waits in its socket buffer and is read on SIGCONT.) Returns once the
+        primary has no standby connected."""
+        standby = await asyncpg.connect(self.standby.url, timeout=5)
+        try:
+            await standby.execute(f"ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port={free_port()} "
+                                  "user=postgres connect_timeout=1'")
+            await standby.execute("SELECT pg_reload_conf()")  # restarts the walreceiver
+        finally:
+            await standby.close()
+        primary = await asyncpg.connect(self.primary.url, timeout=5)
+        try:
+            deadline = time.monotonic() + timeout
+            while await primary.fetchval("SELECT count(*) FROM pg_stat_replication"):
+                assert time.monotonic() < deadline, "the standby is still connected"
+                await asyncio.sleep(0.02)
+        finally:
+            await primary.close()
 
     async def promote(self, timeout: int = 60) -> None:
         """Promote the standby; returns once it accepts writes."""
