@@ -11,6 +11,7 @@ from importlib import resources
 import asyncpg
 
 from .config import AppConfig
+from .errors import ConfigError
 
 
 def _sql_migrations() -> list[tuple[str, str]]:
@@ -26,9 +27,10 @@ async def connect(url: str, **kwargs: object) -> asyncpg.Connection:
     return await asyncpg.connect(url, **kwargs)
 
 
-class NotPrimary(RuntimeError):
+class NotPrimary(ConfigError):
     """A connection reached a read-only server (a hot standby): durable writes, and holds its
-    partition locks, on the primary only."""
+    partition locks, on the primary only. At start-up, ``durable worker`` reports it as the
+    configuration error it then is."""
 
 
 async def require_primary(conn: asyncpg.Connection) -> None:

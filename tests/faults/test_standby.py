@@ -29,8 +29,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 from durable.core.config import AppConfig, load_config
+from durable.core.db import NotPrimary
 from durable.core.embedded import EmbeddedNats
 from durable.core.settings import Settings
+from durable.objects.ownership import SESSION_PREFIX, Ownership
 
 from tests.helpers.faults import (
     ROOT,
@@ -198,3 +200,56 @@ async def test_losing_the_primary_and_promoting_the_standby_loses_no_acknowledge
           f"{resumed_at - killed_at:.2f}s after the kill; longest stretch without an acknowledgement "
           f"{outage:.2f}s (standby lag + time to promote + reconnection)")
     assert acked_while_down == 0, "an increment was acknowledged while no primary was up"
+
+
+@pytest.mark.fault
+async def test_a_read_only_standby_is_never_used_for_writes_or_lock_sessions(
+        replicated: ReplicatedPostgres, nats_server: EmbeddedNats,
+        spawn: Callable[[Settings, int], ClusterWorker]) -> None:
+    url = await create_database(replicated, "readonly")
+    standby_only = f"postgresql://postgres@127.0.0.1:{replicated.standby.port}/readonly"
+    deadline = time.monotonic() + 30
+    while True:  # until the standby has replayed the CREATE DATABASE
+        try:
+            await (await asyncpg.connect(standby_only, timeout=5)).close()
+            break
+        except asyncpg.InvalidCatalogNameError:
+            assert time.monotonic() < deadline, "the standby never saw the database"
+            await asyncio.sleep(0.05)
+    settings = make_settings(nats_server.url, standby_only, config_file=CONFIG_FILE, lease_ttl=LEASE_TTL,
+                             heartbeat_interval=HEARTBEAT)
+
+    # a worker given the standby alone refuses to start, saying why
+    worker = spawn(settings, 0)
+    with pytest.raises(RuntimeError, match="exited with 2") as failed:
+        await worker.start()
+    assert f"127.0.0.1:{replicated.standby.port} is a read-only standby" in str(failed.value)
+    assert "target_session_attrs=read-write" in str(failed.value)
+
+    # nor does a lock session stay on it: a standby would grant advisory locks that lock nothing
+    ownership = Ownership(settings, "on-standby", on_acquired=_never_acquired, on_lost=lambda p, r: None)
+    with pytest.raises(NotPrimary, match="read-only standby"):
+        await ownership._open()
+    conn = await asyncpg.connect(standby_only)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1",
+                                   f"{SESSION_PREFIX}%") == 0
+        assert await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == 0
+    finally:
+        await conn.close()
+
+    # with the primary gone and nobody promoted yet, the URL naming both reaches no server: the
+    # standby is skipped, not written to
+    await replicated.kill_primary()
+    with pytest.raises(OSError):
+        await asyncpg.connect(url, timeout=5)
+    ownership = Ownership(settings.model_copy(update={"database_url": url}), "after-primary",
+                          on_acquired=_never_acquired, on_lost=lambda p, r: None)
+    with pytest.raises(OSError):
+        await ownership._open()
+    await replicated.promote()
+    assert await server_port(url) == replicated.standby.port
+
+
+async def _never_acquired(partition: int, epoch: int) -> None:
+    raise AssertionError(f"partition {partition} acquired on a standby")
