@@ -34,6 +34,8 @@ log = logging.getLogger("durable.ownership")
 SESSION_PREFIX = "durable-owner:"
 #: heartbeats a partition may stay without any owner before a worker it is not assigned to takes it
 ORPHAN_HEARTBEATS = 3
+#: how soon a worker without a lock session tries to open one again (at most a heartbeat)
+RECONNECT_INTERVAL = 0.25
 
 #: live lock sessions of this deployment (in this database) and the partitions locked by anyone
 _LIVE = """
@@ -156,7 +158,9 @@ class Ownership:
                 else:
                     log.debug("lock session unavailable: %s: %s", type(exc).__name__, exc)
                 await self._lose_all("lock session failed")
-            await self._sleep_watching(interval)
+            # no lock session (Postgres restarting, a standby being promoted): try again soon,
+            # not a whole heartbeat later, so serving resumes as soon as a primary is there
+            await self._sleep_watching(interval if self._conn is not None else min(interval, RECONNECT_INTERVAL))
 
     async def _sleep_watching(self, interval: float) -> None:
         """Sleep until the next heartbeat, stepping down at once if the lease runs out meanwhile."""
