@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from ..core.db import require_primary
+from ..core.db import connect_writable, require_primary
 from ..core.logs import ranges
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
@@ -85,6 +85,8 @@ class Ownership:
         self._unlocks = TaskSet()
         #: asyncpg connections take one operation at a time
         self._conn_lock = asyncio.Lock()
+        #: called when the lock session is lost with partitions held (the worker renews its pool)
+        self.on_session_lost: Callable[[], None] | None = None
 
     @property
     def session_name(self) -> str:
@@ -108,7 +110,7 @@ class Ownership:
 
     async def _open(self) -> asyncpg.Connection:
         ttl_ms = int(self.settings.lease_ttl * 1000)
-        conn = await asyncpg.connect(
+        conn = await connect_writable(  # every host of the URL at once: a dead primary costs nothing
             self.settings.database_url, timeout=5, statement_cache_size=0,
             server_settings={
                 "application_name": self.session_name,
@@ -263,6 +265,8 @@ class Ownership:
             log.warning("stepping down from %d partition(s): %s", len(self.epochs), reason,
                         extra={"worker": self.worker_id, "partitions": ranges(self.epochs), "reason": reason,
                                "count": len(self.epochs), "epochs": dict(sorted(self.epochs.items()))})
+        if self.epochs and self.on_session_lost is not None:
+            self.on_session_lost()
         for p in sorted(self.epochs):
             self.epochs.pop(p, None)
             self._on_lost(p, reason)

@@ -29,7 +29,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from durable.core.config import AppConfig, load_config
-from durable.core.db import NotPrimary
+from durable.core.db import NotPrimary, connect_writable
 from durable.core.embedded import EmbeddedNats
 from durable.core.settings import Settings
 from durable.objects.ownership import SESSION_PREFIX, Ownership
@@ -102,7 +102,8 @@ async def create_database(pair: ReplicatedPostgres, name: str) -> str:
 
 
 async def server_port(url: str) -> int:
-    conn = await asyncpg.connect(url, timeout=5)
+    """The port of the server a connection with ``url`` reaches (as a worker connects)."""
+    conn = await connect_writable(url, timeout=5)
     try:
         return int(await conn.fetchval("SELECT inet_server_port()"))
     finally:
@@ -111,11 +112,16 @@ async def server_port(url: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.fault
+@pytest.mark.parametrize("fault", ["kill -9", "SIGSTOP"])
 async def test_losing_the_primary_and_promoting_the_standby_loses_no_acknowledged_write(
-        replicated: ReplicatedPostgres, nats_server: EmbeddedNats,
+        fault: str, replicated: ReplicatedPostgres, nats_server: EmbeddedNats,
         spawn: Callable[[Settings, int], ClusterWorker]) -> None:
+    """kill -9: the primary's port refuses connections at once. SIGSTOP: connections to it are
+    accepted by the kernel and never answered, as when its machine hangs or is cut off; the
+    workers' sessions on it time out, and new connections must not wait on it."""
     config: AppConfig = load_config(CONFIG_FILE)
     url = await create_database(replicated, "failover")
+    promoted = replicated.server_url(replicated.standby, "failover")  # the checks look there
     settings = make_settings(nats_server.url, url, config_file=CONFIG_FILE, lease_ttl=LEASE_TTL,
                              heartbeat_interval=HEARTBEAT, request_timeout=2.0, retry_deadline=10.0,
                              idle_timeout=120.0)
@@ -142,10 +148,13 @@ async def test_losing_the_primary_and_promoting_the_standby_loses_no_acknowledge
         cut_at = time.monotonic()
         await asyncio.sleep(STANDBY_LAG)
         acked_while_lagging = sum(1 for t in load.tally.ack_times if t > cut_at)
-        killed_at = time.monotonic()
-        await replicated.kill_primary()
+        lost_at = time.monotonic()
+        if fault == "kill -9":
+            await replicated.kill_primary()
+        else:
+            replicated.freeze_primary()
         await asyncio.sleep(PROMOTE_AFTER)  # the primary is gone; nobody has promoted yet
-        acked_while_down = sum(1 for t in load.tally.ack_times if t > killed_at + 0.5)
+        acked_while_down = sum(1 for t in load.tally.ack_times if t > lost_at + 0.5)
         await replicated.promote()
         promoted_at = time.monotonic()
 
@@ -159,12 +168,12 @@ async def test_losing_the_primary_and_promoting_the_standby_loses_no_acknowledge
         outage = load.tally.last_gap(cut_at - 1.0)
 
         assert all(w.alive for w in workers), "a worker died instead of reconnecting"
-        await wait_all_owned(url, settings, 30)
-        await wait_balanced(url, settings, ids, 30)  # the same workers (not restarted) own everything
+        await wait_all_owned(promoted, settings, 30)
+        await wait_balanced(promoted, settings, ids, 30)  # the same workers (not restarted) own everything
         assert await server_port(url) == replicated.standby.port
         assert not await replicated.in_recovery(replicated.standby)
 
-        conn = await asyncpg.connect(url)
+        conn = await asyncpg.connect(promoted)
         try:
             after = await owners(conn)
             # the locks died with the primary; every partition was taken again on the promoted
@@ -185,10 +194,12 @@ async def test_losing_the_primary_and_promoting_the_standby_loses_no_acknowledge
         await load.stop()
         for c in clients:
             await c.close()
+        if replicated.primary.running:  # frozen: fence it for good (it must never serve again)
+            await replicated.kill_primary()
     tally = load.tally
     errors = ", ".join(f"{k} {v}" for k, v in tally.errors.most_common()) or "none"
-    print(f"\n--- losing the Postgres primary (its standby cut off {STANDBY_LAG:.1f}s before, promoted "
-          f"{PROMOTE_AFTER:.1f}s after kill -9) ---\n"
+    print(f"\n--- losing the Postgres primary ({fault}; its standby cut off {STANDBY_LAG:.1f}s before, "
+          f"promoted {PROMOTE_AFTER:.1f}s after) ---\n"
           f"increments attempted {tally.total_attempted}, acknowledged {tally.total_acked} "
           f"({acked_before} before the standby was cut off, {acked_while_lagging} while it was, "
           f"{acked_while_down} while no primary was up), unknown outcome "
@@ -197,8 +208,8 @@ async def test_losing_the_primary_and_promoting_the_standby_loses_no_acknowledge
           f"applied once): {counts.unacked_applied}; commit audit: {audit.commits} commits under "
           f"{audit.epochs} (partition, epoch) ownerships, no overlap\n"
           f"first acknowledgement {resumed_at - promoted_at:.2f}s after the promotion, "
-          f"{resumed_at - killed_at:.2f}s after the kill; longest stretch without an acknowledgement "
-          f"{outage:.2f}s (standby lag + time to promote + reconnection)")
+          f"{resumed_at - lost_at:.2f}s after the primary was lost; longest stretch without an "
+          f"acknowledgement {outage:.2f}s (standby lag + time to promote + reconnection)")
     assert acked_while_down == 0, "an increment was acknowledged while no primary was up"
 
 

@@ -33,11 +33,9 @@ from durable.core.embedded import EmbeddedPostgres, free_port
 SYNC_STANDBYS = "*"
 
 
-def _server_processes(postmaster: int) -> list[int]:
-    """The postmaster and its children (backends, walsender/walreceiver, startup...), each of
-    which Postgres puts in a process group of its own (setsid), so a signal to the postmaster's
-    group reaches the postmaster only."""
-    pids = [postmaster]
+def _children(parent: int) -> set[int]:
+    """The processes whose parent is ``parent`` (from /proc/<pid>/stat)."""
+    found: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -45,17 +43,27 @@ def _server_processes(postmaster: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:  # field 4: the parent's pid
-            pids.append(int(entry.name))
-    return pids
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:  # field 4: the parent's pid
+            found.add(int(entry.name))
+    return found
 
 
 def _signal_server(postmaster: int, sig: signal.Signals) -> None:
-    for pid in _server_processes(postmaster):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+    """Send ``sig`` to a postmaster and every process of it (backends, walsender/walreceiver,
+    startup...). Postgres puts each child in a process group of its own (setsid), so a signal to
+    the postmaster's group reaches the postmaster only. The postmaster is stopped first, so it
+    forks no backend while its children are looked for (one forked meanwhile would go on
+    serving: a primary half alive)."""
+    os.kill(postmaster, signal.SIGSTOP)
+    signalled: set[int] = set()
+    while fresh := _children(postmaster) - signalled:
+        for pid in fresh:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        signalled |= fresh
+    os.kill(postmaster, sig)
 
 
 class ReplicatedPostgres:
@@ -73,6 +81,10 @@ class ReplicatedPostgres:
         whichever of them accepts writes (``target_session_attrs=read-write``)."""
         hosts = f"127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
         return f"postgresql://postgres@{hosts}/{database}?target_session_attrs=read-write"
+
+    def server_url(self, server: EmbeddedPostgres, database: str) -> str:
+        """A URL naming ``server`` alone (to look at one of the two whatever the other does)."""
+        return f"postgresql://postgres@127.0.0.1:{server.port}/{database}"
 
     async def start(self, timeout: float = 60.0) -> None:
         await self.primary.start(timeout)
@@ -120,6 +132,14 @@ class ReplicatedPostgres:
         _signal_server(proc.pid, signal.SIGKILL)
         await asyncio.to_thread(proc.wait)
 
+    def freeze_primary(self) -> None:
+        """SIGSTOP every process of the primary: connections to it are still accepted by the
+        kernel but nothing answers, as with a hung machine or a network partition (a client
+        waits for its timeout, where a killed one is refused at once). :meth:`kill_primary`
+        ends it."""
+        assert self.primary.process is not None and self.primary.process.poll() is None
+        _signal_server(self.primary.process.pid, signal.SIGSTOP)
+
     async def cut_standby(self, timeout: float = 30.0) -> None:
         """Cut the standby off from the primary (its walreceiver is pointed at a port nobody
         listens on, and reconnects there): it falls behind from now on, and with synchronous
@@ -151,6 +171,8 @@ class ReplicatedPostgres:
             await conn.close()
 
     async def stop(self) -> None:
+        if self.primary.process is not None:  # a frozen primary must hear the shutdown
+            _signal_server(self.primary.process.pid, signal.SIGCONT)
         await asyncio.gather(self.primary.stop(), self.standby.stop())
 
     async def __aenter__(self) -> ReplicatedPostgres:
