@@ -170,10 +170,11 @@ async def apply_class_migrations(conn: asyncpg.Connection, config: AppConfig) ->
                     await conn.execute("UPDATE do_alarms SET namespace=$2 WHERE namespace=$1", old, new)
                     await conn.execute("UPDATE do_sockets SET namespace=$2 WHERE namespace=$1", old, new)
                     await conn.execute("UPDATE do_object_names SET namespace=$2 WHERE namespace=$1", old, new)
+                    await conn.execute("UPDATE do_idempotency SET namespace=$2 WHERE namespace=$1", old, new)
             for name in m.deleted_classes:
                 identity.pop(name, None)
                 if m.tag not in done:
-                    for table in ("do_storage", "do_alarms", "do_sockets", "do_object_names"):
+                    for table in ("do_storage", "do_alarms", "do_sockets", "do_object_names", "do_idempotency"):
                         await conn.execute(f"DELETE FROM {table} WHERE namespace=$1", name)
             if m.tag not in done:
                 spec = {

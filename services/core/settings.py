@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .dburl import check_database_url
@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=10.0, gt=0)
     #: How long a caller keeps retrying requests that met no responder (failover window).
     retry_deadline: float = Field(default=10.0, ge=0)
+    #: How long a call's idempotency key is remembered: a repeat within it gets the recorded
+    #: reply, a repeat after it runs the method again (Stripe keeps keys 24 h).
+    idempotency_ttl: float = Field(default=86400.0, gt=0)
     #: Flush transactions a worker keeps in flight at once (each on its own connection).
     flush_concurrency: int = Field(default=1, ge=1, le=16)
     #: Record (partition, epoch, worker, time) of every commit in do_commit_audit (fault tests).
@@ -97,6 +100,21 @@ class Settings(BaseSettings):
     #: ``durable dev``: the router hands requests for partitions its in-process worker serves to
     #: that worker directly (services/objects/local.py) instead of over NATS.
     local_dispatch: bool = True
+
+    #: NATS credentials (README "Locking NATS down"): a user and password, a token, or a
+    #: ``.creds`` file (a JWT and NKey seed, for servers run with an operator); empty: anonymous.
+    nats_user: str = ""
+    nats_password: SecretStr = SecretStr("")
+    nats_token: SecretStr = SecretStr("")
+    nats_creds: str = ""
+    #: The prefix of this process's reply subjects. A server that locks NATS down lets each user
+    #: subscribe only to its own prefix, so nobody reads another's replies.
+    nats_inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")
+    #: TLS to NATS: the CA that signed the servers' certificates (``tls://`` URLs need one unless
+    #: the system's CAs signed them), and a client certificate and key for servers that verify clients.
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
 
     def or_dev_servers(self) -> Settings:
         """These settings, pointing at the servers `durable dev` runs where no NATS or Postgres URL

@@ -36,6 +36,7 @@ from .flusher import CommittedAlarm, Flusher
 from .gateway_link import GatewayLink
 from .gateway_watch import GatewayWatch
 from .handover import Handover
+from .idempotency import Sweeper
 from .local import LocalDispatcher
 from .micro import MicroService
 from .names import NameRecorder
@@ -166,6 +167,7 @@ class Worker:
         await self.gateways.start()
         await self.ownership.start()
         self.partitions.start_eviction(settings.idle_timeout)
+        self.idempotency.start()
 
     def _build(self) -> None:
         """Wire the parts: each gets the few collaborators it uses."""
@@ -184,7 +186,11 @@ class Worker:
         self.micro = MicroService(self.nc, [b.class_name for b in self.config.bindings], self._metadata,
                                   self.partitions.live_by_namespace)
         self.dispatcher = Dispatcher(self.nc, self.partitions, self.alarms, self.micro, self.ownership.owns,
-                                     settings.max_request_bytes, self.tail, self.metrics)
+                                     settings.max_request_bytes, self.tail, self.metrics,
+                                     idempotency_ttl=settings.idempotency_ttl)
+        # expired records are never answered from: sweeping them only frees space, so often enough
+        self.idempotency = Sweeper(self.store, lambda: sorted(self.parts),
+                                   min(60.0, max(1.0, settings.idempotency_ttl / 4)))
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
                                  self.ownership.release)
         self.local = LocalDispatcher(self.partitions, self.dispatcher, self.ownership.owns, self.handover.tasks)
@@ -211,6 +217,7 @@ class Worker:
         log.info("worker stopping: draining its partitions",
                  extra={"worker": self.worker_id, "partitions": ranges(self.parts)})
         await self.partitions.stop_eviction()
+        await self.idempotency.stop()
         await self.alarms.withdraw()  # alarm wake-ups go to the other workers from now on
         states = list(self.parts.values())
         # stragglers can only be on their way if requests were flowing, or someone takes over

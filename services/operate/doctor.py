@@ -151,7 +151,7 @@ async def _postgres(settings: Settings) -> tuple[int | None, list[Check]]:
 async def _workers(settings: Settings, pg_offset_ms: int | None) -> list[Check]:
     asked_ms = time.time() * 1000  # the workers answer within milliseconds of this
     try:
-        stats = await micro_stats(settings.nats_servers)
+        stats = await micro_stats(settings)
     except Exception as exc:  # noqa: BLE001 - NATS already reported above
         return [Check("workers", None, f"could not ask the workers: {exc}")]
     if not stats:
