@@ -4,12 +4,12 @@ The deployment under test: a primary with a synchronous streaming-replication st
 (tests/helpers/standby.py), ``DURABLE_DATABASE_URL`` naming both with
 ``target_session_attrs=read-write``, two `durable worker` processes on one NATS server, and an
 independent load of increments over 50 counters that keeps the books (every acknowledged value).
-First the
-standby is cut off from the primary (so every commit waits for it), then the primary is killed
-(-9: the postmaster and every process of it), the standby promoted a moment later (what an
-operator or an orchestrator does; durable does not promote), and the workers, which are not
-restarted, reconnect to it on their own: their lock sessions and pool connections died with the
-primary, and a new connection skips the dead host and finds the one that now accepts writes.
+First the standby is cut off from the primary (so every commit waits for it), then the primary
+is lost, killed (-9: the postmaster and every process of it, so connections are refused) or
+frozen (SIGSTOP: connections hang, as with a hung machine or a network cut), and the standby is
+promoted a moment later (what an operator or an orchestrator does; durable does not promote).
+The workers, which are not restarted, carry on by themselves: their lock sessions fail, and a
+new connection, tried on both hosts at once, finds the one that now accepts writes.
 
 Checked: every acknowledged increment is on the promoted standby (none lost), none applied twice
 (acknowledged <= stored <= attempted, and what the object reads is what is stored), every
@@ -17,6 +17,8 @@ partition was re-acquired under a higher epoch than it had on the primary (the e
 replicated table, so the new primary continues them), and the commit audit, replicated with the
 rest, shows no two owners committing for one partition in overlapping time. The outage (the
 longest stretch without an acknowledgement) is printed.
+
+A second test: a read-only standby is never used for writes or lock sessions.
 """
 
 from __future__ import annotations
