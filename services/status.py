@@ -12,10 +12,10 @@ import json
 import time
 from typing import Any
 
-import asyncpg
 import nats
 
 from .core.config import AppConfig
+from .core.db import connect_writable
 from .core.nats_options import connect_options
 from .core.settings import Settings
 from .objects.ownership import SESSION_PREFIX
@@ -116,7 +116,7 @@ def _cards(config: AppConfig, counts: dict[str, dict[str, int]], stats: list[dic
 
 async def collect(settings: Settings, config: AppConfig | None = None) -> dict[str, Any]:
     prefix = f"{SESSION_PREFIX}{settings.deployment_key}:"
-    conn = await asyncpg.connect(settings.database_url, timeout=5)
+    conn = await connect_writable(settings.database_url, timeout=5)
     try:
         workers = [dict(r) for r in await conn.fetch(_WORKERS, prefix)]
         partitions = [dict(r) for r in await conn.fetch(

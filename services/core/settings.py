@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .dburl import check_database_url
 from .errors import ConfigError
 
 #: The id secret ``durable dev`` uses; a worker, router or gateway refuses to run with it.
@@ -144,6 +145,12 @@ class Settings(BaseSettings):
                     raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or CIDR "
                                      "network (such as 10.0.0.0/8)") from None
             return entries
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _writable_database(cls, value: str) -> str:
+        check_database_url(value)  # several hosts (primary + standbys): only ever the writable one
         return value
 
     @model_validator(mode="after")

@@ -241,5 +241,12 @@ class ObjectStore:
         """Commit ``rows`` if every partition's epoch is still the one given; returns the
         partitions whose epoch matched (all of them, or the commit did not happen)."""
         async with self.pool.acquire() as conn:
-            ok = await conn.fetchval(_FLUSH, *(getattr(rows, name) for name in _FLUSH_PARAMS))
+            try:
+                ok = await conn.fetchval(_FLUSH, *(getattr(rows, name) for name in _FLUSH_PARAMS))
+            except TimeoutError:
+                # the server did not answer within command_timeout: it may never (a primary that
+                # hangs). Released as it is, the connection would hold this flush lane while its
+                # cancel request waits for that server too; the commit's outcome is unknown either way
+                conn.terminate()
+                raise
         return set(ok)

@@ -72,6 +72,7 @@ class Worker:
             for b in config.bindings
         }
         self.ownership = Ownership(settings, self.worker_id, self._acquired, self._lost, self._hand_over)
+        self.ownership.on_session_lost = self._session_lost
         self.started_at = time.time()
         #: request-path metrics in a registry of this worker's own (several may share a process)
         self.metrics = WorkerMetrics(self.classes)
@@ -149,7 +150,9 @@ class Worker:
             await close_nats(self.nc)
             raise
         self.pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=8,
-                                              reset=_keep_session, command_timeout=settings.lease_ttl)
+                                              reset=_keep_session, command_timeout=settings.lease_ttl,
+                                              init=db.require_primary,  # never a read-only standby
+                                              connect=db.connect_writable)  # see its docstring
         async with self.pool.acquire() as conn:
             await db.apply_schema(conn, settings.partitions)
             await db.apply_class_migrations(conn, self.config)
@@ -256,6 +259,14 @@ class Worker:
 
     def _lost(self, partition: int, reason: str) -> None:
         self.handover.lost(partition, reason)
+
+    def _session_lost(self) -> None:
+        """The lock session failed: the database may be gone or have moved (a standby promoted).
+        The pool's idle connections are replaced on their next use instead of being tried: one to
+        a primary that hangs would hold a flush for command_timeout (the lease) each."""
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            self.partitions.tasks.spawn(pool.expire_connections(), "expire-pool")
 
     async def _hand_over(self, partition: int) -> None:
         await self.handover.hand_over(partition)

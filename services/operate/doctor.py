@@ -21,6 +21,7 @@ import asyncpg
 from ..client import Client
 from ..core import wire
 from ..core.config import AppConfig
+from ..core.db import connect_writable
 from ..core.errors import Unavailable
 from ..core.nats_private import server_info
 from ..core.settings import Settings
@@ -122,7 +123,7 @@ def _ping_settings(monitor_url: str) -> Check:
 
 async def _postgres(settings: Settings) -> tuple[int | None, list[Check]]:
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=5)
+        conn = await connect_writable(settings.database_url, timeout=5)
     except Exception as exc:  # noqa: BLE001 - every connect failure is the one finding
         return None, [Check("postgres", False, f"cannot connect: {type(exc).__name__}: {exc}",
                             "start PostgreSQL or set DURABLE_DATABASE_URL")]
