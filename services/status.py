@@ -12,10 +12,11 @@ import json
 import time
 from typing import Any
 
-import asyncpg
 import nats
 
 from .core.config import AppConfig
+from .core.db import connect_writable
+from .core.nats_options import connect_options
 from .core.settings import Settings
 from .objects.ownership import SESSION_PREFIX
 
@@ -45,8 +46,9 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(out)
 
 
-async def micro_stats(servers: list[str], wait: float = 0.5) -> list[dict[str, Any]]:
-    nc = await nats.connect(servers=servers, connect_timeout=2, max_reconnect_attempts=0)
+async def micro_stats(settings: Settings, wait: float = 0.5) -> list[dict[str, Any]]:
+    nc = await nats.connect(servers=settings.nats_servers, connect_timeout=2, max_reconnect_attempts=0,
+                            **connect_options(settings))
     try:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
@@ -114,7 +116,7 @@ def _cards(config: AppConfig, counts: dict[str, dict[str, int]], stats: list[dic
 
 async def collect(settings: Settings, config: AppConfig | None = None) -> dict[str, Any]:
     prefix = f"{SESSION_PREFIX}{settings.deployment_key}:"
-    conn = await asyncpg.connect(settings.database_url, timeout=5)
+    conn = await connect_writable(settings.database_url, timeout=5)
     try:
         workers = [dict(r) for r in await conn.fetch(_WORKERS, prefix)]
         partitions = [dict(r) for r in await conn.fetch(
@@ -133,7 +135,7 @@ async def collect(settings: Settings, config: AppConfig | None = None) -> dict[s
     finally:
         await conn.close()
     try:
-        stats = await micro_stats(settings.nats_servers)
+        stats = await micro_stats(settings)
     except Exception as exc:  # noqa: BLE001 - Postgres alone still tells most of the story
         stats = []
         nats_error: str | None = f"{type(exc).__name__}: {exc}"

@@ -3,7 +3,8 @@
 A request that met no responder (the partition is between owners) is retried with jittered
 exponential backoff until the retry deadline; a request that timed out after it may have
 been delivered is reported as a RequestTimeout (outcome unknown: not retryable) and never
-repeated silently.
+repeated silently, unless it carries an idempotency key: then a repeat cannot run it twice
+(services/objects/idempotency.py), and timeouts are retried too until the retry deadline.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from ..core.errors import (
     RequestTimeout,
     Unavailable,
 )
+from ..core.nats_options import connect_hint, connect_options
 from ..core.settings import Settings
-from ..core.wire import decode_reply, partition_of, request_subject
+from ..core.wire import IDEMPOTENCY_HEADER, decode_reply, partition_of, request_subject
 
 log = logging.getLogger("durable.client")
 #: seconds between the client's PINGs to its NATS server; two unanswered and the connection is
@@ -56,6 +58,10 @@ class LocalDispatch(Protocol):
 
     def dispatch(self, subject: str, payload: bytes,
                  headers: dict[str, str] | None) -> asyncio.Future[tuple[dict[str, str] | None, bytes]] | None: ...
+
+
+_NOT_RUNNING = (" Is nats-server running there? `durable dev` starts one on nats://127.0.0.1:4222; "
+                "elsewhere set DURABLE_NATS_URL to your NATS server(s).")
 
 
 def _describe(exc: BaseException) -> str:
@@ -114,7 +120,8 @@ class Client:
                                    # a dead (black-holed) connection is given up after a few
                                    # seconds, not nats-py's 2 x 120 s, so a process cut from its
                                    # NATS node reconnects to another one while the cut lasts
-                                   "ping_interval": CLIENT_PING_INTERVAL, "max_outstanding_pings": 2}
+                                   "ping_interval": CLIENT_PING_INTERVAL, "max_outstanding_pings": 2,
+                                   **connect_options(settings)}
         options.update(nats_options)
         try:
             async with asyncio.timeout(limit):
@@ -122,11 +129,11 @@ class Client:
         except (TimeoutError, OSError, NatsError) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
-            last = errors[-1] if errors else exc
+            # the error that says what to set (credentials, TLS), else the last one
+            last = next((e for e in reversed(errors) if connect_hint(e)), errors[-1] if errors else exc)
             raise Unavailable(
                 f"cannot connect to NATS at {', '.join(servers)} (DURABLE_NATS_URL) within {limit:g}s: "
-                f"{_describe(last)}. Is nats-server running there? `durable dev` starts one on "
-                "nats://127.0.0.1:4222; elsewhere set DURABLE_NATS_URL to your NATS server(s)."
+                f"{_describe(last)}.{connect_hint(last) or _NOT_RUNNING}"
             ) from None
         connected = True
         client = cls(nc, settings, config)
@@ -220,12 +227,15 @@ class Client:
         try:
             if guard is not None:
                 reopened = await guard.before_outgoing()
+            # with an idempotency key a timeout is safe to repeat: the object runs the call once
+            retryable: tuple[type[Exception], ...] = \
+                (_Retry, RequestTimeout) if headers and IDEMPOTENCY_HEADER in headers else (_Retry,)
             try:
                 return await self._attempt(subject, payload, headers, timeout)
-            except _Retry:
+            except retryable:
                 pass
             retrying = AsyncRetrying(
-                retry=retry_if_exception_type(_Retry),
+                retry=retry_if_exception_type(retryable),
                 wait=wait_random_exponential(multiplier=0.01, max=0.5),
                 stop=stop_after_delay(self.settings.retry_deadline),
                 reraise=True,

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core import codec
+from ..core import codec, wire
 from ..core.config import AppConfig, Binding
 from ..core.errors import UnknownMethod
 from ..core.http import Request, Response
 from ..core.ids import IdFactory, ObjectId, namespace_key
+from ..core.wire import IDEMPOTENCY_HEADER
 from .client import Client
 
 
 class Stub:
     """A handle on one object. Making it costs nothing; the object is created on first use."""
 
-    __slots__ = ("_client", "_namespace", "id", "_name", "_subject")
+    __slots__ = ("_client", "_headers", "_namespace", "id", "_name", "_subject")
 
     def __init__(self, client: Client, namespace: str, object_id: ObjectId) -> None:
         self._client = client
@@ -24,6 +25,18 @@ class Stub:
         self._subject = client.subject_base(namespace, object_id.hex)
         # the name rides in the payload (a header would cost every request a header block)
         self._name = object_id.name
+        #: headers every call of this stub carries (an idempotency key); None: none
+        self._headers: dict[str, str] | None = None
+
+    def with_idempotency_key(self, key: str) -> Stub:
+        """This object, with every call made through the returned stub carrying ``key`` as its
+        ``Idempotency-Key``: the object runs it at most once within DURABLE_IDEMPOTENCY_TTL, a
+        repeat gets the first call's reply, and a timeout is retried (safe now) until the retry
+        deadline. Use one key per distinct call: ``stub.with_idempotency_key(order_id).pay(amount)``."""
+        wire.idempotency_key({wire.IDEMPOTENCY_HEADER: key})  # a bad key fails here, not on the worker
+        stub = Stub(self._client, self._namespace, self.id)
+        stub._headers = {wire.IDEMPOTENCY_HEADER: key}
+        return stub
 
     @property
     def name(self) -> str | None:
@@ -41,7 +54,7 @@ class Stub:
                 payload["kwargs"] = kwargs
             if self._name is not None:
                 payload["name"] = self._name
-            return await self._client.request(self._subject + "rpc." + method, codec.pack(payload))
+            return await self._client.request(self._subject + "rpc." + method, codec.pack(payload), self._headers)
 
         call.__name__ = method
         return call
@@ -52,7 +65,11 @@ class Stub:
         wire = request.to_wire()
         if self._name is not None:
             wire["name"] = self._name
-        reply = await self._client.request(self._subject + "fetch", codec.pack(wire))
+        headers = self._headers
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is not None and headers is None:  # an HTTP client's key reaches the object's worker
+            headers = {IDEMPOTENCY_HEADER: key}
+        reply = await self._client.request(self._subject + "fetch", codec.pack(wire), headers)
         return Response.from_wire(reply)
 
     def __repr__(self) -> str:

@@ -162,6 +162,23 @@ class RequestTimeout(DurableError, TimeoutError):
     default_retryable = False
 
 
+class IdempotencyKeyReused(DurableError):
+    """An idempotency key already recorded for another call of the object (another method or
+    verb): the recorded reply belongs to that call, so it is not returned for this one."""
+
+    code = "idempotency_key_reused"
+    status = 422
+
+
+class IdempotencyInterrupted(DurableError):
+    """The first call made with this idempotency key made part of its writes durable (it awaited
+    an outgoing call or ``sync()``) and its worker stopped before it finished: its outcome is
+    partial, so it is neither run again nor answered as if it had finished."""
+
+    code = "idempotency_interrupted"
+    status = 409
+
+
 class Overloaded(DurableError):
     code = "overloaded"
     status = 503

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .dburl import check_database_url
 from .errors import ConfigError
 
 #: The id secret ``durable dev`` uses; a worker, router or gateway refuses to run with it.
@@ -51,6 +52,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=10.0, gt=0)
     #: How long a caller keeps retrying requests that met no responder (failover window).
     retry_deadline: float = Field(default=10.0, ge=0)
+    #: How long a call's idempotency key is remembered: a repeat within it gets the recorded
+    #: reply, a repeat after it runs the method again (Stripe keeps keys 24 h).
+    idempotency_ttl: float = Field(default=86400.0, gt=0)
     #: Flush transactions a worker keeps in flight at once (each on its own connection).
     flush_concurrency: int = Field(default=1, ge=1, le=16)
     #: Record (partition, epoch, worker, time) of every commit in do_commit_audit (fault tests).
@@ -101,6 +105,21 @@ class Settings(BaseSettings):
     #: (a worker nobody can reach must not keep a lease). 0: half the lease.
     nats_liveness_timeout: float = Field(default=0.0, ge=0)
 
+    #: NATS credentials (README "Locking NATS down"): a user and password, a token, or a
+    #: ``.creds`` file (a JWT and NKey seed, for servers run with an operator); empty: anonymous.
+    nats_user: str = ""
+    nats_password: SecretStr = SecretStr("")
+    nats_token: SecretStr = SecretStr("")
+    nats_creds: str = ""
+    #: The prefix of this process's reply subjects. A server that locks NATS down lets each user
+    #: subscribe only to its own prefix, so nobody reads another's replies.
+    nats_inbox_prefix: str = Field(default="_INBOX", pattern=r"^[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*$")
+    #: TLS to NATS: the CA that signed the servers' certificates (``tls://`` URLs need one unless
+    #: the system's CAs signed them), and a client certificate and key for servers that verify clients.
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+
     def or_dev_servers(self) -> Settings:
         """These settings, pointing at the servers `durable dev` runs where no NATS or Postgres URL
         is set: what commands that look at a deployment (status, objects, state...) use."""
@@ -130,6 +149,12 @@ class Settings(BaseSettings):
                     raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or CIDR "
                                      "network (such as 10.0.0.0/8)") from None
             return entries
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _writable_database(cls, value: str) -> str:
+        check_database_url(value)  # several hosts (primary + standbys): only ever the writable one
         return value
 
     @model_validator(mode="after")

@@ -46,6 +46,10 @@ ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 #: the percent-encoded name a raw publisher made an object's id from
 NAME_HEADER = "Do-Name"
+#: a caller's key for a call it may repeat (HTTP and NATS alike; services/objects/idempotency.py)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+#: the longest idempotency key accepted (Stripe's limit; a UUID is 36)
+MAX_IDEMPOTENCY_KEY = 255
 
 
 def fnv1a_32(data: bytes) -> int:
@@ -110,6 +114,19 @@ def header(headers: dict[str, str], name: str) -> str | None:
         lname = name.lower()
         value = next((v for k, v in headers.items() if k.lower() == lname), None)
     return value
+
+
+def idempotency_key(headers: dict[str, str] | None) -> str | None:
+    """The request's idempotency key, checked: 1 to 255 printable ASCII characters."""
+    if not headers:
+        return None
+    key = header(headers, IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not all(" " <= c <= "~" for c in key):
+        raise InvalidRequest(f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII "
+                             f"characters (got {len(key)} characters)")
+    return key
 
 
 def encode_error_reply(error: DurableError, as_json: bool) -> tuple[dict[str, str], bytes]:

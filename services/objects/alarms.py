@@ -35,8 +35,10 @@ from ..core.metrics import LATE_AFTER, Histograms
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
 from ..core.wire import AlarmFire, alarm_wakeup, parse_alarm_fire
+from .alarm_reads import AlarmRowReader
 from .alarm_rules import AlarmRow, RunOutcome, after_failure, now_ms
 from .alarm_stream import AlarmStream
+from .alarm_timers import LocalTimers
 from .base import AlarmInfo
 from .flusher import CommittedAlarm
 from .instance import Instance
@@ -118,6 +120,10 @@ class Alarms:
         self.store = store
         self.client = client
         self.stream = AlarmStream(nc, settings)
+        #: the rows wake-ups check first, read together for the fires that arrive together
+        self.rows = AlarmRowReader(store)
+        #: the owner's own timers: alarms fire on time without waiting for their JetStream schedule
+        self.timers = LocalTimers(self._timer_due, partitions.is_current)
         self.stream_ready = False
         self.tasks = TaskSet()
         self._sweeper: asyncio.Task[None] | None = None
@@ -144,11 +150,13 @@ class Alarms:
             await self._consume()
         except Exception as exc:  # noqa: BLE001 - e.g. a cluster without a meta leader yet: the sweeper retries
             log.warning("could not set up the alarm stream yet (%s: %s); retrying", type(exc).__name__, exc)
+        self.timers.start()
         self._sweeper = asyncio.create_task(self._sweep_loop(), name="alarm-sweeper")
         self._publisher = asyncio.create_task(self._publish_loop(), name="alarm-publisher")
 
     async def withdraw(self) -> None:
-        """Take no more fires (the other workers of the queue group get them)."""
+        """Take no more fires (the other workers of the queue group get them), and fire no timers."""
+        await self.timers.stop()
         sub, self._sub = self._sub, None
         if sub is not None:
             try:
@@ -168,11 +176,17 @@ class Alarms:
             self._publisher.cancel()
             await asyncio.gather(self._publisher, return_exceptions=True)
         await self.tasks.close(grace)
+        await self.rows.close()
 
     # ----- schedules out ------------------------------------------------------------------
 
     def committed(self, items: list[CommittedAlarm]) -> None:
-        """Alarm rows just committed: publish their wake-ups (a failure leaves them to the sweep)."""
+        """Alarm rows just committed: arm their timers here, and publish their wake-ups (a failure
+        leaves them to the sweep)."""
+        for partition, object_id, namespace, row in items:
+            state = self.partitions.serving(partition)
+            if state is not None:
+                self.timers.arm(state, object_id, namespace, row.generation, row.due_ms)
         self._outbox.extend(items)
         self._published.clear()
         self._outbox_ready.set()
@@ -238,7 +252,7 @@ class Alarms:
         built (its constructor run) for a wake-up whose alarm is gone or changed."""
         if object_id in state.instances:
             return self.partitions.instance(state, namespace, object_id)
-        row = await self.store.read_alarm(object_id)
+        row = await self.rows.read(object_id)
         if row is None or row.generation != generation:
             return None
         inst = self.partitions.instance(state, namespace, object_id)
@@ -248,7 +262,7 @@ class Alarms:
     async def _forward(self, fire: AlarmFire, msg: Msg) -> None:
         namespace, object_id = fire.namespace, fire.object_id
         try:
-            row = await self.store.read_alarm(object_id)  # without building the object anywhere
+            row = await self.rows.read(object_id)  # without building the object anywhere
             if row is None or row.generation != fire.generation:
                 await _ack(msg)
                 return
@@ -362,6 +376,11 @@ class Alarms:
             if msg is None:
                 state.release_overdue(object_id)
 
+    def _timer_due(self, state: PartitionState, object_id: str, namespace: str, generation: int) -> None:
+        """A timer of ours came due: run the alarm as a reconciliation does (its JetStream fire,
+        when it arrives, finds it gone and is acknowledged)."""
+        self.fire(state, object_id, namespace, generation, None)
+
     async def run_now(self, state: PartitionState, namespace: str, object_id: str) -> RunOutcome | None:
         """Run the object's alarm now, whatever its time (tests: ``runDurableObjectAlarm``);
         None when it has no alarm. Raises what the event raised."""
@@ -382,8 +401,11 @@ class Alarms:
         the schedules of those due within the horizon (a failover or a lost JetStream write)."""
         now = now_ms()
         parts = [s.partition for s in states]
-        overdue_before = now if republish else now - int(self.settings.alarm_sweep_interval * 1000)
-        horizon = now + REPUBLISH_HORIZON_MS if republish else overdue_before
+        interval_ms = int(self.settings.alarm_sweep_interval * 1000)
+        overdue_before = now if republish else now - interval_ms
+        # a sweep also arms the timers of what comes due before the next sweep but one (alarms
+        # set under an earlier owner, or beyond the timers' horizon when they were set)
+        horizon = now + REPUBLISH_HORIZON_MS if republish else now + 2 * interval_ms
         rows = await self.store.read_due_alarms(parts, horizon, RECONCILE_BATCH)
         by_partition = {s.partition: s for s in states}
         later: list[CommittedAlarm] = []
@@ -393,6 +415,10 @@ class Alarms:
                 continue
             if r["due_ms"] <= overdue_before:
                 self.fire(state, r["object_id"], r["namespace"], r["generation"], None)
+                continue
+            if not republish:
+                if r["due_ms"] > now:  # (overdue by less than a sweep: its timer or fire is on its way)
+                    self.timers.arm(state, r["object_id"], r["namespace"], r["generation"], r["due_ms"])
                 continue
             live = state.instances.get(r["object_id"])
             if live is not None and live.storage.alarm.changed_since(r["generation"]):

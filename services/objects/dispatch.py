@@ -42,6 +42,7 @@ from .admin import ADMIN_STATE_VERB, state_write_handler
 from .alarm_rules import RunOutcome
 from .alarms import Alarms
 from .base import DurableObject
+from .idempotency import KeyedRun, Prepared
 from .instance import Instance
 from .micro import MicroService
 from .partitions import Partitions, PartitionState
@@ -242,8 +243,11 @@ class Dispatcher:
 
     def __init__(self, nc: NatsClient, partitions: Partitions, alarms: Alarms, micro: MicroService,
                  owns: Callable[[int, int], bool], max_request_bytes: int, tail: Tail | None = None,
-                 metrics: WorkerMetrics | None = None, accepting: Callable[[], bool] | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, idempotency_ttl: float = 86400.0,
+                 accepting: Callable[[], bool] | None = None) -> None:
         self.nc = nc
+        #: how long a keyed call's reply is recorded (DURABLE_IDEMPOTENCY_TTL)
+        self.idempotency_ttl = idempotency_ttl
         #: false while the owner cannot renew its lease (ownership.reaching_postgres): refuse
         self._accepting = accepting
         #: live events for `durable tail` (published only while someone tails)
@@ -301,6 +305,7 @@ class Dispatcher:
         series = self.metrics.other
         inst: Instance | None = None
         span: Span | None = None
+        keyed: KeyedRun | Prepared | None = None
         try:
             if not self.partitions.is_current(state) or not self._owns(state.partition, state.epoch):
                 raise NotOwner(f"partition {state.partition} is not owned by this worker")
@@ -315,9 +320,14 @@ class Dispatcher:
             inst = self.partitions.instance(state, namespace, address.object_id, claimed_name(payload, headers))
             handler = self.handler(inst, address.verb, payload)
             series = self.metrics.series(namespace, address.verb)  # only once a handler exists: bad input adds none
+            keyed = await self._keyed(inst, headers, address.verb, as_json)
+            if isinstance(keyed, Prepared):  # a repeat: the recorded reply, without running it again
+                await self._finish(state, msg, sink, as_json, namespace, series, span, started, None, True,
+                                   keyed, None)
+                return
             trace_context = telemetry.extract(headers)
             if trace_context is None:
-                ok, value, seq = await inst.run_event(handler)
+                ok, value, seq = await inst.run_event(handler, keyed)
             else:
                 # ended in _finish, once the reply is sent: the flush it waited for is its child
                 span = telemetry.tracer.start_span(
@@ -326,27 +336,60 @@ class Dispatcher:
                                 "do.object_id": inst.object_id, "do.namespace": namespace},
                 )
                 with trace.use_span(span, end_on_exit=False):
-                    ok, value, seq = await inst.run_event(handler)
+                    ok, value, seq = await inst.run_event(handler, keyed)
                     inst.trace_flush(span, seq)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
+        except BaseException as exc:
+            if isinstance(keyed, KeyedRun):
+                keyed.settle(exc)
+            if not isinstance(exc, Exception):
+                raise
+            # every failure becomes an error reply
             await self._finish(state, msg, sink, as_json, namespace, series, span, started, None, False, exc, None)
             return
+        finish: Callable[..., Awaitable[None]] = self._finish
+        if isinstance(keyed, KeyedRun):
+            finish = functools.partial(self._finish_keyed, keyed)
+            if keyed.prepared is not None:
+                ok, value = True, keyed.prepared  # the reply as recorded: sent as it is
         handled = time.perf_counter()
         series.queue.observe(inst.event_started - started if inst.event_started >= started else 0.0)
         series.handler.observe(handled - max(inst.event_started, started))
         output = inst.output
         if output.is_durable(seq):
-            await self._finish(state, msg, sink, as_json, namespace, series, span, started, handled, ok, value, None)
+            await finish(state, msg, sink, as_json, namespace, series, span, started, handled, ok, value, None)
         elif output.failed is not None:
             # reset before its writes were durable (abort, failed flush): nothing will flush them
             error = ObjectReset("Durable Object was reset before its writes were confirmed durable (a flush "
                                 f"already in flight may still commit them): {output.failed}")
-            await self._finish(state, msg, sink, as_json, namespace, series, span, started, handled, ok, value, error)
+            await finish(state, msg, sink, as_json, namespace, series, span, started, handled, ok, value, error)
         else:
             # the output gate: the flusher sends this reply once the writes before it commit
             output.reply_when_durable(
-                seq, functools.partial(self._finish, state, msg, sink, as_json, namespace, series, span, started,
+                seq, functools.partial(finish, state, msg, sink, as_json, namespace, series, span, started,
                                        handled, ok, value))
+
+    async def _keyed(self, inst: Instance, headers: dict[str, str], verb: list[str],
+                     as_json: bool) -> KeyedRun | Prepared | None:
+        """A call made with an idempotency key (RPC and fetch only): the run that records its
+        reply, or, for a repeat, the reply recorded (waiting for it if the first is running)."""
+        key = wire.idempotency_key(headers) if verb[0] in ("rpc", "fetch") else None
+        if key is None:
+            return None
+        keys = inst.idempotency_keys()
+        call, run = await keys.begin(key, ".".join(verb))
+        if run:
+            return KeyedRun(keys, call, as_json, self.idempotency_ttl)
+        # shielded: a repeat that gives up must not cancel the reply the others wait for
+        return (await asyncio.shield(call.reply)).for_request(as_json)
+
+    async def _finish_keyed(self, keyed: KeyedRun, *args: Any) -> None:
+        """A keyed call's reply: sent as :meth:`_finish` sends any, then given to the repeats
+        waiting for it (or, if it never became durable, the error it ended with)."""
+        flush_error = args[-1]
+        try:
+            await self._finish(*args)
+        finally:
+            keyed.settle(flush_error)
 
     async def _finish(self, state: PartitionState, msg: Incoming, sink: ReplySink, as_json: bool, namespace: str,
                       series: RequestSeries, span: Span | None, started: float, handled: float | None, ok: bool,
@@ -357,6 +400,12 @@ class Dispatcher:
                 raise flush_error
             if not ok:
                 raise value
+            if isinstance(value, Prepared):  # a keyed call's reply, value or error, as recorded
+                if not self._owns(state.partition, state.epoch):
+                    return
+                await sink.send(value.body, value.headers)
+                self._account(msg, namespace, series, span, started, value.error)
+                return
             try:
                 body = codec.dumps(value, as_json)
             except (TypeError, ValueError, OverflowError) as exc:
@@ -365,18 +414,10 @@ class Dispatcher:
             if not self._owns(state.partition, state.epoch):
                 return  # never reply from an instance whose lease lapsed
             await sink.send(body, {"Content-Type": codec.JSON_CONTENT_TYPE} if as_json else None)
-            self.micro.record(namespace, time.perf_counter() - started, None)
-            series.ok.inc()
-            if self.tail is not None and self.tail.active:
-                self._tail(msg, started, None)
+            self._account(msg, namespace, series, span, started, None)
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply
             error = exc if isinstance(exc, DurableError) else RemoteError(str(exc), remote_type=type(exc).__name__)
-            self.micro.record(namespace, time.perf_counter() - started, error)
-            (series.server_error if error.status >= 500 else series.error).inc()
-            if span is not None:
-                span.set_status(StatusCode.ERROR, error.code)
-            if self.tail is not None and self.tail.active:
-                self._tail(msg, started, error)
+            self._account(msg, namespace, series, span, started, error)
             # runtime errors carry no object state, so they are sent even after the lease lapsed
             # (a flush failure must reach its caller, not become a timeout); errors raised by
             # object code are state, and follow the success path's rule
@@ -389,6 +430,19 @@ class Dispatcher:
             series.total.observe(end - started)
             if span is not None:
                 span.end()
+
+    def _account(self, msg: Incoming, namespace: str, series: RequestSeries, span: Span | None, started: float,
+                 error: DurableError | None) -> None:
+        """Count one answered request: service stats, metrics, the span's status, `durable tail`."""
+        self.micro.record(namespace, time.perf_counter() - started, error)
+        if error is None:
+            series.ok.inc()
+        else:
+            (series.server_error if error.status >= 500 else series.error).inc()
+            if span is not None:
+                span.set_status(StatusCode.ERROR, error.code)
+        if self.tail is not None and self.tail.active:
+            self._tail(msg, started, error)
 
     def _tail(self, msg: Incoming, started: float, error: DurableError | None) -> None:
         """One answered request for `durable tail`: which object, which verb, how long, outcome."""

@@ -23,6 +23,7 @@ from ..core.ids import ObjectId
 from ..core.tasks import TaskSet
 from .context import Context
 from .gateway_link import GatewayLink
+from .idempotency import KeyedRun, Keys
 from .input_gate import InputGate
 from .output_gate import OutputGate, ReplySender
 from .pending import Batch, PendingWrites
@@ -61,13 +62,49 @@ class Runtime(Protocol):
 
 
 class EventGuard:
-    """Installed in ``current_event`` while an event runs: the hooks for outgoing calls."""
+    """Installed in ``current_event`` while an event runs: the hooks for outgoing calls, and
+    for a keyed call (idempotency.py) the hold on the instance's flushes."""
 
-    __slots__ = ("instance", "task")
+    __slots__ = ("holding", "instance", "keyed", "task")
 
-    def __init__(self, instance: Instance) -> None:
+    def __init__(self, instance: Instance, keyed: KeyedRun | None = None) -> None:
         self.instance = instance
         self.task = asyncio.current_task()
+        self.keyed = keyed
+        #: this keyed event holds the instance's writes back from the flusher
+        self.holding = False
+        if keyed is not None:
+            self.holding = True
+            instance.held += 1
+
+    def _unhold(self) -> bool:
+        """Stop holding the instance's writes back; whether this event was holding them."""
+        if not self.holding:
+            return False
+        self.holding = False
+        self.instance.held -= 1
+        return True
+
+    def ended(self, ok: bool, value: Any) -> None:
+        """The event ended: a keyed call stages its record (reply included) with its writes. A
+        reset instance records nothing: its writes are dropped too."""
+        if self.keyed is None:
+            return
+        self._unhold()
+        if self.instance.broken is None:
+            self.keyed.record(self.instance.pending, ok, value)
+
+    def before_durable(self) -> None:
+        """The event waits for its writes to be durable (an outgoing call, ``sync()``): a keyed
+        call's writes so far commit with a started record (no reply) and are held no more."""
+        if self._unhold() and self.instance.broken is None:
+            assert self.keyed is not None
+            self.keyed.record_started(self.instance.pending)
+
+    def cancelled(self) -> None:
+        """The event was cancelled (shutdown): no record, and its writes are not held any more."""
+        if self._unhold() and self.instance.output.has_unflushed:
+            self.instance.runtime.mark_dirty(self.instance)
 
     async def before_outgoing(self) -> bool:
         """The output gate first (the turn is still held, so nothing else runs meanwhile), then
@@ -75,6 +112,7 @@ class EventGuard:
         inst = self.instance
         inst.check()
         inst.check_owner()
+        self.before_durable()
         await inst.output.wait_durable(inst.output.write_seq)
         return inst.input.open_for_call(self.task)
 
@@ -103,7 +141,7 @@ class Instance:
         #: keys the flush in flight deletes: their cache markers go once it commits
         self._flushing_deletes: list[bytes] = []
         self.storage = Storage(self.object_id, runtime.store, self.pending, self.output, self.input,
-                               self._check_can_set_alarm)
+                               self._check_can_set_alarm, self._before_sync)
         #: tasks an event started that must finish before its reply (see Sockets.set_auto_response)
         self.before_reply: list[asyncio.Task[Any]] = []
         self.sockets = Sockets(self.object_id, runtime.store, self.pending, self.output, self.storage._check_open,
@@ -119,6 +157,21 @@ class Instance:
         #: span contexts of traced events whose writes wait for a flush (None: none; see trace_flush)
         self.flush_traces: list[SpanContext] | None = None
         self.broken: BaseException | None = None
+        #: keyed events running now: while any is, the flusher leaves this object's writes be, so a
+        #: call's writes and its idempotency record commit together (idempotency.py)
+        self.held: int = 0
+        #: the idempotency keys of calls to this instance (made on the first keyed call)
+        self.keys: Keys | None = None
+
+    def idempotency_keys(self) -> Keys:
+        if self.keys is None:
+            self.keys = Keys(self.object_id, self.runtime.store)
+        return self.keys
+
+    def _before_sync(self) -> None:
+        guard = current_event.get()
+        if isinstance(guard, EventGuard) and guard.instance is self:
+            guard.before_durable()
 
     def check(self) -> None:
         if self.broken is not None:
@@ -169,9 +222,12 @@ class Instance:
                     fut.exception()  # retrieved: the caller sees the error through the event
                 raise
 
-    async def run_event(self, handler: Callable[[Any], Awaitable[Any]]) -> tuple[bool, Any, int]:
+    async def run_event(self, handler: Callable[[Any], Awaitable[Any]],
+                        keyed: KeyedRun | None = None) -> tuple[bool, Any, int]:
         """Run one event under the input gate. Returns (ok, result or exception, write sequence
-        its reply must wait for): the reply, error or not, goes behind the output gate."""
+        its reply must wait for): the reply, error or not, goes behind the output gate. A keyed
+        call (``keyed``) holds the object's writes until it ends, then stages its record with
+        them (idempotency.py)."""
         self.inflight += 1
         try:
             async with self.input:
@@ -180,30 +236,40 @@ class Instance:
                 self.check_owner()
                 # the guard is set before the constructor runs: outgoing calls made by its
                 # block_concurrency_while wait for the output gate too
-                token = current_event.set(EventGuard(self))
+                guard = EventGuard(self, keyed)
+                token = current_event.set(guard)
                 try:
-                    if self.obj is None:
-                        await self.runtime.settled(self.object_id)
-                        if not getattr(handler, STORAGE_ONLY, False):
-                            await self._start()
-                    result = await handler(self.obj)
-                    while self.before_reply:  # work the event started that its reply must follow
-                        await self.before_reply.pop(0)
-                    self.sockets.flush()  # the event's frames are queued ahead of its reply
-                    return True, result, self.output.write_seq
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise  # the event itself is being cancelled (shutdown)
-                    error = RemoteError("the handler was cancelled", remote_type="CancelledError")
-                    return False, error, self.output.write_seq
-                except Exception as exc:  # noqa: BLE001 - an ordinary handler error fails only this call
-                    return False, exc, self.output.write_seq
+                    ok, value = await self._run(handler)
+                except BaseException:
+                    guard.cancelled()
+                    raise
                 finally:
                     current_event.reset(token)
                     self.last_active = time.monotonic()
+                guard.ended(ok, value)
+                return ok, value, self.output.write_seq
         finally:
             self.inflight -= 1
+
+    async def _run(self, handler: Callable[[Any], Awaitable[Any]]) -> tuple[bool, Any]:
+        """The event's body: (True, result) or (False, the exception it raised)."""
+        try:
+            if self.obj is None:
+                await self.runtime.settled(self.object_id)
+                if not getattr(handler, STORAGE_ONLY, False):
+                    await self._start()
+            result = await handler(self.obj)
+            while self.before_reply:  # work the event started that its reply must follow
+                await self.before_reply.pop(0)
+            self.sockets.flush()  # the event's frames are queued ahead of its reply
+            return True, result
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the event itself is being cancelled (shutdown)
+            return False, RemoteError("the handler was cancelled", remote_type="CancelledError")
+        except Exception as exc:  # noqa: BLE001 - an ordinary handler error fails only this call
+            return False, exc
 
     def trace_flush(self, span: Span, seq: int) -> None:
         """A traced event whose writes up to ``seq`` are not durable yet: the flush that commits
@@ -243,8 +309,8 @@ class Instance:
     def take_batch(self) -> Batch | None:
         """The pending writes, for one flush; None when there is nothing or a flush is in flight."""
         output = self.output
-        if output.flushing or output.failed is not None or not output.has_unflushed:
-            return None
+        if output.flushing or output.failed is not None or not output.has_unflushed or self.held:
+            return None  # (held: released by the keyed event's end, which marks it dirty again)
         output.flushing = True
         batch = self.pending.take(output.write_seq)
         self._flushing_deletes = [k for k, v in batch.writes.items() if v is None]

@@ -42,8 +42,10 @@ class NatsLiveness:
     for ``timeout`` seconds (counted from the send time of the last one that did)."""
 
     def __init__(self, nc: NatsClient, interval: float, timeout: float,
-                 live: Callable[[], set[str]] | None = None, peers_timeout: float = 0.0) -> None:
+                 live: Callable[[], set[str]] | None = None, peers_timeout: float = 0.0, me: str = "") -> None:
         self.nc = nc
+        #: our own worker id: our own micro-service answers our ping unless the ping went nowhere
+        self.me = me
         self.interval = interval
         self.timeout = timeout
         #: the live workers' ids (us included), and how long we may hear too few of them (0: never checked)
@@ -113,6 +115,12 @@ class NatsLiveness:
             await asyncio.sleep(min(1.0, self.interval))  # answers come within a round trip or two
         finally:
             await sub.unsubscribe()
+        # not even our own answer: the ping went nowhere (a publish permission missing, say), so
+        # this round tells nothing about the others; the PING/PONG check covers our connection
+        if self.me not in heard:
+            log.debug("no answer to our own micro-service ping: peers not counted this round")
+            self.peers_last_ok = sent
+            return
         # a live id is the worker id as its lock session's name holds it (possibly truncated)
         answered = sum(1 for w in live if any(h.startswith(w) for h in heard))
         if answered * 2 > len(live):

@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from ..core.db import connect_writable, require_primary
 from ..core.logs import ranges
 from ..core.settings import Settings
 from ..core.tasks import TaskSet
@@ -43,6 +44,8 @@ SESSION_PREFIX = "durable-owner:"
 ORPHAN_HEARTBEATS = 3
 #: how often a worker tries for partitions being handed over to it (see Ownership._incoming)
 INCOMING_POLL = 0.02
+#: how soon a worker without a lock session tries to open one again (at most a heartbeat)
+RECONNECT_INTERVAL = 0.25
 
 #: live lock sessions of this deployment (in this database) and the partitions locked by anyone
 _LIVE = """
@@ -104,6 +107,8 @@ class Ownership:
         self._conn_lock = asyncio.Lock()
         #: after the lock session was lost to a failure: when to open a new one (rejoin.py)
         self._rejoin = RejoinProbe(settings, self.worker_id)
+        #: called when the lock session is lost with partitions held (the worker renews its pool)
+        self.on_session_lost: Callable[[], None] | None = None
 
     @property
     def session_name(self) -> str:
@@ -145,7 +150,7 @@ class Ownership:
 
     async def _open(self) -> asyncpg.Connection:
         ttl_ms = int(self.settings.lease_ttl * 1000)
-        conn = await asyncpg.connect(
+        conn = await connect_writable(  # every host of the URL at once: a dead primary costs nothing
             self.settings.database_url, timeout=5, statement_cache_size=0,
             server_settings={
                 "application_name": self.session_name,
@@ -154,6 +159,11 @@ class Ownership:
                 "client_connection_check_interval": "1000",
             },
         )
+        try:  # a standby would grant advisory locks that lock nothing on the primary
+            await require_primary(conn)
+        except BaseException:
+            conn.terminate()
+            raise
         await conn.execute(
             "INSERT INTO do_workers(worker_id, host, pid) VALUES ($1, $2, $3) "
             "ON CONFLICT (worker_id) DO UPDATE SET last_seen = now()",
@@ -213,7 +223,9 @@ class Ownership:
                 else:
                     log.debug("lock session unavailable: %s: %s", type(exc).__name__, exc)
                 await self._lose_all("lock session failed")
-            await self._sleep_watching(interval)
+            # no lock session (Postgres restarting, a standby being promoted): try again soon,
+            # not a whole heartbeat later, so serving resumes as soon as a primary is there
+            await self._sleep_watching(interval if self._conn is not None else min(interval, RECONNECT_INTERVAL))
 
     async def _sleep_watching(self, interval: float) -> None:
         """Sleep until the next heartbeat, stepping down at once if the lease runs out meanwhile,
@@ -339,6 +351,8 @@ class Ownership:
             log.warning("stepping down from %d partition(s): %s", len(self.epochs), reason,
                         extra={"worker": self.worker_id, "partitions": ranges(self.epochs), "reason": reason,
                                "count": len(self.epochs), "epochs": dict(sorted(self.epochs.items()))})
+        if self.epochs and self.on_session_lost is not None:
+            self.on_session_lost()
         for p in sorted(self.epochs):
             self.epochs.pop(p, None)
             self._on_lost(p, reason)

@@ -8,6 +8,7 @@ event are atomic together.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from .alarm_rules import AlarmRow
 
@@ -15,13 +16,25 @@ from .alarm_rules import AlarmRow
 SocketRow = tuple[str, str, bytes | None, str | None, str | None]
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    """What a call made with an idempotency key left behind (idempotency.py): which call it
+    was, its encoded reply (None: the call made writes durable and has not finished), and when
+    the record expires (epoch ms)."""
+
+    fingerprint: str
+    reply: bytes | None
+    expires_ms: int
+
+
 class Batch:
     """One object's pending writes, handed to the flusher as a unit (atomic in one commit)."""
 
-    __slots__ = ("delete_all", "writes", "alarm_changed", "alarm", "sockets", "seq")
+    __slots__ = ("delete_all", "writes", "alarm_changed", "alarm", "sockets", "idempotency", "seq")
 
     def __init__(self, delete_all: bool, writes: dict[bytes, bytes | None], alarm_changed: bool,
-                 alarm: AlarmRow | None, sockets: dict[str, SocketRow | None], seq: int) -> None:
+                 alarm: AlarmRow | None, sockets: dict[str, SocketRow | None], seq: int,
+                 idempotency: dict[str, IdempotencyRecord] | None = None) -> None:
         #: every stored key (and the alarm) of the object is deleted first
         self.delete_all = delete_all
         #: key -> encoded value, or None for a delete
@@ -31,6 +44,8 @@ class Batch:
         self.alarm = alarm
         #: socket id -> its registration (gateway, tags JSON, attachment, auto pair) or None: gone
         self.sockets = sockets
+        #: idempotency key -> the record of the call made with it (kept by delete_all)
+        self.idempotency = idempotency or {}
         #: the write sequence this batch makes durable
         self.seq = seq
 
@@ -39,7 +54,7 @@ class PendingWrites:
     """Staged writes; ``on_write`` runs after each (it advances the output gate and marks the
     object dirty for the flusher)."""
 
-    __slots__ = ("kv", "delete_all", "alarm_changed", "alarm", "sockets", "_on_write")
+    __slots__ = ("kv", "delete_all", "alarm_changed", "alarm", "sockets", "idempotency", "_on_write")
 
     def __init__(self, on_write: Callable[[], None]) -> None:
         self.kv: dict[bytes, bytes | None] = {}
@@ -47,6 +62,7 @@ class PendingWrites:
         self.alarm_changed = False
         self.alarm: AlarmRow | None = None
         self.sockets: dict[str, SocketRow | None] = {}
+        self.idempotency: dict[str, IdempotencyRecord] = {}
         self._on_write = on_write
 
     def put(self, writes: Mapping[bytes, bytes | None]) -> None:
@@ -70,10 +86,16 @@ class PendingWrites:
         self.sockets[socket_id] = row
         self._on_write()
 
+    def record_call(self, key: str, record: IdempotencyRecord) -> None:
+        """The record of a call made with an idempotency key, committed with the writes before it."""
+        self.idempotency[key] = record
+        self._on_write()
+
     def take(self, seq: int) -> Batch:
-        batch = Batch(self.delete_all, self.kv, self.alarm_changed, self.alarm, self.sockets, seq)
+        batch = Batch(self.delete_all, self.kv, self.alarm_changed, self.alarm, self.sockets, seq, self.idempotency)
         self.kv = {}
         self.sockets = {}
+        self.idempotency = {}
         self.delete_all = False
         self.alarm_changed = False
         return batch

@@ -15,7 +15,7 @@ import asyncpg
 
 from ..core.errors import StorageUnavailable
 from .alarm_rules import AlarmRow
-from .pending import Batch
+from .pending import Batch, IdempotencyRecord
 
 _READ_KEYS = "SELECT key, value FROM do_storage WHERE object_id = $1 AND key = ANY($2::bytea[])"
 _READ_RANGE = (
@@ -27,11 +27,24 @@ INSERT INTO do_object_names (namespace, object_id, name)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
 ON CONFLICT (object_id) DO NOTHING
 """
+_READ_IDEMPOTENCY = (
+    "SELECT fingerprint, reply, expires_ms FROM do_idempotency "
+    "WHERE object_id = $1 AND idem_key = $2 AND expires_ms > $3"
+)
+#: a bounded pass: a backlog is worked off over several sweeps, never in one long statement
+_SWEEP_IDEMPOTENCY = (
+    "DELETE FROM do_idempotency WHERE ctid = ANY(ARRAY(SELECT ctid FROM do_idempotency "
+    "WHERE partition = ANY($1::int[]) AND expires_ms <= $2 LIMIT $3))"
+)
 _READ_SOCKETS = (
     "SELECT socket_id, gateway, tags, attachment, auto_request, auto_response FROM do_sockets "
     "WHERE object_id = $1 ORDER BY accepted_at, socket_id"
 )
 _READ_ALARM = "SELECT scheduled_ms, due_ms, generation, retry_count FROM do_alarms WHERE object_id = $1"
+_READ_ALARMS = (
+    "SELECT object_id, scheduled_ms, due_ms, generation, retry_count FROM do_alarms "
+    "WHERE object_id = ANY($1::text[])"
+)
 _READ_DUE = (
     "SELECT object_id, namespace, partition, due_ms, generation FROM do_alarms "
     "WHERE partition = ANY($1::int[]) AND due_ms <= $2 ORDER BY due_ms LIMIT $3"
@@ -83,13 +96,20 @@ class FlushRows:
     sock_att: list[bytes | None] = field(default_factory=list)
     sock_auto_req: list[str | None] = field(default_factory=list)
     sock_auto_res: list[str | None] = field(default_factory=list)
+    idem_o: list[str] = field(default_factory=list)
+    idem_k: list[str] = field(default_factory=list)
+    idem_ns: list[str] = field(default_factory=list)
+    idem_p: list[int] = field(default_factory=list)
+    idem_fp: list[str] = field(default_factory=list)
+    idem_reply: list[bytes | None] = field(default_factory=list)
+    idem_exp: list[int] = field(default_factory=list)
     #: records each commit in do_commit_audit (tests of fencing), or None
     audit_worker: str | None = None
 
     @property
     def row_count(self) -> int:
         return (len(self.up_o) + len(self.del_o) + len(self.alarm_o) + len(self.alarm_del) + len(self.sock_del)
-                + len(self.sock_id))
+                + len(self.sock_id) + len(self.idem_o))
 
 
 _FLUSH_PARAMS = [f.name for f in fields(FlushRows)]
@@ -131,6 +151,14 @@ def flush_rows(items: list[tuple[Owner, Batch]], audit_worker: str | None = None
             rows.sock_att.append(attachment)
             rows.sock_auto_req.append(auto_request)
             rows.sock_auto_res.append(auto_response)
+        for key, record in b.idempotency.items():
+            rows.idem_o.append(oid)
+            rows.idem_k.append(key)
+            rows.idem_ns.append(owner.namespace)
+            rows.idem_p.append(owner.partition)
+            rows.idem_fp.append(record.fingerprint)
+            rows.idem_reply.append(record.reply)
+            rows.idem_exp.append(record.expires_ms)
         for k, v in b.writes.items():
             if v is None:
                 rows.del_o.append(oid)
@@ -173,6 +201,26 @@ class ObjectStore:
         r = rows[0]
         return AlarmRow(r["scheduled_ms"], r["due_ms"], r["generation"], r["retry_count"])
 
+    async def read_idempotency(self, object_id: str, key: str, now_ms: int) -> IdempotencyRecord | None:
+        """The unexpired record of ``key`` for the object, if a call with it committed."""
+        rows = await self._read(_READ_IDEMPOTENCY, object_id, key, now_ms)
+        if not rows:
+            return None
+        r = rows[0]
+        return IdempotencyRecord(r["fingerprint"], r["reply"], r["expires_ms"])
+
+    async def sweep_idempotency(self, partitions: list[int], now_ms: int, limit: int) -> int:
+        """Delete up to ``limit`` expired idempotency records of ``partitions``; returns how many."""
+        async with self.pool.acquire() as conn:
+            status = await conn.execute(_SWEEP_IDEMPOTENCY, partitions, now_ms, limit)
+        return int(status.split()[-1])
+
+    async def read_alarms(self, object_ids: list[str]) -> dict[str, AlarmRow]:
+        """The alarm rows of many objects in one statement (alarm_reads.py); no row: no alarm."""
+        rows = await self._read(_READ_ALARMS, object_ids)
+        return {r["object_id"]: AlarmRow(r["scheduled_ms"], r["due_ms"], r["generation"], r["retry_count"])
+                for r in rows}
+
     async def read_sockets(self, object_id: str) -> list[Any]:
         return await self._read(_READ_SOCKETS, object_id)
 
@@ -193,5 +241,12 @@ class ObjectStore:
         """Commit ``rows`` if every partition's epoch is still the one given; returns the
         partitions whose epoch matched (all of them, or the commit did not happen)."""
         async with self.pool.acquire() as conn:
-            ok = await conn.fetchval(_FLUSH, *(getattr(rows, name) for name in _FLUSH_PARAMS))
+            try:
+                ok = await conn.fetchval(_FLUSH, *(getattr(rows, name) for name in _FLUSH_PARAMS))
+            except TimeoutError:
+                # the server did not answer within command_timeout: it may never (a primary that
+                # hangs). Released as it is, the connection would hold this flush lane while its
+                # cancel request waits for that server too; the commit's outcome is unknown either way
+                conn.terminate()
+                raise
         return set(ok)

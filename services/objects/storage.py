@@ -143,8 +143,11 @@ class Storage:
     commits; the output gate holds back what the object says until they are durable."""
 
     def __init__(self, object_id: str, store: ObjectStore, pending: PendingWrites, output: OutputGate,
-                 input_gate: InputGate, can_set_alarm: Callable[[], None]) -> None:
+                 input_gate: InputGate, can_set_alarm: Callable[[], None],
+                 before_sync: Callable[[], None] | None = None) -> None:
         self._object_id = object_id
+        #: a keyed call's event stops holding its writes before it waits for them (instance.py)
+        self._before_sync = before_sync
         self._store = store
         self._pending = pending
         self._output = output
@@ -331,6 +334,8 @@ class Storage:
     async def sync(self) -> None:
         """Wait until every write made so far is durable."""
         self._check_open()
+        if self._before_sync is not None:
+            self._before_sync()
         await self._output.wait_durable(self._output.write_seq)
 
     def close(self, error: BaseException) -> None:

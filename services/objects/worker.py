@@ -36,6 +36,7 @@ from .flusher import CommittedAlarm, Flusher
 from .gateway_link import GatewayLink
 from .gateway_watch import GatewayWatch
 from .handover import Handover
+from .idempotency import Sweeper
 from .liveness import NatsLiveness
 from .local import LocalDispatcher
 from .micro import MicroService
@@ -73,6 +74,7 @@ class Worker:
         }
         self.ownership = Ownership(settings, self.worker_id, self._acquired, self._lost, self._hand_over,
                                    nats_reachable=self._nats_reachable)
+        self.ownership.on_session_lost = self._session_lost
         self.started_at = time.time()
         #: request-path metrics in a registry of this worker's own (several may share a process)
         self.metrics = WorkerMetrics(self.classes)
@@ -151,7 +153,9 @@ class Worker:
             await close_nats(self.nc)
             raise
         self.pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=8,
-                                              reset=_keep_session, command_timeout=settings.lease_ttl)
+                                              reset=_keep_session, command_timeout=settings.lease_ttl,
+                                              init=db.require_primary,  # never a read-only standby
+                                              connect=db.connect_writable)  # see its docstring
         async with self.pool.acquire() as conn:
             await db.apply_schema(conn, settings.partitions)
             await db.apply_class_migrations(conn, self.config)
@@ -166,10 +170,12 @@ class Worker:
         await self.gateways.start()
         self.nats_liveness = NatsLiveness(self.nc, settings.heartbeat_interval,
                                           settings.nats_liveness_timeout or settings.lease_ttl / 2,
-                                          live=self._live_workers, peers_timeout=settings.lease_ttl)
+                                          live=self._live_workers, peers_timeout=settings.lease_ttl,
+                                          me=self.worker_id)
         self.nats_liveness.start()
         await self.ownership.start()
         self.partitions.start_eviction(settings.idle_timeout)
+        self.idempotency.start()
 
     def _build(self) -> None:
         """Wire the parts: each gets the few collaborators it uses."""
@@ -189,7 +195,11 @@ class Worker:
                                   self.partitions.live_by_namespace)
         self.dispatcher = Dispatcher(self.nc, self.partitions, self.alarms, self.micro, self.ownership.owns,
                                      settings.max_request_bytes, self.tail, self.metrics,
+                                     idempotency_ttl=settings.idempotency_ttl,
                                      accepting=self.ownership.reaching_postgres)
+        # expired records are never answered from: sweeping them only frees space, so often enough
+        self.idempotency = Sweeper(self.store, lambda: sorted(self.parts),
+                                   min(60.0, max(1.0, settings.idempotency_ttl / 4)))
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
                                  self.ownership.release, self._taken_over, settings.lease_ttl)
         self.local = LocalDispatcher(self.partitions, self.dispatcher, self.ownership.owns, self.handover.tasks)
@@ -216,6 +226,7 @@ class Worker:
         log.info("worker stopping: draining its partitions",
                  extra={"worker": self.worker_id, "partitions": ranges(self.parts)})
         await self.partitions.stop_eviction()
+        await self.idempotency.stop()
         await self.alarms.withdraw()  # alarm wake-ups go to the other workers from now on
         states = list(self.parts.values())
         # stragglers can only be on their way if requests were flowing, or someone takes over
@@ -272,6 +283,14 @@ class Worker:
 
     def _lost(self, partition: int, reason: str) -> None:
         self.handover.lost(partition, reason)
+
+    def _session_lost(self) -> None:
+        """The lock session failed: the database may be gone or have moved (a standby promoted).
+        The pool's idle connections are replaced on their next use instead of being tried: one to
+        a primary that hangs would hold a flush for command_timeout (the lease) each."""
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            self.partitions.tasks.spawn(pool.expire_connections(), "expire-pool")
 
     async def _hand_over(self, partition: int) -> None:
         await self.handover.hand_over(partition)

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from ..client import Client, Env
 from ..core import codec
 from ..core.config import AppConfig, load_config
+from ..core.db import connect_writable
 from ..core.errors import (
     ConfigError,
     DurableError,
@@ -167,7 +168,7 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, config: AppCon
 
 async def _with_db(settings: Settings, fn: Callable[[asyncpg.Connection], Coroutine[Any, Any, int]]) -> int:
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=5)
+        conn = await connect_writable(settings.database_url, timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"durable: cannot reach Postgres at {settings.database_url}: {exc}", file=sys.stderr)
         return 1

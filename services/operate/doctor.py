@@ -21,6 +21,7 @@ import asyncpg
 from ..client import Client
 from ..core import wire
 from ..core.config import AppConfig
+from ..core.db import connect_writable
 from ..core.errors import Unavailable
 from ..core.nats_private import server_info
 from ..core.settings import Settings
@@ -122,7 +123,7 @@ def _ping_settings(monitor_url: str) -> Check:
 
 async def _postgres(settings: Settings) -> tuple[int | None, list[Check]]:
     try:
-        conn = await asyncpg.connect(settings.database_url, timeout=5)
+        conn = await connect_writable(settings.database_url, timeout=5)
     except Exception as exc:  # noqa: BLE001 - every connect failure is the one finding
         return None, [Check("postgres", False, f"cannot connect: {type(exc).__name__}: {exc}",
                             "start PostgreSQL or set DURABLE_DATABASE_URL")]
@@ -150,7 +151,7 @@ async def _postgres(settings: Settings) -> tuple[int | None, list[Check]]:
 async def _workers(settings: Settings, pg_offset_ms: int | None) -> list[Check]:
     asked_ms = time.time() * 1000  # the workers answer within milliseconds of this
     try:
-        stats = await micro_stats(settings.nats_servers)
+        stats = await micro_stats(settings)
     except Exception as exc:  # noqa: BLE001 - NATS already reported above
         return [Check("workers", None, f"could not ask the workers: {exc}")]
     if not stats:

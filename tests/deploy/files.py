@@ -80,15 +80,40 @@ def env_files(service: dict[str, Any]) -> list[Path]:
     return [DEPLOY / (f["path"] if isinstance(f, dict) else f) for f in files]
 
 
+#: ``${NAME}``, ``${NAME:?message}`` or ``${NAME:-default}`` in the compose file
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?([?-])([^}]*))?\}")
+
+
+def compose_variables() -> dict[str, str]:
+    """What compose fills the compose file's ``${...}`` from: deploy/.env (its ``.example`` here)."""
+    return env_file_values(DEPLOY / ".env")
+
+
+def interpolate(value: str) -> str:
+    """A compose value with its ``${...}`` filled in as compose does; a required variable that
+    deploy/.env(.example) lacks fails the test."""
+    variables = compose_variables()
+
+    def fill(m: re.Match[str]) -> str:
+        name, kind, rest = m.group(1), m.group(2), m.group(3)
+        if name in variables:
+            return variables[name]
+        assert kind == "-", f"${{{name}}} is not set in deploy/.env.example ({rest or 'required'})"
+        return rest or ""
+
+    return _INTERPOLATION.sub(fill, value)
+
+
 def service_env(service: dict[str, Any]) -> dict[str, str]:
-    """The environment compose gives a service's container: its env files, then ``environment``."""
+    """The environment compose gives a service's container: its env files, then ``environment``
+    (with the compose file's ``${...}`` filled in from deploy/.env)."""
     env: dict[str, str] = {}
     for path in env_files(service):
         env.update(env_file_values(path))
     environment = service.get("environment") or {}
     if isinstance(environment, list):
         environment = dict(item.partition("=")[::2] for item in environment)
-    env.update({k: str(v) for k, v in environment.items()})
+    env.update({k: interpolate(str(v)) for k, v in environment.items()})
     return env
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from durable.client import Client
 from durable.core.embedded import EmbeddedPostgres, free_port
+from durable.core.errors import Unavailable
 from durable.core.settings import Settings
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -50,6 +53,7 @@ class DeployNode(ClusterNode):
         super().__init__(node.store_dir, str(conf["server_name"]), node.cluster_name, node.port, node.cluster_port,
                          node.http_port, node.peers, node.partitions)
         self.conf = conf
+        self.source = source
         self.route_ports = route_ports  #: service name -> the loopback route port of that node
 
     def _write_config(self) -> Path:
@@ -61,8 +65,13 @@ class DeployNode(ClusterNode):
                   for r in self.conf["cluster"]["routes"]]
         conf["cluster"] = {**self.conf["cluster"], "listen": natsconf.Bare(f"127.0.0.1:{self.cluster_port}"),
                            "routes": routes}
+        included = conf.pop("include", None)
+        text = natsconf.dump(conf)
+        if included is not None:  # the users of deploy/nats/auth.conf, copied next to the config
+            shutil.copy(self.source.parent / str(included), self.store_dir / str(included))
+            text += f"\ninclude {included}\n"
         path = self.store_dir / "nats-server.conf"
-        path.write_text(natsconf.dump(conf))
+        path.write_text(text)
         return path
 
 
@@ -166,7 +175,7 @@ async def wait_ready(topology: Topology, workers: list[str], routers: list[str],
 
     async def balanced() -> bool:
         topology.check_running()
-        stats = await micro_stats(settings.nats_servers)
+        stats = await micro_stats(settings)
         owned = sorted(int(s["metadata"]["partitions_owned"]) for s in stats)
         share = settings.partitions // len(workers)
         return len(owned) == len(workers) and sum(owned) == settings.partitions and owned[0] >= share
@@ -189,8 +198,13 @@ async def next_of(ws: ClientConnection, kind: str) -> dict[str, Any]:
 
 
 async def test_the_compose_topology_serves_a_counter_and_a_chat_room_across_routers(
-        pg_server: EmbeddedPostgres, tmp_path: Path) -> None:
+        pg_server: EmbeddedPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     compose = load_compose()
+    # the NATS users' passwords, in the nats-servers' environment as compose gives them
+    nats_env = service_env(compose["services"][next(iter(nats_services(compose)))])
+    for key, value in nats_env.items():
+        if key.startswith("NATS_"):
+            monkeypatch.setenv(key, value)
     workers, routers = services_running(compose, "worker"), services_running(compose, "router")
     assert len(workers) == 3 and len(routers) == 2
     database_url = await create_database(pg_server, "deploy")
@@ -202,8 +216,14 @@ async def test_the_compose_topology_serves_a_counter_and_a_chat_room_across_rout
             topology.start(name, service["command"], local_env(service, nats_urls, database_url))
         partitions = int(topology.envs[next(iter(workers))]["DURABLE_PARTITIONS"])
         settings = Settings(_env_file=None, nats_url=cluster.urls[0], database_url=database_url,  # type: ignore[call-arg]
-                            partitions=partitions)
+                            partitions=partitions, nats_user="operator",
+                            nats_password=nats_env["NATS_OPERATOR_PASSWORD"], nats_inbox_prefix="_INBOX.operator")
         await wait_ready(topology, list(workers), list(routers), settings)
+        # NATS is locked down (deploy/nats/auth.conf): the processes above connected as their
+        # users; an anonymous connection is refused
+        with pytest.raises(Unavailable, match="refused the credentials"):
+            await Client.connect(settings.model_copy(update={"nats_user": "", "nats_password": "",
+                                                             "nats_connect_timeout": 3.0}))
         r1, r2 = list(routers)
 
         # a counter incremented through both routers: each increment counted exactly once

@@ -5,6 +5,7 @@ drain, the health endpoints)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from typing import Any
@@ -115,10 +116,35 @@ def test_a_nats_config_has_the_settings_the_runtime_needs(node: str) -> None:
 
 
 def test_nats_server_accepts_each_config() -> None:
-    for path in nats_services(load_compose()).values():
+    compose = load_compose()
+    for name, path in nats_services(compose).items():
+        env = {**os.environ, **service_env(compose["services"][name])}
         result = subprocess.run([nats_server_binary(), "-t", "-c", str(path)], capture_output=True, text=True,
-                                timeout=30)
+                                timeout=30, env=env)
         assert result.returncode == 0, result.stderr
+        # and without the users' passwords it refuses to start (no user left without one)
+        bare = {k: v for k, v in env.items() if not k.startswith("NATS_")}
+        result = subprocess.run([nats_server_binary(), "-t", "-c", str(path)], capture_output=True, text=True,
+                                timeout=30, env=bare)
+        assert result.returncode != 0 and "NATS_WORKER_PASSWORD" in result.stderr
+
+
+def test_compose_locks_nats_down_with_the_shipped_users() -> None:
+    """Each node mounts deploy/nats/auth.conf beside its config, which includes it; each worker
+    and router connects as its user with that user's password and reply prefix."""
+    compose = load_compose()
+    for name, path in nats_services(compose).items():
+        service = compose["services"][name]
+        assert "./nats/auth.conf:/etc/nats/auth.conf:ro" in service["volumes"]
+        assert nats_conf(path)["include"] == "auth.conf"
+    server_env = service_env(compose["services"]["nats-1"])
+    for kind in ("worker", "router"):
+        for name, service in services_running(compose, kind).items():
+            env = service_env(service)
+            assert env["DURABLE_NATS_USER"] == kind, name
+            assert env["DURABLE_NATS_INBOX_PREFIX"] == f"_INBOX.{kind}", name
+            assert env["DURABLE_NATS_PASSWORD"] == server_env[f"NATS_{kind.upper()}_PASSWORD"], name
+    assert "deploy/.env" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 def test_a_wrong_mapping_is_told_apart() -> None:
@@ -251,7 +277,12 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
             env.update(manifest("ConfigMap", source["configMapRef"]["name"])["data"])
         if "secretRef" in source:
             env.update(manifest("Secret", source["secretRef"]["name"])["stringData"])
-    env.update({e["name"]: e["value"] for e in container.get("env", [])})
+    for e in container.get("env", []):
+        if "valueFrom" in e:  # a key of a Secret
+            ref = e["valueFrom"]["secretKeyRef"]
+            env[e["name"]] = manifest("Secret", ref["name"])["stringData"][ref["key"]]
+        else:
+            env[e["name"]] = e["value"]
     return env
 
 
@@ -264,7 +295,8 @@ def _probe_port(container: dict[str, Any], probe: str) -> tuple[str, int]:
 
 def test_every_manifest_is_a_known_kind_with_a_name() -> None:
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in manifests())
-    assert kinds == sorted([("ConfigMap", "durable"), ("Secret", "durable"), ("Deployment", "durable-worker"),
+    assert kinds == sorted([("ConfigMap", "durable"), ("Secret", "durable"), ("Secret", "durable-nats"),
+                            ("Deployment", "durable-worker"),
                             ("Deployment", "durable-router"), ("Service", "durable-router"),
                             ("PodDisruptionBudget", "durable-worker"), ("PodDisruptionBudget", "durable-router")])
 
@@ -376,3 +408,35 @@ def test_the_build_context_keeps_what_the_image_copies() -> None:
                         continue
                     assert (ROOT / source).exists(), source
                     assert source.rstrip("/") not in ignored and source.split("/")[0] not in ignored, source
+
+
+def _resolved_users(conf: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``authorization`` users of a parsed nats config, their ``$PERMISSIONS`` variables
+    resolved: user -> (password reference, permissions)."""
+    users = {}
+    for user in conf["authorization"]["users"]:
+        permissions = user["permissions"]
+        if isinstance(permissions, str) and permissions.startswith("$"):
+            permissions = conf[permissions[1:]]
+        users[user["user"]] = {"password": str(user["password"]).strip("<> "), "permissions": permissions}
+    return users
+
+
+def test_the_helm_values_lock_nats_down_as_auth_conf_does() -> None:
+    """nats-values.yaml carries the users and permissions of deploy/nats/auth.conf, unchanged,
+    their passwords from the durable-nats Secret; the worker and router Deployments connect as
+    their users with their own reply prefix and password."""
+    shipped = _resolved_users(nats_conf(DEPLOY / "nats" / "auth.conf"))
+    values = yaml.safe_load((K8S / "nats-values.yaml").read_text())
+    helm = _resolved_users(values["config"]["merge"])
+    assert helm == shipped and sorted(shipped) == ["app", "operator", "router", "worker"]
+    secret = manifest("Secret", "durable-nats")["stringData"]
+    for user, entry in shipped.items():
+        name = entry["password"].removeprefix("$")
+        assert values["container"]["env"][name]["valueFrom"]["secretKeyRef"] == {"name": "durable-nats", "key": name}
+        assert name in secret, user
+    for kind in ("worker", "router"):
+        env = _env(_container(manifest("Deployment", f"durable-{kind}")))
+        assert env["DURABLE_NATS_USER"] == kind and env["DURABLE_NATS_INBOX_PREFIX"] == f"_INBOX.{kind}"
+        assert env["DURABLE_NATS_PASSWORD"] == secret[f"NATS_{kind.upper()}_PASSWORD"]
+

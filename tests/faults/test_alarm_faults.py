@@ -179,6 +179,9 @@ async def test_pending_alarms_run_after_nats_server_restarts_with_its_store(
         s = settings.model_copy(update={"nats_url": server.url, "alarm_sweep_interval": 600.0})
         worker = Worker(s, config)  # stopped here, before its server goes
         await worker.start()
+        # the owner's own timers (alarm_timers.py) would run them on time with NATS down: off,
+        # so that only the JetStream store can wake them
+        await worker.alarms.timers.stop()
         client = await Client.connect(s, config)
         conn = await asyncpg.connect(s.database_url)
         try:
@@ -241,13 +244,18 @@ async def test_pending_alarms_run_after_nats_server_restarts_with_its_store(
 # ----- 3. a schedule lost by JetStream: the Postgres sweep --------------------------------------
 
 @pytest.mark.fault
-async def test_an_alarm_whose_schedule_jetstream_lost_is_run_by_the_sweep(
-        start_worker: WorkerFactory, env: Env, settings: Settings, nats_server: EmbeddedNats) -> None:
-    interval = 1.0
+@pytest.mark.parametrize("by", ["sweep", "timer"])
+async def test_an_alarm_whose_schedule_jetstream_lost_still_runs(
+        start_worker: WorkerFactory, env: Env, settings: Settings, nats_server: EmbeddedNats, by: str) -> None:
+    """"sweep": the owner's timers off, the sweep (every second) runs it once it is overdue;
+    "timer": the sweep out of reach (600 s), the owner's own timer runs it."""
+    interval = 1.0 if by == "sweep" else 600.0
     # a deployment key of its own: its alarm stream is this test's alone to purge
     key = random.randrange(100_000, 2**31 - 1)
     s = settings.model_copy(update={"deployment_key": key, "alarm_sweep_interval": interval})
     worker = await start_worker(deployment_key=key, alarm_sweep_interval=interval)
+    if by == "sweep":
+        await worker.alarms.timers.stop()
 
     async def attached() -> bool:
         # taking a partition re-publishes the schedules due soon: a reconcile that ran after the
@@ -282,8 +290,11 @@ async def test_an_alarm_whose_schedule_jetstream_lost_is_run_by_the_sweep(
         runs = await stored_runs(conn, list(due))
         assert check_runs(runs, due) == 0, runs
         lateness = runs[lost.id.hex][0]["at"] - due[lost.id.hex]
-        print(f"purged schedule: the sweep ran the alarm {lateness} ms late (interval {interval}s); "
+        print(f"purged schedule: the {by} ran the alarm {lateness} ms late (sweep interval {interval}s); "
               f"the unpurged one ran {runs[kept.id.hex][0]['at'] - due[kept.id.hex]} ms late")
+        if by == "timer":
+            assert worker.alarms.timers.fired >= 2  # (nothing else could have run the purged one)
+            return
         # the sweep runs only alarms overdue by more than its interval: so it was the sweep
         assert lateness >= interval * 1000, f"ran {lateness} ms late: not by the sweep?"
         # ... and it did so within about two intervals (generous: a slow machine)

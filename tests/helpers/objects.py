@@ -344,6 +344,30 @@ class Edge(DurableObject):
         await Edge.event(tag).wait()
         await self.ctx.storage.put(entries)
 
+    async def incr_noted(self, key: str, tag: str, fail: bool = False) -> int:
+        """Note "ran", increment ``key``; then raise ValueError if ``fail`` (the write stays)."""
+        Edge.note(tag, "ran")
+        value = (await self.ctx.storage.get(key) or 0) + 1
+        await self.ctx.storage.put(key, value)
+        if fail:
+            raise ValueError(f"failed after writing {value}")
+        return value
+
+    async def incr_when(self, key: str, tag: str) -> int:
+        """Note "ran", wait (holding the input gate) until the test sets ``tag``, then increment."""
+        Edge.note(tag, "ran")
+        await Edge.event(tag).wait()
+        value = (await self.ctx.storage.get(key) or 0) + 1
+        await self.ctx.storage.put(key, value)
+        return value
+
+    async def put_then_hold(self, key: str, value: Any, tag: str) -> str:
+        """Put, note "put", then wait (a plain await, no outgoing call) until the test sets ``tag``."""
+        await self.ctx.storage.put(key, value)
+        Edge.note(tag, "put")
+        await Edge.event(tag).wait()
+        return "done"
+
 
 class Booter(DurableObject):
     """Its constructor's block_concurrency_while writes, then calls an Edge that looks in Postgres

@@ -42,5 +42,17 @@ def test_an_unchanged_alarm_is_not_written() -> None:
 def test_the_flush_call_names_every_parameter_in_order() -> None:
     names = [name for name in FlushRows.__dataclass_fields__]
     assert _FLUSH.startswith("SELECT do_flush(parts => $1, epochs => $2, wiped => $3")
-    assert _FLUSH.count("=>") == len(names) == 28
+    assert _FLUSH.count("=>") == len(names) == 35
     assert _FLUSH.endswith(f"audit_worker => ${len(names)})")
+
+
+def test_idempotency_records_go_to_their_columns() -> None:
+    from durable.objects.pending import IdempotencyRecord
+
+    a = Owner("a" * 64, "Counter", 3, 10)
+    rows = flush_rows([(a, _batch(idempotency={"k1": IdempotencyRecord("rpc.increment", b"reply", 99),
+                                               "k2": IdempotencyRecord("fetch", None, 100)}))])
+    assert (rows.idem_o, rows.idem_k, rows.idem_ns, rows.idem_p, rows.idem_fp, rows.idem_reply, rows.idem_exp) == \
+        (["a" * 64] * 2, ["k1", "k2"], ["Counter"] * 2, [3, 3], ["rpc.increment", "fetch"], [b"reply", None],
+         [99, 100])
+    assert rows.row_count == 2
