@@ -1,4 +1,4 @@
-"""The two things durable needs from nats-py that it has no public call for.
+"""The few things durable needs from nats-py that it has no public call for.
 
 Both reach into the client's private state. They live here, behind functions that fail loudly
 with the nats-py version named, so an upstream rename breaks one test
@@ -8,6 +8,7 @@ below its next major version in pyproject.toml.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from nats.aio.client import Client as NatsClient
@@ -44,3 +45,20 @@ async def withdraw_interest(nc: NatsClient, sub: Subscription) -> None:
     if send is None or sid is None:
         raise _missing("Client._send_unsubscribe / Subscription._id")
     await send(sid)
+
+
+async def send_ping(nc: NatsClient) -> asyncio.Future[bool]:
+    """Send a PING; the returned future is resolved when its PONG comes back.
+
+    Not ``nc.flush(timeout)``: on a timeout that cancels its PONG future, which stays in the
+    client's queue of PONG futures, and the late PONG then fails the read loop
+    (``set_result`` on a cancelled future: "nats: encountered error"), the very stall a
+    liveness check is for. Callers wait on this future without cancelling it (``asyncio.wait``);
+    a reconnect drops the queue, and with it futures never resolved."""
+    future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    try:
+        send = nc._send_ping
+    except AttributeError:
+        raise _missing("Client._send_ping") from None
+    await send(future)
+    return future

@@ -6,7 +6,7 @@ objects unreachable for the whole cut, and nothing logged). nats-py notices a de
 only through its own pings, minutes apart by default, and a black-holed TCP connection looks
 healthy meanwhile.
 
-So the worker does a PING/PONG round trip (``nc.flush``) every heartbeat. When none has come
+So the worker does a PING/PONG round trip every heartbeat (nats_private.send_ping). When none has come
 back for ``timeout`` seconds, :meth:`reachable` turns false and the lease loop
 (ownership.py) gives every partition up and closes its lock session: Postgres releases the
 locks at once and the other workers, which see it leave, take them. It rejoins when a round
@@ -32,6 +32,7 @@ from collections.abc import Callable
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from ..core.nats_private import send_ping
 from .micro import SERVICE_NAME
 
 log = logging.getLogger("durable.worker")
@@ -75,20 +76,25 @@ class NatsLiveness:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="nats-liveness")
 
     async def _run(self) -> None:
+        pending: list[tuple[float, asyncio.Future[bool]]] = []  # PINGs sent, oldest first
         while True:
             sent = time.monotonic()
             try:
-                # while reconnecting, nats-py's flush() returns without any round trip
+                # while reconnecting there is no round trip to have (nats-py's flush() would
+                # return at once): not alive
                 if not self.nc.is_connected:
                     raise ConnectionError("not connected (reconnecting)")
-                await self.nc.flush(timeout=max(1, round(self.timeout)))
-                if not self.nc.is_connected:
-                    raise ConnectionError("the connection was lost during the round trip")
+                pending.append((sent, await send_ping(self.nc)))
+                # wait a little for this PONG, never cancelling it (see send_ping)
+                await asyncio.wait({pending[-1][1]}, timeout=min(self.interval, self.timeout))
             except Exception as exc:  # noqa: BLE001 - unreachable, reconnecting or closed: just not alive
                 log.debug("NATS round trip failed: %s: %s", type(exc).__name__, exc)
-            else:
-                self.last_ok = sent
-                if self.peers_timeout and self._live is not None:
+            answered = [at for at, f in pending if f.done() and not f.cancelled() and f.exception() is None]
+            # PONGs come in order; a reconnect drops the queue (those futures never resolve)
+            pending = [(at, f) for at, f in pending if not f.done() and sent - at < 60]
+            if answered and self.nc.is_connected:
+                self.last_ok = max(self.last_ok, answered[-1])
+                if self.peers_timeout and self._live is not None and answered[-1] == sent:
                     await self._hear_peers(sent, self._live())
                 if self._down_logged and self.reachable():
                     self._down_logged = False

@@ -177,10 +177,12 @@ class Ownership:
     async def _run(self) -> None:
         interval = self.settings.heartbeat_interval
         while not self._stopping:
-            if self._nats_reachable is not None and not self._nats_reachable():
+            if self._nats_reachable is not None and len(self.live) > 1 and not self._nats_reachable():
                 # nobody can reach our partitions: keeping their locks would keep them unserved
                 # for as long as the cut lasts. Leaving the lock session releases them at once,
                 # and the other workers see us leave and take them; we rejoin once NATS answers.
+                # (The only live worker keeps them: nobody else could serve them, and its
+                # objects' memory and sockets survive a short stall.)
                 if self.epochs or self._conn is not None:
                     log.warning("NATS unreachable: giving up %d partition(s) and leaving the lock session "
                                 "until it answers again", len(self.epochs), extra={"worker": self.worker_id})

@@ -17,6 +17,7 @@ import time
 
 import asyncpg
 
+from ..core.db import connect_writable, require_primary
 from ..core.settings import Settings
 
 log = logging.getLogger("durable.ownership")
@@ -54,9 +55,12 @@ class RejoinProbe:
         sent = time.monotonic()
         try:
             if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(
+                # as the lock session connects: every host of the URL at once, the primary only
+                # (a frozen old primary must not hold the probe while a standby is promoted)
+                self._conn = await connect_writable(
                     self.settings.database_url, timeout=timeout, statement_cache_size=0,
                     server_settings={"application_name": f"{PROBE_PREFIX}{self.worker_id}"[:63]})
+                await require_primary(self._conn)
             others = await self._conn.fetchval(_OWNERS, self.settings.deployment_key, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - any failure breaks the run of answered probes
             log.debug("rejoin probe failed: %s: %s", type(exc).__name__, exc)

@@ -1,12 +1,14 @@
-"""The two private nats-py calls durable relies on, against a real nats-server: if an upgrade of
+"""The private nats-py calls durable relies on, against a real nats-server: if an upgrade of
 nats-py renames them, this fails here rather than hand-overs failing silently."""
 
 from __future__ import annotations
 
+import asyncio
+
 import nats
 import pytest
 from durable.core.embedded import EmbeddedNats
-from durable.core.nats_private import NatsInternalsChanged, server_info, withdraw_interest
+from durable.core.nats_private import NatsInternalsChanged, send_ping, server_info, withdraw_interest
 
 
 async def test_server_info_names_the_version_and_jetstream(nats_server: EmbeddedNats) -> None:
@@ -46,3 +48,20 @@ async def test_missing_internals_fail_loudly() -> None:
         server_info(Bare())  # type: ignore[arg-type]
     with pytest.raises(NatsInternalsChanged, match="_send_unsubscribe"):
         await withdraw_interest(Bare(), Bare())  # type: ignore[arg-type]
+    with pytest.raises(NatsInternalsChanged, match="_send_ping"):
+        await send_ping(Bare())  # type: ignore[arg-type]
+
+
+async def test_a_ping_whose_pong_is_waited_out_leaves_the_connection_working(nats_server: EmbeddedNats) -> None:
+    # nc.flush(timeout) cancels its PONG future on a timeout, and the late PONG then breaks the
+    # read loop; a send_ping future is never cancelled: waiting it out changes nothing
+    nc = await nats.connect(nats_server.url)
+    try:
+        futures = [await send_ping(nc) for _ in range(3)]
+        await asyncio.wait(futures, timeout=0)  # "timed out" before any PONG could arrive
+        assert await asyncio.wait_for(asyncio.gather(*futures), 10) == [True, True, True]
+        sub = await nc.subscribe("np.ping")
+        await nc.publish("np.ping", b"still working")
+        assert (await sub.next_msg(timeout=10)).data == b"still working"
+    finally:
+        await nc.close()

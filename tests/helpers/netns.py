@@ -18,7 +18,7 @@ link), so any single link can be cut and healed while every other link keeps wor
   socket (file system paths are not namespaced), and NATS only through processes on hosts.
 - Everything is removed at the end (:meth:`Net.close`: processes, then namespaces, which takes
   their veths with them), also when the test fails; :func:`remove_stale` removes namespaces
-  left by a test process that no longer exists (``durable-<pid>-<host>``).
+  left by a test process that no longer exists (``durable-<pid>-<net>-<host>``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _ip(*args: str) -> None:
 
 
 def remove_stale() -> list[str]:
-    """Delete the ``durable-<pid>-*`` namespaces whose creating process is gone (a test run
+    """Delete the ``durable-<pid>-...`` namespaces whose creating process is gone (a test run
     that was killed); returns their names. Namespaces of live processes are left alone."""
     r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     removed = []
@@ -149,7 +149,7 @@ class Host:
 
     @property
     def ns(self) -> str:
-        return f"{NS_PREFIX}{os.getpid()}-{self.name}"
+        return f"{NS_PREFIX}{os.getpid()}-{self.net.serial}-{self.name}"
 
     def addr_of(self, peer: Host) -> str:
         """``peer``'s address as this host reaches it (on their link)."""
@@ -174,7 +174,12 @@ class Host:
 class Net:
     """Hosts and links; :meth:`close` removes them all (call it from a finalizer)."""
 
+    _made = 0
+
     def __init__(self) -> None:
+        Net._made += 1
+        #: told apart from the other networks of this process in the namespaces' names
+        self.serial = Net._made
         self.hosts: dict[str, Host] = {}
         self.links: list[Link] = []
         #: short: Postgres' Unix socket path must stay under 107 bytes
