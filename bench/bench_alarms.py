@@ -518,7 +518,7 @@ def report(args: argparse.Namespace, rows: list[tuple[str, Lateness, Lateness | 
                   if out.twice]
     for label, n in twice:
         print(f"RAN MORE THAN ONCE: {label}: {n:,} alarms")
-    if not missing and not twice:
+    if not any(m for _, m in missing) and not twice:
         print("every alarm set ran, and ran once (checked per object in Postgres)")
     for note in notes + (fo.notes if fo is not None else []):
         print(f"note: {note}")
