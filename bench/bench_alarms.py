@@ -99,6 +99,8 @@ class Lateness:
     values: list[float]
     expected: int
     notes: list[str] = field(default_factory=list)
+    #: objects whose alarm ran more than once (durable only)
+    twice: int = 0
 
     @property
     def missing(self) -> int:
@@ -297,6 +299,12 @@ class Durable:
                                      FIRED_KEY, list(ids))
         return {r["object_id"]: codec.unpack(r["value"]) for r in rows}
 
+    async def ran_twice(self, ids: Sequence[str]) -> int:
+        """Objects among ``ids`` whose alarm ran more than once (each run writes a ``ran.`` key)."""
+        return int(await self.conn.fetchval(
+            "SELECT count(*) FROM (SELECT object_id FROM do_storage WHERE object_id = ANY($1) AND key >= 'ran.' "
+            "AND key < 'ran/' GROUP BY object_id HAVING count(*) > 1) t", list(ids)))
+
     async def wait_fired(self, last_due: float, timeout: float) -> None:
         """Until no alarm due by ``last_due`` is left in do_alarms (each fire deletes its row in
         the same commit as its record), or ``timeout`` after ``last_due``."""
@@ -349,6 +357,7 @@ class Durable:
         await self.wait_fired(max(dues), 120)
         records = await self.fired([s.id.hex for s in stubs])
         out.values = [started - scheduled for scheduled, started, _ in records.values()]
+        out.twice = await self.ran_twice([s.id.hex for s in stubs])
         self.records = records
         retried = sum(1 for *_, retry in records.values() if retry)
         if retried:
@@ -404,6 +413,7 @@ async def failover_trial(n: int, victim: BenchWorker, env: Env, durable: Durable
         result.notes.append(durable.split(f"(e) trial {n + 1}, the killed worker's objects",
                                           {s.id.hex: records[s.id.hex] for s in victims if s.id.hex in records}))
     for group, out in ((victims, result.victim), (control, result.control)):
+        out.twice += await durable.ran_twice([s.id.hex for s in group])
         out.expected += len(group)
         out.values += [records[s.id.hex][1] - records[s.id.hex][0] for s in group if s.id.hex in records]
     last = await conn.fetchval("SELECT max(acquired_at) FROM do_partitions WHERE partition = ANY($1::int[]) "
@@ -502,6 +512,14 @@ def report(args: argparse.Namespace, rows: list[tuple[str, Lateness, Lateness | 
     for label, m in missing:
         if m:
             print(f"NOT FIRED within the wait: {label}: {m:,}")
+    twice = [(label, mine.twice) for label, mine, _ in rows if mine.twice]
+    if fo is not None:
+        twice += [(label, out.twice) for label, out in (("(e) killed", fo.victim), ("(e) surviving", fo.control))
+                  if out.twice]
+    for label, n in twice:
+        print(f"RAN MORE THAN ONCE: {label}: {n:,} alarms")
+    if not any(m for _, m in missing) and not twice:
+        print("every alarm set ran, and ran once (checked per object in Postgres)")
     for note in notes + (fo.notes if fo is not None else []):
         print(f"note: {note}")
     if fo is not None and fo.due_after_kill:
