@@ -90,6 +90,12 @@ class Client:
         self._owns_connection = False
         #: a worker in this process to hand requests to directly (``durable dev`` sets it; None: NATS)
         self.local: LocalDispatch | None = None
+        #: keyed calls repeated after a timeout (their outcome was unknown; the key makes it safe)
+        self.timeouts_retried = 0
+
+    def _note_retry(self, exc: BaseException | None) -> None:
+        if isinstance(exc, RequestTimeout):
+            self.timeouts_retried += 1
 
     @classmethod
     async def connect(cls, settings: Settings, config: AppConfig | None = None, **nats_options: Any) -> Client:
@@ -232,10 +238,11 @@ class Client:
                 (_Retry, RequestTimeout) if headers and IDEMPOTENCY_HEADER in headers else (_Retry,)
             try:
                 return await self._attempt(subject, payload, headers, timeout)
-            except retryable:
-                pass
+            except retryable as exc:
+                self._note_retry(exc)
             retrying = AsyncRetrying(
                 retry=retry_if_exception_type(retryable),
+                before_sleep=lambda state: self._note_retry(state.outcome.exception() if state.outcome else None),
                 wait=wait_random_exponential(multiplier=0.01, max=0.5),
                 stop=stop_after_delay(self.settings.retry_deadline),
                 reraise=True,
@@ -244,6 +251,11 @@ class Client:
                 async for attempt in retrying:
                     with attempt:
                         return await self._attempt(subject, payload, headers, timeout)
+            except RequestTimeout as exc:
+                if RequestTimeout not in retryable:
+                    raise
+                # still unknown after the retries, but a keyed call is safe to repeat later
+                raise RequestTimeout(exc.message, retryable=True) from None
             except _Retry as exc:
                 namespace, object_id = subject.split(".", 4)[2:4]
                 raise Unavailable(

@@ -33,6 +33,7 @@ from ..core.errors import DurableError, RequestTimeout
 from ..core.http import Request, Response
 from ..core.metrics import CONTENT_TYPE, RouterMetrics, counter, gauge, register_callback, render
 from ..core.settings import Settings
+from ..core.wire import IDEMPOTENCY_HEADER
 from ..gateway import Gateway, client_headers
 
 log = logging.getLogger("durable.router")
@@ -87,6 +88,18 @@ class Ops:
             body = "ok\n" if not reasons else "not ready: " + "; ".join(reasons) + "\n"
             return PlainTextResponse(body, 503 if reasons else 200, headers={"Cache-Control": "no-store"})
         return StarletteResponse(render(self.metrics.registry), 200, media_type=CONTENT_TYPE)
+
+
+def error_response(exc: DurableError, keyed: bool) -> JSONResponse:
+    """An object's error as HTTP. A timeout's outcome is unknown: 504, not retryable unless the
+    request carried an Idempotency-Key (then repeating it cannot apply it twice). Refusals that
+    provably did not run are 503 (retry elsewhere or later); errors of the caller keep their 4xx."""
+    status = 504 if isinstance(exc, RequestTimeout) else \
+        503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
+    error = exc.to_wire()
+    if isinstance(exc, RequestTimeout):
+        error["retryable"] = keyed
+    return JSONResponse({"error": error}, status)
 
 
 def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | None = None,
@@ -147,11 +160,7 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
             ):
                 response = await fetch_fn(req, state["env"])
         except DurableError as exc:
-            # a timeout's outcome is unknown (504, not retryable); refusals that provably did not
-            # run are 503 (retry elsewhere or later); errors of the caller keep their 4xx
-            status = 504 if isinstance(exc, RequestTimeout) else \
-                503 if exc.retryable or exc.overloaded else (exc.status if exc.status < 500 else 500)
-            return JSONResponse({"error": exc.to_wire()}, status)
+            return error_response(exc, IDEMPOTENCY_HEADER.lower() in request.headers)
         return StarletteResponse(response.body, response.status, dict(response.headers.items()))
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]

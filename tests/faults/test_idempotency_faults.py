@@ -1,5 +1,6 @@
 """Idempotency keys under real faults: keyed increments from an independent client while the
-owner of their objects is killed (-9); every call is repeated with its key until it answers.
+owner of their objects is killed (-9) or paused (SIGSTOP) past its lease; every call is repeated
+with its key until it answers.
 
 What must hold: each counter ends at exactly the number of distinct keys sent to it (no
 increment lost, none applied twice, although calls timed out and were repeated across the
@@ -29,8 +30,10 @@ SECONDS = 8.0
 FAULTY = {"lease_ttl": 3.0, "heartbeat_interval": 0.5}
 
 
-async def test_keyed_increments_apply_exactly_once_through_a_kill_of_the_owner(
-        worker_process: Callable[..., WorkerProcess], settings: Settings, config: AppConfig) -> None:
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["kill9", "sigstop"])
+async def test_keyed_increments_apply_exactly_once_through_a_fault_of_the_owner(
+        worker_process: Callable[..., WorkerProcess], settings: Settings, config: AppConfig,
+        fault: signal.Signals) -> None:
     first, second = worker_process(**FAULTY), worker_process(**FAULTY)
     await first.start()
     await second.start()
@@ -61,14 +64,18 @@ async def test_keyed_increments_apply_exactly_once_through_a_kill_of_the_owner(
 
         load = [asyncio.create_task(drive(i)) for i in range(COUNTERS)]
         await asyncio.sleep(SECONDS / 3)
-        first.kill(signal.SIGKILL)  # the owner of about half the counters, mid-load
+        first.kill(fault)  # the owner of about half the counters, mid-load (a paused one stays paused)
         await asyncio.gather(*load)
 
         for i in range(COUNTERS):
             value = await env.COUNTERS.get_by_name(f"idem-fault-{i}").get()
             assert value == sent[i], f"counter {i}: {value} stored for {sent[i]} keys"
             assert sorted(replies[i]) == list(range(1, sent[i] + 1)), f"counter {i}: replies {replies[i]}"
+        timeouts = client.timeouts_retried
+        # calls were in flight at the owner when it died: their outcome was unknown, and repeated
+        assert timeouts > 0, "no call timed out: the fault did not hit calls in flight"
+    first.close()
     second.close()
     total = sum(sent.values())
-    print(f"{total} keyed increments over {COUNTERS} counters through a kill -9: all applied once; "
-          f"{repeated} calls failed and were repeated by the caller")
+    print(f"{total} keyed increments over {COUNTERS} counters through {fault.name} of an owner: all applied once; "
+          f"{timeouts} timed-out attempts were repeated by the client, {repeated} failed calls by the caller")

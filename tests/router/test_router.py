@@ -68,21 +68,28 @@ async def test_the_rate_limiter_counts_per_client_ip(worker: Worker, client: Cli
     assert (await limiter.fetch(Request("http://internal/check"))).status == 429
 
 
-async def test_a_timeout_is_504_and_not_retryable(worker: Worker, settings: Settings, config: AppConfig) -> None:
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_a_timeout_is_504_and_retryable_only_with_an_idempotency_key(
+        worker: Worker, settings: Settings, config: AppConfig, keyed: bool) -> None:
     """The outcome of a request that timed out is unknown (it may have run): 504, and the error
-    says it is not safe to repeat, unlike a refusal that provably did not run (503)."""
+    says it is not safe to repeat, unlike a refusal that provably did not run (503); with an
+    Idempotency-Key it is (the object runs the key's call once), after the client's own retries."""
     from durable.client import Env
     from durable.core.http import Request, Response
 
     async def slow_route(request: Request, env: Env) -> Response:
-        value = await env.PROBES.get_by_name("slow").slow_increment("k", 3000)
+        stub = env.PROBES.get_by_name(f"slow-{keyed}")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None:
+            stub = stub.with_idempotency_key(key)
+        value = await stub.slow_increment("k", 3000)
         return Response.json_response({"value": value})
 
-    quick = settings.model_copy(update={"request_timeout": 0.5})
+    quick = settings.model_copy(update={"request_timeout": 0.5, "retry_deadline": 1.0})
     async with await Client.connect(quick, config) as client, \
             serve_asgi(create_app(quick, config, client=client, user_fetch=slow_route)) as port, \
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http_client:
-        answer = await http_client.post("/anything")
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http_client:
+        answer = await http_client.post("/anything", headers={"Idempotency-Key": "k1"} if keyed else {})
     assert answer.status_code == 504
     error = answer.json()["error"]
-    assert (error["code"], error["retryable"]) == ("timeout", False)
+    assert (error["code"], error["retryable"]) == ("timeout", keyed)
