@@ -15,7 +15,9 @@ a user namespace of its own instead of as another user, so no directory's permis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import logging
 import os
 import pwd
 import random
@@ -32,9 +34,11 @@ from pathlib import Path
 from types import TracebackType
 
 import asyncpg
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from .wire import server_mapping
+
+log = logging.getLogger("durable.embedded")
 
 _PG_SYSTEM_USER = "embedded_postgres"
 
@@ -105,26 +109,53 @@ def _userns_preexec(uid: int, gid: int, sig: int | None) -> Callable[[], None]:
     parent = os.getpid()
 
     def preexec() -> None:
-        assert _libc is not None
-        if _libc.unshare(_CLONE_NEWUSER) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
-        _write_proc("/proc/self/setgroups", "deny")
-        _write_proc("/proc/self/uid_map", f"{uid} 0 1")
-        _write_proc("/proc/self/gid_map", f"{gid} 0 1")
-        if sig is not None:
-            _set_pdeathsig(sig, parent)
+        try:
+            assert _libc is not None
+            if _libc.unshare(_CLONE_NEWUSER) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
+            _write_proc("/proc/self/setgroups", "deny")
+            _write_proc("/proc/self/uid_map", f"{uid} 0 1")
+            _write_proc("/proc/self/gid_map", f"{gid} 0 1")
+            if sig is not None:
+                _set_pdeathsig(sig, parent)
+        except BaseException as exc:
+            # subprocess reports only "Exception occurred in preexec_fn": leave the reason where
+            # the parent's retry logs it (_spawn_attempts)
+            with contextlib.suppress(OSError):
+                fd = os.open(_preexec_diagnostic(parent), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, f"{type(exc).__name__}: {exc}".encode())
+                finally:
+                    os.close(fd)
+            raise
 
     return preexec
+
+
+def _preexec_diagnostic(parent: int) -> str:
+    return f"/tmp/durable-preexec-{parent}.txt"
+
+
+def _log_preexec_failure(state: RetryCallState) -> None:
+    path = Path(_preexec_diagnostic(os.getpid()))
+    try:
+        reason = path.read_text()
+        path.unlink()
+    except OSError:
+        reason = "unknown"
+    log.warning("starting a Postgres program failed in the child's set-up (%s); retrying (attempt %d)",
+                reason, state.attempt_number)
 
 
 def _spawn_attempts() -> Retrying:
     """Attempts at starting a Postgres program: the child's set-up before exec (user namespace,
     parent-death signal) has failed once in a while on a busy CI machine, and subprocess reports
     it only as "Exception occurred in preexec_fn". It was intermittent (one run in several), so
-    it is retried before start-up fails."""
-    return Retrying(stop=stop_after_attempt(3), wait=wait_fixed(0.2), reraise=True,
-                    retry=retry_if_exception_type(subprocess.SubprocessError))
+    it is retried before start-up fails; once it failed three times within half a second, so the
+    attempts now spread over about ten seconds."""
+    return Retrying(stop=stop_after_attempt(7), wait=wait_exponential(multiplier=0.2, max=3.0), reraise=True,
+                    retry=retry_if_exception_type(subprocess.SubprocessError), before_sleep=_log_preexec_failure)
 
 
 _userns_ok: bool | None = None

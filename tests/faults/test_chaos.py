@@ -403,7 +403,9 @@ async def test_postgres_restart_under_load_loses_nothing_acknowledged(
 async def test_losing_one_nats_node_clients_and_workers_reconnect_and_serving_resumes(
         nats_cluster: EmbeddedNatsCluster, fault_database_url: str,
         spawn: Callable[[Settings, int], ClusterWorker], app_config: AppConfig) -> None:
-    settings = cluster_settings(nats_cluster, fault_database_url)
+    # a worker without NATS for half its (short, 3 s) lease would give its partitions up
+    # (liveness.py); this test is about reconnecting, which takes about 2 s: give it 5 s
+    settings = cluster_settings(nats_cluster, fault_database_url, nats_liveness_timeout=5.0)
     workers = await start_workers(spawn, settings, nats_cluster)  # worker i on node i
     clients = await connect_clients(nats_cluster, settings, app_config, 3)  # client i on node i first
     node = nats_cluster.nodes[0]
