@@ -17,7 +17,6 @@ from typing import Any, Protocol
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.errors import MaxPayloadError, NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
@@ -34,7 +33,8 @@ from ..core.errors import (
 )
 from ..core.nats_options import connect_hint, connect_options
 from ..core.settings import Settings
-from ..core.wire import IDEMPOTENCY_HEADER, decode_reply, partition_of, request_subject
+from ..core.wire import IDEMPOTENCY_HEADER, decode_reply, partition_of, partition_of_subject, request_subject
+from .owners import OwnerWatch
 
 log = logging.getLogger("durable.client")
 #: seconds between the client's PINGs to its NATS server; two unanswered and the connection is
@@ -90,6 +90,9 @@ class Client:
         self._owns_connection = False
         #: a worker in this process to hand requests to directly (``durable dev`` sets it; None: NATS)
         self.local: LocalDispatch | None = None
+        #: the requests in flight per partition, ended early when their partition changes hands
+        #: (connect() starts it; None: every request waits for its own timeout)
+        self.owners: OwnerWatch | None = None
         #: keyed calls repeated after a timeout (their outcome was unknown; the key makes it safe)
         self.timeouts_retried = 0
 
@@ -144,6 +147,13 @@ class Client:
         connected = True
         client = cls(nc, settings, config)
         client._owns_connection = True
+        owners = OwnerWatch()
+        try:
+            await owners.start(nc, settings.deployment_key)
+            client.owners = owners
+        except Exception as exc:  # noqa: BLE001 - only a hint: requests then wait for their own timeout
+            log.warning("cannot watch partitions changing hands (%s); requests to a stopped owner wait "
+                        "out DURABLE_REQUEST_TIMEOUT", _describe(exc))
         return client
 
     async def close(self) -> None:
@@ -168,8 +178,18 @@ class Client:
             reply = self.local.dispatch(subject, payload, headers)
             if reply is not None:
                 return await self._local_reply(subject, reply, timeout)
+        partition = partition_of_subject(subject) if self.owners is not None else None
+        ended: asyncio.Timeout | None = None
         try:
-            msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+            if partition is None or self.owners is None:
+                msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+            else:  # ended early if the partition changes hands meanwhile (owners.py)
+                async with asyncio.timeout(None) as ended:
+                    self.owners.add(partition, ended)
+                    try:
+                        msg = await self.nc.request(subject, payload, timeout=timeout, headers=headers)
+                    finally:
+                        self.owners.discard(partition, ended)
         except NoRespondersError as exc:
             raise _Retry(exc) from None
         except MaxPayloadError:
@@ -177,7 +197,13 @@ class Client:
                 f"request of {len(payload)} bytes is over the NATS server's max_payload of "
                 f"{self.nc.max_payload} bytes"
             ) from None
-        except NatsTimeout:
+        except TimeoutError:  # nats-py's timeout, or the owner changed
+            if ended is not None and ended.expired():
+                raise RequestTimeout(
+                    f"no reply from {subject}: its partition was taken by another worker while the request "
+                    "was in flight (its previous owner stopped or lost its lease); it may have run, so it "
+                    "was not repeated"
+                ) from None
             raise RequestTimeout(
                 f"no reply from {subject} in {timeout}s; the request may have been delivered, "
                 "so it was not repeated"

@@ -94,6 +94,26 @@ def partition_filter(partition: int) -> str:
     return f"{PARTITIONED_PREFIX}.{partition}.>"
 
 
+def acquired_subject(deployment_key: int, partition: int) -> str:
+    """Where a worker announces that it took ``partition`` (payload: the epoch), just before it
+    subscribes: callers give up sooner on requests the previous owner will never answer."""
+    return f"dpa.{deployment_key}.{partition}"
+
+
+def acquired_wildcard(deployment_key: int) -> str:
+    return f"dpa.{deployment_key}.*"
+
+
+def partition_of_subject(subject: str) -> int | None:
+    """The partition of a ``dop.<partition>.…`` request subject (None for any other)."""
+    if not subject.startswith(PARTITIONED_PREFIX + "."):
+        return None
+    start = len(PARTITIONED_PREFIX) + 1
+    end = subject.find(".", start)
+    token = subject[start:end] if end > 0 else ""
+    return int(token) if token.isdigit() else None
+
+
 def partition_queue(partition: int) -> str:
     """The queue group named for the partition: in a hand-over overlap one subscriber gets each request."""
     return f"p{partition}"

@@ -25,7 +25,7 @@ from nats.errors import Error as NatsError
 from ..core.errors import ObjectReset
 from ..core.nats_private import withdraw_interest
 from ..core.tasks import TaskSet
-from ..core.wire import partition_filter, partition_queue
+from ..core.wire import acquired_subject, partition_filter, partition_queue
 from .alarms import Alarms
 from .dispatch import Dispatcher
 from .flusher import Flusher
@@ -43,8 +43,10 @@ class Handover:
     def __init__(self, nc: NatsClient, partitions: Partitions, dispatcher: Dispatcher, alarms: Alarms,
                  flusher: Flusher, release: Callable[[int], Awaitable[None]],
                  taken_over: Callable[[int, int], Awaitable[bool]] | None = None,
-                 successor_wait: float = 5.0) -> None:
+                 successor_wait: float = 5.0, deployment_key: int | None = None) -> None:
         self.nc = nc
+        #: announces each partition taken (acquired_subject), if set
+        self.deployment_key = deployment_key
         #: whether a partition released at an epoch has been taken under a newer one (a hand-over
         #: keeps refusing, rather than leave the partition without a subscriber, until it has)
         self._taken_over = taken_over
@@ -70,6 +72,13 @@ class Handover:
             state.begin()
             tasks.spawn(dispatcher.handle(state, msg))
 
+        if self.deployment_key is not None:
+            # before subscribing: a request sent before a caller hears this went to the previous
+            # owner (or found none), never to us, so the caller may give up on it (client.py)
+            try:
+                await self.nc.publish(acquired_subject(self.deployment_key, partition), str(epoch).encode())
+            except Exception as exc:  # noqa: BLE001 - only a hint: callers then wait for their timeout
+                log.debug("could not announce partition %d: %s", partition, exc)
         state.sub = await self.nc.subscribe(
             partition_filter(partition), queue=partition_queue(partition), cb=on_msg,
             pending_msgs_limit=200_000, pending_bytes_limit=256 * 1024 * 1024,

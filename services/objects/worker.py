@@ -201,7 +201,8 @@ class Worker:
         self.idempotency = Sweeper(self.store, lambda: sorted(self.parts),
                                    min(60.0, max(1.0, settings.idempotency_ttl / 4)))
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
-                                 self.ownership.release, self._taken_over, settings.lease_ttl)
+                                 self.ownership.release, self._taken_over, settings.lease_ttl,
+                                 deployment_key=settings.deployment_key)
         self.local = LocalDispatcher(self.partitions, self.dispatcher, self.ownership.owns, self.handover.tasks)
         self.gateways = GatewayWatch(self.nc, settings, self.worker_id, self.partitions, self.store)
 
