@@ -84,6 +84,9 @@ class Ownership:
         self._on_handover = on_handover
         #: partitions being handed over (drained, then released) by a task of their own
         self._handing_over: dict[int, asyncio.Task[None]] = {}
+        #: partitions taken and not yet logged (_log_acquired), and since when
+        self._acquired_unlogged: list[tuple[int, int]] = []
+        self._acquired_since = 0.0
         #: how many consecutive heartbeats each unassigned partition had no owner at all
         self._orphaned: dict[int, int] = {}
         #: live workers of this deployment at the last heartbeat, and the resulting assignment
@@ -301,16 +304,38 @@ class Ownership:
         finally:
             self._handing_over.pop(partition, None)
 
+    def _log_acquired(self, taken: list[tuple[int, int]]) -> None:
+        """One line for the lot, not one per partition, nor one per try while a join takes its
+        share in several tries (partitions still being handed over come free one by one): the
+        line is written once every wanted partition is held, or half a second after the first."""
+        now = time.monotonic()
+        if taken:
+            if not self._acquired_unlogged:
+                self._acquired_since = now
+            self._acquired_unlogged.extend(taken)
+        pending = self._acquired_unlogged
+        if not pending:
+            return
+        held = set(self.epochs) | {p for p, _ in taken}
+        if self.desired() <= held or now - self._acquired_since >= 0.5:
+            log.info("acquired %d partition(s)", len(pending),
+                     extra={"worker": self.worker_id, "partitions": ranges([p for p, _ in pending]),
+                            "epochs": f"{min(e for _, e in pending)}..{max(e for _, e in pending)}",
+                            "count": len(pending)})
+            self._acquired_unlogged = []
+
     async def _acquire(self) -> None:
         assert self._conn is not None
         orphans = {p for p, n in self._orphaned.items() if n >= ORPHAN_HEARTBEATS}
         wanted = [p for p in sorted(self.desired() | orphans)
                   if p not in self.epochs and p not in self._handing_over]
         if not wanted:
+            self._log_acquired([])
             return
         got = [r[0] for r in await self._conn.fetch(_TRY_LOCK, self.settings.deployment_key, wanted,
                                                    timeout=self._call_timeout())]
         if not got:
+            self._log_acquired([])
             return
         try:
             rows = await self._conn.fetch(_BUMP, got, self.worker_id, timeout=self._call_timeout())
@@ -318,11 +343,7 @@ class Ownership:
             await self._unlock_now(got)
             raise
         taken = sorted(rows)
-        if taken:  # one line for the lot, not one per partition
-            log.info("acquired %d partition(s)", len(taken),
-                     extra={"worker": self.worker_id, "partitions": ranges([p for p, _ in taken]),
-                            "epochs": f"{min(e for _, e in taken)}..{max(e for _, e in taken)}",
-                            "count": len(taken)})
+        self._log_acquired(taken)
         for partition, epoch in taken:
             self.epochs[partition] = epoch
             try:
