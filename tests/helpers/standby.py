@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 
 import asyncpg
-from durable.core.embedded import EmbeddedPostgres, free_port
+from durable.core.embedded import EmbeddedPostgres, _spawn_attempts, free_port
 
 #: matches every standby: the pair has one, and its name does not matter
 SYNC_STANDBYS = "*"
@@ -106,12 +106,17 @@ class ReplicatedPostgres:
     def _base_backup(self) -> None:
         """``pg_basebackup`` of the running primary into the standby's data directory, run as
         the user Postgres runs as (under root: in a user namespace, see embedded.py)."""
-        result = subprocess.run(
-            [self.primary._bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres",
-             "-D", str(self.standby.data_dir), "-X", "stream", "-R", "--checkpoint=fast", "--no-sync"],
-            capture_output=True, stdin=subprocess.DEVNULL, timeout=120,
-            **self.primary._run_as(signal.SIGKILL),  # type: ignore[call-overload]
-        )
+        # retried as embedded.py retries its own programs: the child's set-up before exec fails
+        # once in a while on a busy machine (CI lost this fixture to it once)
+        for attempt in _spawn_attempts():
+            with attempt:
+                result = subprocess.run(
+                    [self.primary._bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary.port),
+                     "-U", "postgres", "-D", str(self.standby.data_dir), "-X", "stream", "-R", "--checkpoint=fast",
+                     "--no-sync"],
+                    capture_output=True, stdin=subprocess.DEVNULL, timeout=120,
+                    **self.primary._run_as(signal.SIGKILL),  # type: ignore[call-overload]
+                )
         if result.returncode != 0:
             raise RuntimeError(f"pg_basebackup failed (exit {result.returncode}):\n"
                                f"{(result.stderr or result.stdout).decode(errors='replace')[-2000:]}")
