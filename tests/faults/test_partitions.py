@@ -50,9 +50,7 @@ _db = itertools.count()
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[Net]:
-    reason = netns.available()
-    if reason is not None:
-        pytest.skip(f"the partition harness cannot run here: {reason}")
+    netns.require()
     netns.remove_stale()
     n = Net()
     try:
@@ -277,9 +275,7 @@ def net3() -> Iterator[Net]:
     """Three NATS nodes (a JetStream cluster, a link per pair), Postgres, a worker per node and
     a client on n1 and on n3, each reaching only its own node; a router reaching n1 and n2, and
     an HTTP client reaching the router."""
-    reason = netns.available()
-    if reason is not None:
-        pytest.skip(f"the partition harness cannot run here: {reason}")
+    netns.require()
     netns.remove_stale()
     n = Net()
     try:

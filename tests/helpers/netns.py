@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from durable.core.embedded import SERVER_PINGS, EmbeddedPostgres, _set_pdeathsig, nats_server_binary
 from durable.core.wire import server_mapping
 
@@ -47,6 +48,17 @@ _libc = ctypes.CDLL(None, use_errno=True)
 NATS_PORT = 4222
 ROUTE_PORT = 6222
 PG_PORT = 5432
+
+
+def require() -> None:
+    """Skip the calling test (module) when the harness cannot run here, naming why, unless
+    ``DURABLE_REQUIRE_NETNS=1`` (.ci/run sets it: CI has root and iproute2), which fails instead."""
+    reason = available()
+    if reason is None:
+        return
+    if os.environ.get("DURABLE_REQUIRE_NETNS") == "1":
+        pytest.fail(f"the partition harness cannot run here: {reason} (DURABLE_REQUIRE_NETNS=1)")
+    pytest.skip(f"the partition harness cannot run here: {reason}")
 
 
 def available() -> str | None:
