@@ -355,6 +355,18 @@ class Restate(System):
 
 # --- setup and versions -----------------------------------------------------------------------
 
+def install_workerd() -> Path:
+    """workerd's binary, installed first (npm install in bench/workerd) when it is missing."""
+    try:
+        return workerd_binary()
+    except FileNotFoundError:
+        if shutil.which("npm") is None:
+            raise SystemExit("npm is needed to install workerd (bench/workerd/package.json)") from None
+        print("installing workerd (npm install in bench/workerd) ...", file=sys.stderr, flush=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=WORKERD_DIR, check=True, stdout=sys.stderr)
+        return workerd_binary()
+
+
 def setup(restate: bool) -> bool:
     """Install what is missing: wrk (apt-get), workerd (npm install in bench/workerd) and, with
     ``restate``, Restate (npm install and a virtualenv in bench/restate). Whether Restate runs."""
@@ -363,14 +375,7 @@ def setup(restate: bool) -> bool:
             raise SystemExit("wrk is not installed: install it (apt-get install wrk) and run again")
         print("installing wrk (apt-get install -y wrk) ...", file=sys.stderr, flush=True)
         subprocess.run(["apt-get", "install", "-y", "wrk"], check=True, stdout=subprocess.DEVNULL)
-    try:
-        workerd_binary()
-    except FileNotFoundError:
-        if shutil.which("npm") is None:
-            raise SystemExit("npm is needed to install workerd (bench/workerd/package.json)") from None
-        print("installing workerd (npm install in bench/workerd) ...", file=sys.stderr, flush=True)
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=WORKERD_DIR, check=True, stdout=sys.stderr)
-        workerd_binary()
+    install_workerd()
     if not restate:
         return False
     try:

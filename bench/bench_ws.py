@@ -66,6 +66,8 @@ from durable.core.config import load_config  # noqa: E402
 from durable.core.embedded import EmbeddedNats, EmbeddedPostgres, free_port  # noqa: E402
 from durable.core.settings import Settings  # noqa: E402
 
+from bench.bench_http import WORKERD_DIR, install_workerd  # noqa: E402
+
 PARTITIONS = 256
 CONFIG_FILE = ROOT / "bench" / "durable.bench-ws.toml"
 ROUTES = "bench.ws_objects:fetch"
@@ -241,6 +243,18 @@ class Bench:
         await wait_port(port, proc, log)
         return proc.pid, f"ws://127.0.0.1:{port}", log
 
+    async def start_workerd(self) -> tuple[int, str, Path]:
+        """Cloudflare's runtime with bench/workerd's Room: hibernatable WebSockets in one object."""
+        port = free_port()
+        log = self.tmp / "workerd.log"
+        storage = self.tmp / "workerd-storage"
+        storage.mkdir()
+        proc = await self.spawn([str(install_workerd()), "serve", str(WORKERD_DIR / "config.capnp"),
+                                 "--directory-path", f"do-storage={storage}",
+                                 "--socket-addr", f"http=127.0.0.1:{port}"], log)
+        await wait_port(port, proc, log)
+        return proc.pid, f"ws://127.0.0.1:{port}", log
+
     async def start_bare(self) -> tuple[int, str, Path]:
         port = free_port()
         log = self.tmp / "bare.log"
@@ -362,6 +376,9 @@ class Bench:
 
                 pid, url, log = await self.start_bare()
                 shapes.append(Shape("bare websockets", [f"{url}/room/bare"], {"bare server": pid}, [log]))
+                if not args.no_workerd:
+                    pid, url, log = await self.start_workerd()
+                    shapes.append(Shape("workerd", [f"{url}/room/workerd"], {"workerd": pid}, [log]))
                 pid, url, log = await self.start_gateway("gateway-1")
                 shapes.append(Shape("durable, 1 gateway", [f"{url}/room/one"], {"gateway": pid}, [log], "one"))
                 # two gateways: the room's sockets alternate between them; the sender is on the first
@@ -375,7 +392,8 @@ class Bench:
                 # the machine may be shared: the shapes take turns, a slice of each measurement at a time
                 per_cycle = math.ceil(args.rounds / args.cycles)
                 for cycle in range(args.cycles):
-                    for shape in shapes[cycle % 3:] + shapes[:cycle % 3]:
+                    turn = cycle % len(shapes)
+                    for shape in shapes[turn:] + shapes[:turn]:
                         if cycle == 0:
                             await self.latency(shape, args.warmup, record=False)
                         await self.latency(shape, per_cycle)
@@ -406,9 +424,13 @@ def ratio(value: float | None, base: float | None) -> str:
 
 def report(shapes: list[Shape], args: argparse.Namespace, bench: Bench, seconds: float,
            load: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
-    bare, one, two = shapes
+    by_label = {s.label: s for s in shapes}
+    bare, one, two = by_label["bare websockets"], by_label["durable, 1 gateway"], by_label["durable, 2 gateways"]
+    peer = by_label.get("workerd")
 
-    def stat(s: Shape, what: str) -> float | None:
+    def stat(s: Shape | None, what: str) -> float | None:
+        if s is None:
+            return None
         if what in ("p50", "p99"):
             return percentile(s.latencies, int(what[1:])) if s.latencies else None
         if what == "first":
@@ -426,14 +448,14 @@ def report(shapes: list[Shape], args: argparse.Namespace, bench: Bench, seconds:
     print(f"\n{args.sockets:,} sockets in one room; latency over {args.rounds} sequential broadcasts, "
           f"throughput over {args.cycles} bursts of {args.burst} back-to-back broadcasts; "
           f"{args.size}-character text frames, {'with' if args.deflate else 'no'} permessage-deflate")
-    head = f"{'measurement':<32} {'bare websockets':>15} {'durable, 1 gw':>14} {'vs bare':>8} " \
-           f"{'durable, 2 gw':>14} {'vs bare':>8}"
+    head = f"{'measurement':<32} {'bare ws':>9} {'workerd':>9} {'durable 1gw':>11} {'vs bare':>8} " \
+           f"{'vs workerd':>10} {'durable 2gw':>11} {'vs bare':>8}"
     print(head)
     print("-" * len(head))
     for label, what, spec in rows:
-        b, o, t = stat(bare, what), stat(one, what), stat(two, what)
-        print(f"{label:<32} {fmt(b, spec):>15} {fmt(o, spec):>14} {ratio(o, b):>8} "
-              f"{fmt(t, spec):>14} {ratio(t, b):>8}")
+        b, w, o, t = stat(bare, what), stat(peer, what), stat(one, what), stat(two, what)
+        print(f"{label:<32} {fmt(b, spec):>9} {fmt(w, spec):>9} {fmt(o, spec):>11} {ratio(o, b):>8} "
+              f"{ratio(o, w):>10} {fmt(t, spec):>11} {ratio(t, b):>8}")
     print(f"\nCPU during the bursts (% of one core; {os.cpu_count()} cores):")
     for s in shapes:
         print(f"  {s.label:<21} " + ", ".join(f"{k} {v:.0f}%" for k, v in s.cpu.items()))
@@ -467,6 +489,7 @@ def main() -> None:
     parser.add_argument("--deflate", action="store_true",
                         help="the clients offer permessage-deflate (as browsers do; both servers accept it)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    parser.add_argument("--no-workerd", action="store_true", help="leave Cloudflare's workerd out")
     args = parser.parse_args()
     args.sockets = args.sockets or (200 if args.quick else 1000)
     args.rounds = args.rounds or (30 if args.quick else 100)

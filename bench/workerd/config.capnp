@@ -1,5 +1,5 @@
-# workerd config for bench/bench_http.py: the counter app (worker.js) with its Counter Durable
-# Object on SQLite-backed storage on local disk.
+# workerd config for bench/bench_http.py and bench/bench_ws.py: the counter app (worker.js) with
+# its Counter Durable Object on SQLite-backed storage on local disk, and bench_ws's Room.
 #
 #   workerd serve config.capnp --directory-path do-storage=<dir> --socket-addr http=127.0.0.1:<port>
 #
@@ -23,8 +23,11 @@ const counterWorker :Workerd.Worker = (
   durableObjectNamespaces = [
     # enableSql: the SQLite storage backend (wrangler's `new_sqlite_classes`)
     (className = "Counter", uniqueKey = "durable-bench-counter", enableSql = true),
+    # bench/bench_ws.py's room: hibernatable WebSockets (ctx.acceptWebSocket)
+    (className = "Room", uniqueKey = "durable-bench-room", enableSql = true),
   ],
   # objects' storage on disk (not `inMemory`): survives a restart of workerd
   durableObjectStorage = (localDisk = "do-storage"),
-  bindings = [ (name = "COUNTER", durableObjectNamespace = "Counter") ],
+  bindings = [ (name = "COUNTER", durableObjectNamespace = "Counter"),
+               (name = "ROOM", durableObjectNamespace = "Room") ],
 );

@@ -28,11 +28,38 @@ export class Counter extends DurableObject {
   }
 }
 
+// The workerd side of bench/bench_ws.py: a chat-room shaped object with hibernatable WebSockets
+// (ctx.acceptWebSocket), broadcasting each frame it gets, unchanged, to every socket it holds,
+// the sender included, as bench/ws_objects.py's BenchRoom does on the durable side.
+export class Room extends DurableObject {
+  async fetch(request) {
+    if (request.headers.get("Upgrade") !== "websocket") {
+      return new Response("expected a WebSocket upgrade", { status: 426 });
+    }
+    const pair = new WebSocketPair();
+    this.ctx.acceptWebSocket(pair[1]);
+    return new Response(null, { status: 101, webSocket: pair[0] });
+  }
+
+  async webSocketMessage(ws, message) {
+    for (const other of this.ctx.getWebSockets()) {
+      other.send(message);
+    }
+  }
+
+  async webSocketClose(ws, code, reason, wasClean) {
+    ws.close(code, reason);
+  }
+}
+
 export default {
   async fetch(request, env) {
     const segments = new URL(request.url).pathname.split("/").filter((s) => s);
     if (segments.length >= 2 && segments[0] === "counter") {
       return env.COUNTER.get(env.COUNTER.idFromName(segments[1])).fetch(request);
+    }
+    if (segments.length === 2 && segments[0] === "room") {
+      return env.ROOM.get(env.ROOM.idFromName(segments[1])).fetch(request);
     }
     return new Response("Not found", { status: 404 });
   },
