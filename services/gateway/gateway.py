@@ -23,8 +23,9 @@ import re
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -61,6 +62,7 @@ from ..core.wire import (
     ws_close,
     ws_message,
 )
+from .direct import DirectWriter, direct_writer, encode
 
 log = logging.getLogger("durable.gateway")
 
@@ -70,9 +72,14 @@ MAX_QUEUED_FRAMES = 10_000
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Conn:
-    """One client socket held by this gateway."""
+    """One client socket held by this gateway.
+
+    Frames go straight to the socket's transport (``direct``) while nothing is queued; a frame
+    that cannot (the socket not open yet, the client not reading fast enough) is queued in
+    ``pending``, and a writer task exists only while that queue drains, so that an idle socket
+    costs no task and later frames never overtake queued ones."""
 
     socket_id: str
     ws: StarletteWebSocket
@@ -80,7 +87,11 @@ class Conn:
     object_id: str = ""
     auto: tuple[str, str] | None = None
     auto_ts: int | None = None
-    queue: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    #: frames waiting for the writer task, in order; None when none wait
+    pending: deque[tuple[str, Any]] | None = None
+    #: the socket is open (accepted): frames may leave
+    opened: bool = False
+    direct: DirectWriter | None = None
     #: the object closed it: it gets no websocket_close for that
     closed_by_object: bool = False
     #: the gateway closed it itself (code, reason): the object is told, as of a client's close
@@ -209,7 +220,10 @@ class Gateway:
             # inside the try: a client that left while the object was accepting must still be
             # closed for the object, which has registered the socket by now
             await ws.accept()
-            conn.writer = asyncio.create_task(self._write(conn))
+            conn.direct = direct_writer(ws._send)
+            conn.opened = True
+            if conn.pending:  # frames the object sent while accepting
+                conn.writer = asyncio.create_task(self._write(conn))
             code, reason, clean = await self._read(conn)
         except (RuntimeError, WebSocketDisconnect, OSError) as exc:
             log.info("socket %s lost while opening: %s", socket_id, exc)
@@ -254,7 +268,7 @@ class Gateway:
             if conn.auto is not None and isinstance(data, str) and data == conn.auto[0]:
                 conn.auto_ts = int(time.time() * 1000)
                 self.auto_responses += 1
-                self._enqueue(conn, "text", conn.auto[1])
+                self._deliver(conn, conn.auto[1])
                 continue
             try:
                 if telemetry.tracing_enabled():  # a frame starts a trace of its own
@@ -306,41 +320,64 @@ class Gateway:
 
     # ----- frames from objects -------------------------------------------------------------
 
+    def _deliver(self, conn: Conn, data: str | bytes, frame: bytes | None = None) -> bytes | None:
+        """Send ``data`` on ``conn``: written at once when the socket can take it, else queued
+        behind the frames already waiting. ``frame``: ``data`` already encoded (one encoding per
+        broadcast); returns the encoding when it made one, for the next socket."""
+        if conn.pending is None and conn.direct is not None and conn.gateway_close is None:
+            if frame is None:
+                frame = encode(data)
+            if conn.direct.write(frame):
+                self.frames_out += 1
+                return frame
+        self._enqueue(conn, "text" if isinstance(data, str) else "bytes", data)
+        return frame
+
     def _enqueue(self, conn: Conn, kind: str, value: Any) -> None:
         if conn.gateway_close is not None:
             return  # being closed: nothing more goes out
-        if conn.queue.qsize() >= MAX_QUEUED_FRAMES:
+        if conn.pending is None:
+            conn.pending = deque()
+        elif len(conn.pending) >= MAX_QUEUED_FRAMES:
             log.warning("client of socket %s is too slow; closing it", conn.socket_id, extra=_ctx(conn))
             conn.gateway_close = (1013, "too many frames queued: the client is too slow")
-            conn.queue = asyncio.Queue()
-            conn.queue.put_nowait(("close", (*conn.gateway_close, False)))
+            conn.pending = deque([("close", (*conn.gateway_close, False))])
             return
-        conn.queue.put_nowait((kind, value))
+        conn.pending.append((kind, value))
+        if conn.opened and conn.writer is None:
+            conn.writer = asyncio.create_task(self._write(conn))
 
     async def _write(self, conn: Conn) -> None:
-        """One writer per socket: frames leave in the order the objects sent them."""
+        """Drain ``conn.pending`` through ASGI (it awaits the client's flow control), in order;
+        then end, so that later frames are written directly again."""
         ws = conn.ws
-        while True:
-            kind, value = await conn.queue.get()
-            if kind == "close":
-                code, reason, by_object = value
-                conn.closed_by_object = conn.closed_by_object or by_object
-                await self._close(conn, code, reason)
-                return
-            try:
-                if kind == "text":
-                    await ws.send_text(value)
-                else:
-                    await ws.send_bytes(value)
-                self.frames_out += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the client went away (the reader sees it), or a bad frame
-                if ws.application_state == WebSocketState.DISCONNECTED or \
-                        ws.client_state == WebSocketState.DISCONNECTED:
+        try:
+            while conn.pending:
+                kind, value = conn.pending.popleft()
+                if kind == "close":
+                    code, reason, by_object = value
+                    conn.closed_by_object = conn.closed_by_object or by_object
+                    await self._close(conn, code, reason)
                     return
-                log.warning("dropped a frame for socket %s: %s: %s", conn.socket_id, type(exc).__name__, exc,
-                            extra=_ctx(conn))
+                try:
+                    if kind == "text":
+                        await ws.send_text(value)
+                    else:
+                        await ws.send_bytes(value)
+                    self.frames_out += 1
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the client went away (the reader sees it), or a bad frame
+                    if ws.application_state == WebSocketState.DISCONNECTED or \
+                            ws.client_state == WebSocketState.DISCONNECTED:
+                        return
+                    log.warning("dropped a frame for socket %s: %s: %s", conn.socket_id, type(exc).__name__, exc,
+                                extra=_ctx(conn))
+        finally:
+            if conn.writer is asyncio.current_task():
+                conn.writer = None
+                if conn.gateway_close is None or not conn.pending:
+                    conn.pending = None
 
     async def _on_ops(self, msg: Msg) -> None:
         try:
@@ -362,11 +399,11 @@ class Gateway:
     def _apply(self, op: SendOp | CloseOp | AutoOp) -> None:
         """One operation of gateway_message.json."""
         if isinstance(op, SendOp):
-            kind = "text" if isinstance(op.data, str) else "bytes"
+            frame: bytes | None = None  # encoded once for all the sockets it goes to
             for sid in op.socket_ids:
                 conn = self.conns.get(sid)
                 if conn is not None:
-                    self._enqueue(conn, kind, op.data)
+                    frame = self._deliver(conn, op.data, frame)
         elif isinstance(op, CloseOp):
             conn = self.conns.get(op.socket_id)
             if conn is not None:

@@ -19,10 +19,12 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 from prometheus_client.core import Metric
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.responses import Response as StarletteResponse
-from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from ..client import Client, Env
@@ -134,10 +136,6 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
             if own:
                 await c.close()
 
-    async def handle_websocket(websocket: WebSocket) -> None:
-        gateway = websocket.app.state.gateway
-        await gateway.serve(websocket)
-
     async def handle(request: StarletteRequest) -> StarletteResponse:
         path = request.scope["path"]
         if path in ops_paths:
@@ -165,8 +163,6 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
     app_routes: list[BaseRoute] = []
-    if websockets:
-        app_routes.append(WebSocketRoute("/{path:path}", handle_websocket))
     if http:
         app_routes.append(Route("/{path:path}", handle, methods=methods))
     else:  # a gateway alone still answers its probes and scrapes
@@ -175,10 +171,27 @@ def create_app(settings: Settings, config: AppConfig, user_fetch: UserFetch | No
             return ops.answer(request.scope["path"])
 
         app_routes.extend(Route(path, handle_ops, methods=["GET", "HEAD"]) for path in Ops.PATHS)
-    app = Starlette(routes=app_routes, lifespan=lifespan)
+    middleware = [Middleware(_GatewaySockets)] if websockets else []
+    app = Starlette(routes=app_routes, lifespan=lifespan, middleware=middleware)
     app.state.trusted_proxies = list(settings.trusted_proxies)  # for uvicorn: see cli.server_config
     app.state.ops = ops
     return app
+
+
+class _GatewaySockets:
+    """Every WebSocket upgrade goes to the gateway, ahead of Starlette's routing and exception
+    layers (which add nothing to a socket the gateway serves whole): the gateway gets the
+    server's own ``send``, so that it can write frames to the socket directly (gateway/direct.py),
+    and an idle socket holds a shorter chain of coroutines."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        await scope["app"].state.gateway.serve(WebSocket(scope, receive, send))
 
 
 async def _client(settings: Settings, config: AppConfig, client: Client | None,
