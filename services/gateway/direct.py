@@ -67,3 +67,18 @@ def direct_writer(send: Any) -> DirectWriter | None:
     if not (hasattr(conn, "state") and hasattr(conn, "extensions") and hasattr(conn, "expect_continuation_frame")):
         return None
     return DirectWriter(proto)
+
+
+def release_handshake(ws: Any) -> None:
+    """Drop what only the opening handshake needed, once the socket is open: the request and
+    response (with their headers) uvicorn's protocol keeps, the scope's raw headers (the scope is
+    only read for log lines after this) and the headers Starlette parsed from them. About 5 KiB
+    per socket, which every idle socket would otherwise hold for its lifetime."""
+    proto = getattr(ws._send, "__self__", None)
+    if proto is not None and getattr(proto, "handshake_complete", False):
+        for name in ("request", "response"):
+            if hasattr(proto, name):
+                setattr(proto, name, None)
+    for name in ("_headers", "_url"):
+        ws.__dict__.pop(name, None)
+    ws.scope["headers"] = []

@@ -62,7 +62,7 @@ from ..core.wire import (
     ws_close,
     ws_message,
 )
-from .direct import DirectWriter, direct_writer, encode
+from .direct import DirectWriter, direct_writer, encode, release_handshake
 
 log = logging.getLogger("durable.gateway")
 
@@ -215,12 +215,15 @@ class Gateway:
         raw_auto = response.headers.get(AUTO_RESPONSE_HEADER)
         if raw_auto:
             conn.auto = parse_auto_response_header(raw_auto)
+        # this frame lives as long as the socket: what only the upgrade needed goes now
+        del url, headers, response, raw_auto, address
         code, reason, clean = 1006, "", False
         try:
             # inside the try: a client that left while the object was accepting must still be
             # closed for the object, which has registered the socket by now
             await ws.accept()
             conn.direct = direct_writer(ws._send)
+            release_handshake(ws)
             conn.opened = True
             if conn.pending:  # frames the object sent while accepting
                 conn.writer = asyncio.create_task(self._write(conn))
