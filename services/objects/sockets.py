@@ -257,6 +257,12 @@ class Sockets:
         self.check_usable(ws, "send")
         if ws.state is not SocketState.OPEN:
             raise ValueError("Can't call WebSocket send() before the socket is accepted")
+        ops = self._outbox.get(ws.gateway)
+        last = ops[-1] if ops else None
+        if isinstance(last, SendOp) and last.data is message:
+            # a broadcast loop: the very payload the previous send checked, to one more socket
+            last.socket_ids.append(ws.id)
+            return
         if not isinstance(message, str | bytes | bytearray | memoryview):
             raise TypeError(f"WebSocket send() takes str or bytes, not {type(message).__name__}")
         if not isinstance(message, str):
