@@ -44,6 +44,7 @@ from .alarms import Alarms
 from .base import DurableObject
 from .idempotency import KeyedRun, Prepared
 from .instance import Instance
+from .messages import MESSAGE_VERB, message_handler
 from .micro import MicroService
 from .partitions import Partitions, PartitionState
 from .sockets import SocketState
@@ -276,6 +277,8 @@ class Dispatcher:
             return rpc_handler(inst.cls, verb[1], payload)
         if verb == ["fetch"]:
             return fetch_handler(inst, payload)
+        if len(verb) == 2 and verb[0] == MESSAGE_VERB:  # a stream message (subscriptions.py)
+            return message_handler(inst, verb[1], payload)
         if verb == ADMIN_STATE_VERB:
             return state_write_handler(inst, payload)
         raise InvalidRequest(f"unknown verb {'.'.join(verb)!r}: expected rpc.<method> or fetch")
@@ -372,13 +375,15 @@ class Dispatcher:
                      as_json: bool) -> KeyedRun | Prepared | None:
         """A call made with an idempotency key (RPC and fetch only): the run that records its
         reply, or, for a repeat, the reply recorded (waiting for it if the first is running)."""
-        key = wire.idempotency_key(headers) if verb[0] in ("rpc", "fetch") else None
+        key = wire.idempotency_key(headers) if verb[0] in ("rpc", "fetch", MESSAGE_VERB) else None
         if key is None:
+            if verb[0] == MESSAGE_VERB:
+                raise InvalidRequest("a stream message must carry an Idempotency-Key (messages.py)")
             return None
         keys = inst.idempotency_keys()
         call, run = await keys.begin(key, ".".join(verb))
-        if run:
-            return KeyedRun(keys, call, as_json, self.idempotency_ttl)
+        if run:  # a stream message is recorded only when its handler succeeded (messages.py)
+            return KeyedRun(keys, call, as_json, self.idempotency_ttl, record_errors=verb[0] != MESSAGE_VERB)
         # shielded: a repeat that gives up must not cancel the reply the others wait for
         return (await asyncio.shield(call.reply)).for_request(as_json)
 

@@ -22,6 +22,7 @@ from ..client import Client, Env
 from ..client.client import close_nats
 from ..core import db
 from ..core.config import AppConfig
+from ..core.errors import ConfigError
 from ..core.health import Check, HealthServer
 from ..core.ids import IdFactory, namespace_key
 from ..core.logs import ranges
@@ -44,6 +45,7 @@ from .names import NameRecorder
 from .ownership import Ownership
 from .partitions import Partitions, PartitionState
 from .sql import ObjectStore
+from .subscriptions import Subscriptions
 from .tail import Tail
 
 log = logging.getLogger("durable.worker")
@@ -66,6 +68,7 @@ class Worker:
         for name, cls in self.classes.items():
             if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
                 raise TypeError(f"{name}: object classes must subclass DurableObject")
+        check_handlers(config, self.classes)
         self.worker_id = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.audit_commits = settings.audit_commits if audit_commits is None else audit_commits
         self.ids = {
@@ -105,6 +108,7 @@ class Worker:
         self.local: LocalDispatcher
         self.gateways: GatewayWatch
         self.nats_liveness: NatsLiveness | None = None
+        self.subscriptions: Subscriptions
 
     @property
     def parts(self) -> dict[int, PartitionState]:
@@ -149,6 +153,9 @@ class Worker:
         self.nc = self.client.nc
         try:
             check_server(self.nc)  # alarms need JetStream message schedules: refuse to start without
+            self.subscriptions = Subscriptions(self.nc, self.client, self.config.subscriptions, self.ids,
+                                               settings, lambda: self.parts)
+            await self.subscriptions.check()  # a missing stream stops start-up, before any partition
         except BaseException:
             await close_nats(self.nc)
             raise
@@ -176,6 +183,7 @@ class Worker:
         await self.ownership.start()
         self.partitions.start_eviction(settings.idle_timeout)
         self.idempotency.start()
+        self.subscriptions.start()
 
     def _build(self) -> None:
         """Wire the parts: each gets the few collaborators it uses."""
@@ -228,6 +236,7 @@ class Worker:
                  extra={"worker": self.worker_id, "partitions": ranges(self.parts)})
         await self.partitions.stop_eviction()
         await self.idempotency.stop()
+        await self.subscriptions.stop()  # held stream messages go back (in order) for the next puller
         await self.alarms.withdraw()  # alarm wake-ups go to the other workers from now on
         states = list(self.parts.values())
         # stragglers can only be on their way if requests were flowing, or someone takes over
@@ -317,3 +326,14 @@ class Worker:
             "time_ms": str(int(time.time() * 1000)),
         }
 
+
+
+def check_handlers(config: AppConfig, classes: dict[str, type]) -> None:
+    """Every subscription's handler is a method of its binding's class (a ConfigError otherwise)."""
+    for sub in config.subscriptions:
+        cls = classes.get(sub.namespace)
+        if cls is not None and (sub.handler in DurableObject.EVENT_HANDLERS
+                                or not callable(getattr(cls, sub.handler, None))):
+            raise ConfigError(f"{config.path}: subscription {sub.name!r}: {cls.__name__} (binding {sub.binding}) has "
+                              f"no method {sub.handler}() to receive its messages: define "
+                              f"`async def {sub.handler}(self, msg)`")
