@@ -7,11 +7,12 @@ the verb ``msg.<subscription>`` and the idempotency key ``sub:<subscription>:<se
 
 - the key's record commits in the same flush as the handler's writes; a redelivery of a recorded
   sequence gets the recorded reply and the handler does not run again (exactly once in effect);
-- a handler that raises resets the instance: its writes of that attempt were held back from the
-  flusher by the keyed event, and are dropped with it, so a retry starts from committed state
-  and nothing of a failed attempt is applied twice (in-memory fields are rebuilt too). The reset
-  also drops other events' writes that were waiting for the same flush; their callers get
-  ``object_reset``, the same as after a failed flush;
+- a handler that raises after writing resets the instance: its writes of that attempt were held
+  back from the flusher by the keyed event, and are dropped with it, so a retry starts from
+  committed state and nothing of a failed attempt is applied twice (in-memory fields are rebuilt
+  too). The reset also fails the events queued on the object and drops other events' writes
+  waiting for the same flush: their callers get ``object_reset`` (retryable), as after a failed
+  flush. A handler that raises before writing anything resets nothing (like any handler error);
 - the **order guard**: before the handler runs, the highest sequence of the subscription already
   applied to this object (kept on the instance, read from the recorded keys on its first message)
   must be lower than this message's. A message that arrives after a later one was applied is
@@ -103,7 +104,8 @@ def message_handler(inst: Instance, subscription: str, payload: Any) -> Handler:
                 await result
         except Exception as exc:  # noqa: BLE001 - any failure of the handler is this attempt's failure
             error = MessageFailed(f"{name}() raised {type(exc).__name__}: {exc}", remote_type=type(exc).__name__)
-            inst.fail(error)  # the attempt's writes (held back by the keyed event) go with the instance
+            if inst.output.has_unflushed:  # the attempt's writes (held back by the keyed event) go with it
+                inst.fail(error)
             raise error from None
         inst.stream_seqs[subscription] = msg.sequence
 

@@ -391,6 +391,26 @@ class Subscriptions:
             raise ConfigError(f"{where}: JetStream refused its consumer on stream {sub.stream!r}: "
                               f"{exc.description}") from None
 
+    async def leaving(self, partition: int) -> None:
+        """``partition`` is being handed over: stop its pullers (held messages go back) before it is
+        released, so the next owner's puller never overlaps this one."""
+        for sub in self._led_by(partition):
+            await self._stop_puller(sub.name)
+
+    def lost(self, partition: int) -> None:
+        """``partition`` was lost (lease, fencing): stop its pullers' deliveries at once; their
+        held messages are given back (or redelivered after the ack wait) in the background."""
+        for sub in self._led_by(partition):
+            puller, task = self.pullers.pop(sub.name)
+            task.cancel()
+            for t in puller.tasks:
+                t.cancel()
+            self.tasks.spawn(self._stop(sub.name, puller, task), "subscription-stop")
+
+    def _led_by(self, partition: int) -> list[Subscription]:
+        return [s for s in self.subscriptions if s.name in self.pullers
+                and leader_partition(s.name, self.settings.partitions) == partition]
+
     async def _supervise(self) -> None:
         while True:
             try:
@@ -411,7 +431,12 @@ class Subscriptions:
         log.info("subscription %s: pulling %s (%s) into %s", sub.name, sub.stream, sub.subject, sub.binding)
 
     async def _stop_puller(self, name: str) -> None:
-        puller, task = self.pullers.pop(name)
+        entry = self.pullers.pop(name, None)
+        if entry is not None:
+            await self._stop(name, *entry)
+
+    @staticmethod
+    async def _stop(name: str, puller: Puller, task: asyncio.Task[None]) -> None:
         task.cancel()
         try:
             await task

@@ -292,6 +292,7 @@ class Worker:
         return self.nats_liveness is None or self.nats_liveness.reachable()
 
     def _lost(self, partition: int, reason: str) -> None:
+        self.subscriptions.lost(partition)  # first: a new owner may pull as soon as it acquires
         self.handover.lost(partition, reason)
 
     def _session_lost(self) -> None:
@@ -303,6 +304,7 @@ class Worker:
             self.partitions.tasks.spawn(pool.expire_connections(), "expire-pool")
 
     async def _hand_over(self, partition: int) -> None:
+        await self.subscriptions.leaving(partition)  # its held messages go back before the release
         await self.handover.hand_over(partition)
 
     def _fenced(self, partition: int, epoch: int) -> None:

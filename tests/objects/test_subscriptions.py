@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from durable.core import codec
 from durable.core.config import load_config
-from durable.core.errors import ConfigError, OutOfOrder
+from durable.core.errors import ConfigError, ObjectReset, OutOfOrder
 from durable.core.settings import Settings
 from durable.core.wire import IDEMPOTENCY_HEADER
 from durable.objects import Worker
@@ -57,8 +57,13 @@ async def publish(nc: NatsClient, subject: str, body: dict[str, Any], headers: d
 
 
 async def state(worker: Worker, name: str) -> dict[str, Any]:
-    result: dict[str, Any] = await worker.env.TALLIES.get_by_name(name).state()
-    return result
+    """The object's tally; a read queued behind a failing handler's reset is asked again."""
+    while True:
+        try:
+            result: dict[str, Any] = await worker.env.TALLIES.get_by_name(name).state()
+            return result
+        except ObjectReset:
+            continue
 
 
 async def cli(settings: Settings, app: StreamApp, *args: str) -> tuple[int, str, str]:
