@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from durable.objects import DurableObject
-from durable.objects.messages import Message
+from durable import DurableObject, Message
 
 
 class Tally(DurableObject):
