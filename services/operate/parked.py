@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from nats.errors import Error as NatsError
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -148,7 +149,12 @@ async def _replay(js: JetStreamContext, dlq: DeadLetters, sub: Subscription, seq
                          f"{sub.name}`)")
     for r in rows:
         headers = {**r["headers"], dead_letters.REPLAY_OF_HEADER: str(r["seq"])}
-        ack = await js.publish(r["subject"], r["data"], headers=headers)
+        try:
+            ack = await js.publish(r["subject"], r["data"], headers=headers)
+        except NatsError as exc:  # no stream takes the subject any more, no JetStream, no rights
+            print(f"durable parked: cannot republish sequence {r['seq']} to {r['subject']}: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
         await js.delete_msg(dlq.stream, r["dlq_seq"])
         print(f"replayed {sub.name} sequence {r['seq']} ({r['subject']}) as sequence {ack.seq} of {ack.stream}")
     print(f"({len(rows)} replayed)")

@@ -19,10 +19,12 @@ from durable.core.wire import IDEMPOTENCY_HEADER
 from durable.objects import Worker
 from durable.objects.messages import Message, encode_message, message_key
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from tests.helpers.settings import ROOT, worker_env
 from tests.helpers.streams import StreamApp, add_stream, remove, write_app
 from tests.helpers.waiting import assert_eventually
+from tests.helpers.wire import json_view, validate
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -175,6 +177,12 @@ async def test_a_recorded_sequence_does_not_run_again_and_an_older_one_never_run
     app = write_app(tmp_path)
     await add_stream(raw_nc, app)
     worker = await start(app)
+    tapped: list[Msg] = []
+
+    async def note(m: Msg) -> None:
+        tapped.append(m)
+
+    tap = await raw_nc.subscribe(f"dop.*.Tally.*.msg.{app.subscription}", cb=note)
     first = await publish(raw_nc, app.subject("b"), {})  # a sequence that object a never gets
     s2 = await publish(raw_nc, app.subject("a"), {})
     await publish(raw_nc, app.subject("a"), {})
@@ -183,6 +191,12 @@ async def test_a_recorded_sequence_does_not_run_again_and_an_older_one_never_run
         return (await state(worker, "a"))["count"] == 2
 
     await assert_eventually(applied, 20, "a's messages applied")
+    await tap.unsubscribe()
+    # what the puller sent is what schemas/ says, keyed by subscription and sequence
+    assert sorted(m.headers[IDEMPOTENCY_HEADER] for m in tapped if m.headers) == \
+        [message_key(app.subscription, s) for s in (first, s2, s2 + 1)]
+    for m in tapped:
+        validate("stream_message.json", json_view(codec.unpack(m.data)))
     oid = worker.env.TALLIES.id_from_name("a")
     subject = worker.client.subject_base("Tally", oid.hex) + f"msg.{app.subscription}"
 
