@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     #: First retry delay of a failed alarm; each further retry doubles it (Cloudflare: 2 s).
     alarm_retry_base: float = Field(default=2.0, gt=0)
     #: Streams into objects: how long JetStream waits for a message's ack before redelivering it
-    #: (a live puller extends it; a new puller waits it out when its predecessor died).
+    #: (a live puller extends it; after a puller crashed, its successor waits up to this long).
     subscription_ack_wait: float = Field(default=30.0, ge=1)
     #: First retry delay of a stream message whose handler raised; each further retry doubles it.
     subscription_retry_base: float = Field(default=1.0, gt=0)

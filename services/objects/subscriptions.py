@@ -17,13 +17,15 @@ the JetStream message acknowledged. A crash anywhere before the ack makes JetStr
 the redelivery finds the record and is acknowledged without running the handler again: exactly
 once in effect.
 
-**Order across a change of puller.** A puller that stops cleanly (drain, losing the partition)
-naks the messages it holds, oldest first, so the next puller gets them again before anything
-newer. A puller that died holds its messages until their ack wait runs out; a new puller that
-finds messages pending on the consumer waits out the ack wait first, so the server redelivers
-them (redeliveries go before new messages) ahead of the later messages of the same objects. If
-order is lost anyway (a puller cut off but still running), the object's guard (messages.py)
-refuses the older message and it is parked, never run out of order.
+**Order across a change of puller.** A puller stops before its partition is handed over (and
+at once when it is lost), and naks the messages it holds, oldest first: the server redelivers
+them ahead of new messages. A puller that died holds its messages until their ack wait runs
+out, and new messages are handed out first meanwhile. So a new puller that finds messages
+pending on the consumer takes messages without delivering any until all those are back in hand
+(at once after a clean stop; within the ack wait after a crash), and queues each object's
+messages in sequence order: an object's older message always runs before its newer ones. If
+order is lost anyway (a puller cut off but still running past the ack wait), the object's guard
+(messages.py) refuses the older message and it is parked, never run out of order.
 
 **Failures.** A handler that raises is retried by the puller with exponential backoff (base
 ``DURABLE_SUBSCRIPTION_RETRY_BASE``, jittered, at most a minute), the other objects' messages
@@ -37,6 +39,7 @@ timeout) the puller retries without counting attempts: that is an outage, not a 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import random
 import time
@@ -48,6 +51,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
 from ..client import Client
@@ -90,6 +94,10 @@ def backoff(attempt: int, base: float) -> float:
     return float(min(MAX_BACKOFF, base * 2 ** min(attempt - 1, 16)) * random.uniform(0.8, 1.2))
 
 
+def _sequence(msg: Msg) -> int:
+    return int(msg.metadata.sequence.stream)
+
+
 class Park(Exception):
     """A message to park now, with the reason."""
 
@@ -115,6 +123,10 @@ class Puller:
         #: every message held (fetched, not acknowledged), by stream sequence
         self.in_hand: dict[int, Msg] = {}
         self.room = asyncio.Event()
+        #: objects whose messages are being delivered (a task each)
+        self.draining: set[str] = set()
+        #: taking back a previous puller's messages: queue, do not deliver yet (_recover)
+        self.recovering = False
         self.tasks = TaskSet()
         #: counters (tests, logs)
         self.delivered = 0
@@ -125,7 +137,6 @@ class Puller:
         self.tasks.spawn(self._keep_alive(), f"subscription-{self.sub.name}-in-progress")
         while True:
             try:
-                await self._wait_out_previous_puller()
                 await self._pull()
             except asyncio.CancelledError:
                 raise
@@ -144,19 +155,42 @@ class Puller:
                 break
         self.in_hand.clear()
         self.queues.clear()
+        self.draining.clear()
 
-    async def _wait_out_previous_puller(self) -> None:
-        """Messages pending on the consumer belong to a puller that died holding them: wait until
-        they are redelivered first, so they run before the later messages of their objects."""
+    async def _recover(self, psub: JetStreamContext.PullSubscription) -> None:
+        """Messages pending on the consumer were held by a previous puller. Given back (a clean
+        stop naks them) they are redelivered at once, ahead of new messages; held by a puller that
+        died, only once their ack wait runs out, and new messages come first meanwhile. So until
+        every pending message is back in hand (or an ack wait has passed), messages are taken but
+        not delivered: each object's queue is in sequence order when its delivery starts."""
         info = await self.js.consumer_info(self.sub.stream, self.sub.name)
-        if info.num_ack_pending and not self.in_hand:
-            log.info("subscription %s: %d messages pending from a previous puller; waiting %.1fs for their "
-                     "redelivery", self.sub.name, info.num_ack_pending, self.ack_wait)
-            await asyncio.sleep(self.ack_wait)
+        pending = info.num_ack_pending - len(self.in_hand)
+        if pending <= 0:
+            return
+        log.info("subscription %s: %d messages pending from a previous puller; taking them back first",
+                 self.sub.name, pending)
+        self.recovering = True
+        deadline = time.monotonic() + self.ack_wait + 2 * FETCH_WAIT
+        back = 0
+        try:
+            while back < pending and time.monotonic() < deadline and len(self.in_hand) < IN_HAND:
+                try:
+                    msgs = await psub.fetch(min(IN_HAND - len(self.in_hand), FETCH_BATCH), timeout=FETCH_WAIT)
+                except (TimeoutError, NatsTimeout):
+                    continue
+                for msg in msgs:
+                    back += msg.metadata.num_delivered > 1
+                    self._accept(msg)
+        finally:
+            self.recovering = False
+        log.info("subscription %s: %d of %d pending messages back; delivering", self.sub.name, back, pending)
+        for name in list(self.queues):
+            self._start_drain(name)
 
     async def _pull(self) -> None:
         psub = await self.js.pull_subscribe_bind(self.sub.name, self.sub.stream)
         try:
+            await self._recover(psub)
             while True:
                 room = IN_HAND - len(self.in_hand)
                 if room <= 0:
@@ -182,22 +216,30 @@ class Puller:
             self.tasks.spawn(self._park_now(msg, f"the subject {msg.subject!r} has no token {self.sub.object_token} "
                                                  "to name the object by"), "subscription-park")
             return
-        queue = self.queues.get(name)
-        if queue is not None:
-            queue.append(msg)
-            return
-        self.queues[name] = deque([msg])
-        self.tasks.spawn(self._drain(name), f"subscription-{self.sub.name}-object")
+        queue = self.queues.setdefault(name, deque())
+        # in sequence order (a redelivery may be older than messages already queued), behind the
+        # message being delivered, if any
+        bisect.insort(queue, msg, lo=1 if name in self.draining and queue else 0, key=_sequence)
+        if not self.recovering:
+            self._start_drain(name)
+
+    def _start_drain(self, name: str) -> None:
+        if name not in self.draining:
+            self.draining.add(name)
+            self.tasks.spawn(self._drain(name), f"subscription-{self.sub.name}-object")
 
     async def _drain(self, name: str) -> None:
         """Deliver one object's messages in order, one at a time."""
         queue = self.queues[name]
-        while queue:
-            msg = queue[0]
-            await self._deliver(name, msg)
-            queue.popleft()
-            self._release(msg)
-        del self.queues[name]
+        try:
+            while queue:
+                msg = queue[0]
+                await self._deliver(name, msg)
+                queue.popleft()
+                self._release(msg)
+            del self.queues[name]
+        finally:
+            self.draining.discard(name)
 
     def _release(self, msg: Msg) -> None:
         self.in_hand.pop(msg.metadata.sequence.stream, None)

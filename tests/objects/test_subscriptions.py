@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -48,7 +50,8 @@ async def start(settings: Settings, raw_nc: NatsClient) -> AsyncIterator[StartWo
 
     yield factory
     for w in workers:
-        await w.stop()
+        if not w.draining:  # (a test may have stopped it)
+            await w.stop()
     for app in apps:
         await remove(raw_nc, app, settings.deployment_key)
 
@@ -210,6 +213,38 @@ async def test_a_recorded_sequence_does_not_run_again_and_an_older_one_never_run
     with pytest.raises(OutOfOrder, match=f"stream sequence {first} .* arrived after sequence"):
         await deliver(first)
     assert (await state(worker, "a"))["seqs"] == [s2, s2 + 1]
+
+
+async def test_a_puller_stopped_cleanly_hands_its_messages_to_the_next_in_order(
+        start: StartWorker, raw_nc: NatsClient, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "durable.subscriptions")
+    app = write_app(tmp_path)
+    await add_stream(raw_nc, app)
+    workers = [await start(app), await start(app)]
+
+    def puller() -> Worker | None:
+        leading = [w for w in workers if not w.draining and w.subscriptions.pullers]
+        return leading[0] if len(leading) == 1 else None
+
+    leader: Worker = await assert_eventually(puller, 10, "one worker pulling the subscription")
+    sent: dict[str, list[int]] = {"a": [], "b": []}
+    for i in range(30):
+        name = "ab"[i % 2]
+        sent[name].append(await publish(raw_nc, app.subject(name), {"slow": 0.05}))
+    await assert_eventually(lambda: leader.subscriptions.pullers[app.subscription][0].delivered >= 4, 20,
+                            "the first messages delivered")
+    await leader.stop()  # a drain: held messages go back, oldest first, before its partitions do
+    (other,) = [w for w in workers if w is not leader]
+
+    async def all_applied() -> bool:
+        return [(await state(other, n))["count"] for n in "ab"] == [15, 15]
+
+    await assert_eventually(all_applied, 30, "every message applied after the hand-over")
+    for n in "ab":
+        assert (await state(other, n))["seqs"] == sent[n]
+    # the stopped puller gave back what it held, and the new one took all of it back before delivering
+    assert other.subscriptions.pullers[app.subscription][0].delivered > 0
+    assert re.search(r"subscription \S+: (\d+) of \1 pending messages back; delivering", caplog.text), caplog.text
 
 
 async def test_a_missing_stream_stops_start_up_with_a_clear_error(start: StartWorker, tmp_path: Path) -> None:
