@@ -175,6 +175,29 @@ async def test_a_subject_without_the_object_token_is_parked_at_once(
     assert row["seq"] == short and "has no token 3" in row["reason"] and row["attempts"] == 1
 
 
+async def test_a_message_over_the_request_limit_is_parked_at_once_and_the_next_one_flows(
+        start: StartWorker, raw_nc: NatsClient, tmp_path: Path, settings: Settings) -> None:
+    app = write_app(tmp_path)
+    await add_stream(raw_nc, app)
+    worker = await start(app, max_request_bytes=4096)
+    big = await publish(raw_nc, app.subject("a"), {"pad": "x" * 8000})
+    await publish(raw_nc, app.subject("a"), {})
+
+    async def applied() -> bool:
+        return (await state(worker, "a"))["count"] == 1
+
+    await assert_eventually(applied, 20, "the message after the oversized one applied")
+
+    async def parked() -> Any:
+        code, out, _ = await cli(settings, app, "parked", "ls", app.subscription, "--json")
+        return json.loads(out) if code == 0 else None
+
+    (row,) = await assert_eventually(parked, 20, "the oversized message parked")
+    assert row["seq"] == big and row["attempts"] == 1
+    assert row["reason"].startswith("payload_too_large: request of ")
+    assert "over the limit of 4096 bytes" in row["reason"]
+
+
 async def test_a_recorded_sequence_does_not_run_again_and_an_older_one_never_runs_after_a_newer(
         start: StartWorker, raw_nc: NatsClient, tmp_path: Path) -> None:
     app = write_app(tmp_path)
