@@ -245,8 +245,12 @@ class Dispatcher:
     def __init__(self, nc: NatsClient, partitions: Partitions, alarms: Alarms, micro: MicroService,
                  owns: Callable[[int, int], bool], max_request_bytes: int, tail: Tail | None = None,
                  metrics: WorkerMetrics | None = None, idempotency_ttl: float = 86400.0,
-                 accepting: Callable[[], bool] | None = None) -> None:
+                 accepting: Callable[[], bool] | None = None,
+                 message_handlers: dict[str, set[str]] | None = None) -> None:
         self.nc = nc
+        #: per class, the methods that receive stream messages: delivered by the runtime only, so
+        #: a message cannot be forged past the order guard and the key (messages.py)
+        self.message_handlers = message_handlers or {}
         #: how long a keyed call's reply is recorded (DURABLE_IDEMPOTENCY_TTL)
         self.idempotency_ttl = idempotency_ttl
         #: false while the owner cannot renew its lease (ownership.reaching_postgres): refuse
@@ -274,6 +278,9 @@ class Dispatcher:
 
             return alarm
         if len(verb) == 2 and verb[0] == "rpc":
+            if verb[1] in self.message_handlers.get(inst.namespace, ()):
+                raise UnknownMethod(f"{verb[1]!r} receives stream messages, delivered by the runtime; it is not "
+                                    f"callable as an RPC method of {inst.cls.__name__}")
             return rpc_handler(inst.cls, verb[1], payload)
         if verb == ["fetch"]:
             return fetch_handler(inst, payload)

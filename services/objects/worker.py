@@ -204,7 +204,8 @@ class Worker:
         self.dispatcher = Dispatcher(self.nc, self.partitions, self.alarms, self.micro, self.ownership.owns,
                                      settings.max_request_bytes, self.tail, self.metrics,
                                      idempotency_ttl=settings.idempotency_ttl,
-                                     accepting=self.ownership.reaching_postgres)
+                                     accepting=self.ownership.reaching_postgres,
+                                     message_handlers=message_handlers(self.config))
         # expired records are never answered from: sweeping them only frees space, so often enough
         self.idempotency = Sweeper(self.store, lambda: sorted(self.parts),
                                    min(60.0, max(1.0, settings.idempotency_ttl / 4)))
@@ -339,3 +340,11 @@ def check_handlers(config: AppConfig, classes: dict[str, type]) -> None:
             raise ConfigError(f"{config.path}: subscription {sub.name!r}: {cls.__name__} (binding {sub.binding}) has "
                               f"no method {sub.handler}() to receive its messages: define "
                               f"`async def {sub.handler}(self, msg)`")
+
+
+def message_handlers(config: AppConfig) -> dict[str, set[str]]:
+    """Per class name, the methods its subscriptions deliver messages to (not callable over RPC)."""
+    out: dict[str, set[str]] = {}
+    for sub in config.subscriptions:
+        out.setdefault(sub.namespace, set()).add(sub.handler)
+    return out

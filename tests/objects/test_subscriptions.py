@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from durable.core import codec
 from durable.core.config import load_config
-from durable.core.errors import ConfigError, ObjectReset, OutOfOrder
+from durable.core.errors import ConfigError, ObjectReset, OutOfOrder, UnknownMethod
 from durable.core.settings import Settings
 from durable.core.wire import IDEMPOTENCY_HEADER
 from durable.objects import Worker
@@ -236,6 +236,8 @@ async def test_a_recorded_sequence_does_not_run_again_and_an_older_one_never_run
     with pytest.raises(OutOfOrder, match=f"stream sequence {first} .* arrived after sequence"):
         await deliver(first)
     assert (await state(worker, "a"))["seqs"] == [s2, s2 + 1]
+    with pytest.raises(UnknownMethod, match="'on_message' receives stream messages"):
+        await worker.env.TALLIES.get_by_name("a").on_message(None)  # past the key and the guard: refused
 
 
 async def test_a_puller_stopped_cleanly_hands_its_messages_to_the_next_in_order(
