@@ -12,6 +12,7 @@ from .client import Client, Env
 from .client.connect import connect
 from .core.http import Headers, Request, Response
 from .objects import AlarmInfo, Context, DurableObject, Storage, Transaction, WebSocket
+from .objects.messages import Message
 
 __all__ = [
     "AlarmInfo",
@@ -20,6 +21,7 @@ __all__ = [
     "DurableObject",
     "Env",
     "Headers",
+    "Message",
     "Request",
     "Response",
     "Storage",

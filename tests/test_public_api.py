@@ -7,7 +7,7 @@ import durable
 import durable.errors
 
 PUBLIC = {
-    "AlarmInfo", "Client", "Context", "DurableObject", "Env", "Headers", "Request", "Response", "Storage",
+    "AlarmInfo", "Client", "Context", "DurableObject", "Env", "Headers", "Message", "Request", "Response", "Storage",
     "Transaction", "WebSocket", "connect",
 }
 

@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
+from .subscription_config import RawSubscription, Subscription, check_subscriptions
 from .wire import is_token
 
 
@@ -56,6 +57,7 @@ class _File(BaseModel):
     routes: str | None = None
     bindings: dict[str, str] = {}
     migrations: list[_Migration] = []
+    subscriptions: list[RawSubscription] = []
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class AppConfig:
     classes: dict[str, str]
     #: the routing function, ``module:function`` (``routes`` in the file), if the app has one
     routes: str | None = None
+    #: JetStream streams delivered into objects (``[[subscriptions]]``, subscription_config.py)
+    subscriptions: tuple[Subscription, ...] = ()
 
     @property
     def app_dir(self) -> Path:
@@ -200,7 +204,8 @@ def parse_config(path: Path, data: dict[str, Any]) -> AppConfig:
     )
     if raw.routes is not None and (":" not in raw.routes or not all(raw.routes.partition(":")[::2])):
         raise ConfigError(f"{path}: routes: {raw.routes!r} must name a function as 'module:function'")
-    return AppConfig(path, tuple(bindings), migrations, classes, raw.routes)
+    subscriptions = check_subscriptions(path, raw.subscriptions, {b.name: b.class_name for b in bindings})
+    return AppConfig(path, tuple(bindings), migrations, classes, raw.routes, subscriptions)
 
 
 def load_config(path: Path) -> AppConfig:

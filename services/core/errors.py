@@ -195,3 +195,19 @@ class ConfigError(DurableError):
 
     code = "config"
     status = 500
+
+
+class MessageFailed(DurableError):
+    """A stream message's handler raised: nothing of that attempt was kept, the message is
+    retried, then parked (services/objects/subscriptions.py)."""
+
+    code = "message_failed"
+    status = 500
+
+
+class OutOfOrder(DurableError):
+    """A stream message arrived after a later one of its subscription was applied to the same
+    object: running it would break stream order, so it is parked instead."""
+
+    code = "out_of_order"
+    status = 409

@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     alarm_sweep_interval: float = Field(default=5.0, gt=0)
     #: First retry delay of a failed alarm; each further retry doubles it (Cloudflare: 2 s).
     alarm_retry_base: float = Field(default=2.0, gt=0)
+    #: Streams into objects: how long JetStream waits for a message's ack before redelivering it
+    #: (a live puller extends it; after a puller crashed, its successor waits up to this long).
+    subscription_ack_wait: float = Field(default=30.0, ge=1)
+    #: First retry delay of a stream message whose handler raised; each further retry doubles it.
+    subscription_retry_base: float = Field(default=1.0, gt=0)
+    #: Replicas of the dead-letter stream of parked messages (3 on a 3-node cluster).
+    dlq_replicas: int = Field(default=1, ge=1, le=5)
     #: WebSocket gateways announce themselves this often; silent this long, their sockets are
     #: closed (1006) for the objects that had them.
     gateway_heartbeat_interval: float = Field(default=1.0, gt=0)

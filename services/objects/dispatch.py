@@ -44,6 +44,7 @@ from .alarms import Alarms
 from .base import DurableObject
 from .idempotency import KeyedRun, Prepared
 from .instance import Instance
+from .messages import MESSAGE_VERB, message_handler
 from .micro import MicroService
 from .partitions import Partitions, PartitionState
 from .sockets import SocketState
@@ -244,8 +245,12 @@ class Dispatcher:
     def __init__(self, nc: NatsClient, partitions: Partitions, alarms: Alarms, micro: MicroService,
                  owns: Callable[[int, int], bool], max_request_bytes: int, tail: Tail | None = None,
                  metrics: WorkerMetrics | None = None, idempotency_ttl: float = 86400.0,
-                 accepting: Callable[[], bool] | None = None) -> None:
+                 accepting: Callable[[], bool] | None = None,
+                 message_handlers: dict[str, set[str]] | None = None) -> None:
         self.nc = nc
+        #: per class, the methods that receive stream messages: delivered by the runtime only, so
+        #: a message cannot be forged past the order guard and the key (messages.py)
+        self.message_handlers = message_handlers or {}
         #: how long a keyed call's reply is recorded (DURABLE_IDEMPOTENCY_TTL)
         self.idempotency_ttl = idempotency_ttl
         #: false while the owner cannot renew its lease (ownership.reaching_postgres): refuse
@@ -273,9 +278,14 @@ class Dispatcher:
 
             return alarm
         if len(verb) == 2 and verb[0] == "rpc":
+            if verb[1] in self.message_handlers.get(inst.namespace, ()):
+                raise UnknownMethod(f"{verb[1]!r} receives stream messages, delivered by the runtime; it is not "
+                                    f"callable as an RPC method of {inst.cls.__name__}")
             return rpc_handler(inst.cls, verb[1], payload)
         if verb == ["fetch"]:
             return fetch_handler(inst, payload)
+        if len(verb) == 2 and verb[0] == MESSAGE_VERB:  # a stream message (subscriptions.py)
+            return message_handler(inst, verb[1], payload)
         if verb == ADMIN_STATE_VERB:
             return state_write_handler(inst, payload)
         raise InvalidRequest(f"unknown verb {'.'.join(verb)!r}: expected rpc.<method> or fetch")
@@ -372,13 +382,15 @@ class Dispatcher:
                      as_json: bool) -> KeyedRun | Prepared | None:
         """A call made with an idempotency key (RPC and fetch only): the run that records its
         reply, or, for a repeat, the reply recorded (waiting for it if the first is running)."""
-        key = wire.idempotency_key(headers) if verb[0] in ("rpc", "fetch") else None
+        key = wire.idempotency_key(headers) if verb[0] in ("rpc", "fetch", MESSAGE_VERB) else None
         if key is None:
+            if verb[0] == MESSAGE_VERB:
+                raise InvalidRequest("a stream message must carry an Idempotency-Key (messages.py)")
             return None
         keys = inst.idempotency_keys()
         call, run = await keys.begin(key, ".".join(verb))
-        if run:
-            return KeyedRun(keys, call, as_json, self.idempotency_ttl)
+        if run:  # a stream message is recorded only when its handler succeeded (messages.py)
+            return KeyedRun(keys, call, as_json, self.idempotency_ttl, record_errors=verb[0] != MESSAGE_VERB)
         # shielded: a repeat that gives up must not cancel the reply the others wait for
         return (await asyncio.shield(call.reply)).for_request(as_json)
 

@@ -187,10 +187,12 @@ def _reused(key: str, recorded: str, asked: str) -> IdempotencyKeyReused:
 class KeyedRun:
     """The event of a keyed call that runs: what it records, and when."""
 
-    __slots__ = ("as_json", "call", "keys", "prepared", "ttl_ms")
+    __slots__ = ("as_json", "call", "keys", "prepared", "record_errors", "ttl_ms")
 
-    def __init__(self, keys: Keys, call: Call, as_json: bool, ttl: float) -> None:
+    def __init__(self, keys: Keys, call: Call, as_json: bool, ttl: float, record_errors: bool = True) -> None:
         self.keys = keys
+        #: False for stream messages (messages.py): a failed run leaves no record, so it is retried
+        self.record_errors = record_errors
         self.call = call
         self.as_json = as_json
         self.ttl_ms = int(ttl * 1000)
@@ -199,6 +201,8 @@ class KeyedRun:
 
     def record(self, pending: PendingWrites, ok: bool, value: Any) -> None:
         """The event ended: stage its record with its writes (the same flush commits both)."""
+        if not ok and not self.record_errors:
+            return  # no record: settle() lets a repeat look the key up, and run, again
         self.prepared = prepare(ok, value, self.as_json)
         self.call.expires_ms = now_ms() + self.ttl_ms
         pending.record_call(self.call.key, IdempotencyRecord(self.call.fingerprint, self.prepared.pack(),

@@ -162,6 +162,8 @@ class Instance:
         self.held: int = 0
         #: the idempotency keys of calls to this instance (made on the first keyed call)
         self.keys: Keys | None = None
+        #: per subscription, the highest stream sequence applied to this object (messages.py)
+        self.stream_seqs: dict[str, int] = {}
 
     def idempotency_keys(self) -> Keys:
         if self.keys is None:

@@ -31,6 +31,10 @@ _READ_IDEMPOTENCY = (
     "SELECT fingerprint, reply, expires_ms FROM do_idempotency "
     "WHERE object_id = $1 AND idem_key = $2 AND expires_ms > $3"
 )
+#: the highest idempotency key with a prefix (stream messages: messages.py), expired or not
+_LAST_KEY = (
+    'SELECT max(idem_key COLLATE "C") FROM do_idempotency WHERE object_id = $1 AND starts_with(idem_key, $2)'
+)
 #: a bounded pass: a backlog is worked off over several sweeps, never in one long statement
 _SWEEP_IDEMPOTENCY = (
     "DELETE FROM do_idempotency WHERE ctid = ANY(ARRAY(SELECT ctid FROM do_idempotency "
@@ -208,6 +212,11 @@ class ObjectStore:
             return None
         r = rows[0]
         return IdempotencyRecord(r["fingerprint"], r["reply"], r["expires_ms"])
+
+    async def last_key(self, object_id: str, prefix: str) -> str | None:
+        """The object's highest recorded idempotency key starting with ``prefix``, if any."""
+        rows = await self._read(_LAST_KEY, object_id, prefix)
+        return rows[0][0] if rows else None
 
     async def sweep_idempotency(self, partitions: list[int], now_ms: int, limit: int) -> int:
         """Delete up to ``limit`` expired idempotency records of ``partitions``; returns how many."""

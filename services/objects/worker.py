@@ -22,6 +22,7 @@ from ..client import Client, Env
 from ..client.client import close_nats
 from ..core import db
 from ..core.config import AppConfig
+from ..core.errors import ConfigError
 from ..core.health import Check, HealthServer
 from ..core.ids import IdFactory, namespace_key
 from ..core.logs import ranges
@@ -44,6 +45,7 @@ from .names import NameRecorder
 from .ownership import Ownership
 from .partitions import Partitions, PartitionState
 from .sql import ObjectStore
+from .subscriptions import Subscriptions
 from .tail import Tail
 
 log = logging.getLogger("durable.worker")
@@ -66,6 +68,7 @@ class Worker:
         for name, cls in self.classes.items():
             if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
                 raise TypeError(f"{name}: object classes must subclass DurableObject")
+        check_handlers(config, self.classes)
         self.worker_id = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.audit_commits = settings.audit_commits if audit_commits is None else audit_commits
         self.ids = {
@@ -105,6 +108,7 @@ class Worker:
         self.local: LocalDispatcher
         self.gateways: GatewayWatch
         self.nats_liveness: NatsLiveness | None = None
+        self.subscriptions: Subscriptions
 
     @property
     def parts(self) -> dict[int, PartitionState]:
@@ -149,6 +153,9 @@ class Worker:
         self.nc = self.client.nc
         try:
             check_server(self.nc)  # alarms need JetStream message schedules: refuse to start without
+            self.subscriptions = Subscriptions(self.nc, self.client, self.config.subscriptions, self.ids,
+                                               settings, lambda: self.parts)
+            await self.subscriptions.check()  # a missing stream stops start-up, before any partition
         except BaseException:
             await close_nats(self.nc)
             raise
@@ -176,6 +183,7 @@ class Worker:
         await self.ownership.start()
         self.partitions.start_eviction(settings.idle_timeout)
         self.idempotency.start()
+        self.subscriptions.start()
 
     def _build(self) -> None:
         """Wire the parts: each gets the few collaborators it uses."""
@@ -196,7 +204,8 @@ class Worker:
         self.dispatcher = Dispatcher(self.nc, self.partitions, self.alarms, self.micro, self.ownership.owns,
                                      settings.max_request_bytes, self.tail, self.metrics,
                                      idempotency_ttl=settings.idempotency_ttl,
-                                     accepting=self.ownership.reaching_postgres)
+                                     accepting=self.ownership.reaching_postgres,
+                                     message_handlers=message_handlers(self.config))
         # expired records are never answered from: sweeping them only frees space, so often enough
         self.idempotency = Sweeper(self.store, lambda: sorted(self.parts),
                                    min(60.0, max(1.0, settings.idempotency_ttl / 4)))
@@ -228,6 +237,7 @@ class Worker:
                  extra={"worker": self.worker_id, "partitions": ranges(self.parts)})
         await self.partitions.stop_eviction()
         await self.idempotency.stop()
+        await self.subscriptions.stop()  # held stream messages go back (in order) for the next puller
         await self.alarms.withdraw()  # alarm wake-ups go to the other workers from now on
         states = list(self.parts.values())
         # stragglers can only be on their way if requests were flowing, or someone takes over
@@ -283,6 +293,7 @@ class Worker:
         return self.nats_liveness is None or self.nats_liveness.reachable()
 
     def _lost(self, partition: int, reason: str) -> None:
+        self.subscriptions.lost(partition)  # first: a new owner may pull as soon as it acquires
         self.handover.lost(partition, reason)
 
     def _session_lost(self) -> None:
@@ -294,6 +305,7 @@ class Worker:
             self.partitions.tasks.spawn(pool.expire_connections(), "expire-pool")
 
     async def _hand_over(self, partition: int) -> None:
+        await self.subscriptions.leaving(partition)  # its held messages go back before the release
         await self.handover.hand_over(partition)
 
     def _fenced(self, partition: int, epoch: int) -> None:
@@ -317,3 +329,22 @@ class Worker:
             "time_ms": str(int(time.time() * 1000)),
         }
 
+
+
+def check_handlers(config: AppConfig, classes: dict[str, type]) -> None:
+    """Every subscription's handler is a method of its binding's class (a ConfigError otherwise)."""
+    for sub in config.subscriptions:
+        cls = classes.get(sub.namespace)
+        if cls is not None and (sub.handler in DurableObject.EVENT_HANDLERS
+                                or not callable(getattr(cls, sub.handler, None))):
+            raise ConfigError(f"{config.path}: subscription {sub.name!r}: {cls.__name__} (binding {sub.binding}) has "
+                              f"no method {sub.handler}() to receive its messages: define "
+                              f"`async def {sub.handler}(self, msg)`")
+
+
+def message_handlers(config: AppConfig) -> dict[str, set[str]]:
+    """Per class name, the methods its subscriptions deliver messages to (not callable over RPC)."""
+    out: dict[str, set[str]] = {}
+    for sub in config.subscriptions:
+        out.setdefault(sub.namespace, set()).add(sub.handler)
+    return out

@@ -36,10 +36,10 @@ from ..core.errors import (
 )
 from ..core.settings import Settings
 from ..objects.storage import check_entries
-from . import doctor, inspect, tailer
+from . import doctor, inspect, parked, tailer
 from .target import Namespace, UsageError, namespace
 
-COMMANDS = ("objects", "state", "call", "alarms", "tail", "doctor")
+COMMANDS = ("objects", "state", "call", "alarms", "tail", "doctor", *parked.COMMANDS)
 #: a state import sends at most this many bytes of entries per event (requests are at most 1 MiB)
 IMPORT_CHUNK_BYTES = 512 * 1024
 #: remote errors that mean the operator's input was wrong (exit code 2)
@@ -96,12 +96,15 @@ def add_commands(sub: Any) -> None:
 
     doc = sub.add_parser("doctor", help="check NATS, Postgres, workers and clocks; say what to fix")
     doc.add_argument("--monitor", help="nats-server monitoring URL (default http://<nats host>:8222)")
+    parked.add_commands(sub)
 
 
 def run(args: argparse.Namespace, run_coroutine: Callable[[Coroutine[Any, Any, int]], int]) -> int:
     """Run one operator command; its exit code."""
     try:
         settings, config = _settings()
+        if args.command in parked.COMMANDS:
+            return run_coroutine(parked.run(args, settings, config, _table))
         return run_coroutine(_dispatch(args, settings, config))
     except UsageError as exc:
         print(f"durable {args.command}: {exc}", file=sys.stderr)
