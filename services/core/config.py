@@ -34,7 +34,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
-from .subscription_config import RawSubscription, Subscription, check_subscriptions
+from .subscription_config import (
+    RawStream,
+    RawSubscription,
+    StreamDecl,
+    Subscription,
+    check_streams,
+    check_subscriptions,
+)
 from .wire import is_token
 
 
@@ -58,6 +65,7 @@ class _File(BaseModel):
     bindings: dict[str, str] = {}
     migrations: list[_Migration] = []
     subscriptions: list[RawSubscription] = []
+    streams: list[RawStream] = []
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ class AppConfig:
     routes: str | None = None
     #: JetStream streams delivered into objects (``[[subscriptions]]``, subscription_config.py)
     subscriptions: tuple[Subscription, ...] = ()
+    #: JetStream streams the worker creates when missing (``[[streams]]``)
+    streams: tuple[StreamDecl, ...] = ()
 
     @property
     def app_dir(self) -> Path:
@@ -205,7 +215,8 @@ def parse_config(path: Path, data: dict[str, Any]) -> AppConfig:
     if raw.routes is not None and (":" not in raw.routes or not all(raw.routes.partition(":")[::2])):
         raise ConfigError(f"{path}: routes: {raw.routes!r} must name a function as 'module:function'")
     subscriptions = check_subscriptions(path, raw.subscriptions, {b.name: b.class_name for b in bindings})
-    return AppConfig(path, tuple(bindings), migrations, classes, raw.routes, subscriptions)
+    streams = check_streams(path, raw.streams)
+    return AppConfig(path, tuple(bindings), migrations, classes, raw.routes, subscriptions, streams)
 
 
 def load_config(path: Path) -> AppConfig:

@@ -11,6 +11,18 @@ handler = "on_message"        # the method called with each message (default on_
 max_attempts = 5              # tries before the message is parked on the dead-letter subject
 ```
 
+A stream can be declared beside them, and the worker creates it at start-up when it is missing
+(an existing stream is left as it is: its retention and replicas are the app's, changed with the
+``nats`` CLI). Handy for development and for apps whose stream is theirs alone:
+
+```toml
+[[streams]]
+name = "ORDERS"
+subjects = ["orders.>"]
+max_age = 604800              # seconds a message is kept (0: no limit)
+replicas = 1
+```
+
 Checked when the file is read (a ConfigError naming ``subscriptions[i]`` and the problem): the
 name is one subject token and unique, the binding exists, the object token is a wildcard of the
 filter (``*``) or falls inside its trailing ``>``; a literal token would send every message to one
@@ -42,6 +54,49 @@ class RawSubscription(BaseModel):
     binding: str
     handler: str = DEFAULT_HANDLER
     max_attempts: int = Field(default=5, ge=1, le=1000)
+
+
+class RawStream(BaseModel):
+    """One ``[[streams]]`` table: a stream the worker creates if it does not exist."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    subjects: list[str] = Field(min_length=1)
+    max_age: float = Field(default=0.0, ge=0)
+    replicas: int = Field(default=1, ge=1, le=5)
+
+
+@dataclass(frozen=True)
+class StreamDecl:
+    """A checked stream declaration."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age: float
+    replicas: int
+
+
+def _stream_name_ok(name: str) -> bool:
+    return bool(name) and not any(c in name for c in ". *>\t\r\n/\\")
+
+
+def check_streams(path: Path, raw: list[RawStream]) -> tuple[StreamDecl, ...]:
+    """The declared streams, checked (names unique and valid, subjects valid filters)."""
+    out: list[StreamDecl] = []
+    seen: set[str] = set()
+    for i, s in enumerate(raw):
+        where = f"{path}: streams[{i}] ({s.name!r})"
+        if not _stream_name_ok(s.name):
+            raise ConfigError(f"{where}: name: {s.name!r} is not a JetStream stream name")
+        if s.name in seen:
+            raise ConfigError(f"{where}: name: another stream is already named {s.name!r}")
+        seen.add(s.name)
+        for subject in s.subjects:
+            if not _valid_subject(subject):
+                raise ConfigError(f"{where}: subjects: {subject!r} is not a NATS subject filter "
+                                  "(dot-separated tokens; '*' a whole token, '>' only the last)")
+        out.append(StreamDecl(s.name, tuple(s.subjects), s.max_age, s.replicas))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -83,7 +138,7 @@ def check_subscriptions(path: Path, raw: list[RawSubscription], bindings: dict[s
         if s.name in seen:
             raise ConfigError(f"{where}: name: another subscription is already named {s.name!r}")
         seen.add(s.name)
-        if not s.stream or any(c in s.stream for c in ". *>\t\r\n/\\"):
+        if not _stream_name_ok(s.stream):
             raise ConfigError(f"{where}: stream: {s.stream!r} is not a JetStream stream name")
         if not _valid_subject(s.subject):
             raise ConfigError(f"{where}: subject: {s.subject!r} is not a NATS subject filter "

@@ -60,7 +60,7 @@ from ..core.dead_letters import DeadLetters
 from ..core.errors import ConfigError, DurableError
 from ..core.ids import IdFactory
 from ..core.settings import Settings
-from ..core.subscription_config import Subscription
+from ..core.subscription_config import StreamDecl, Subscription
 from ..core.tasks import TaskSet
 from ..core.wire import IDEMPOTENCY_HEADER, partition_of
 from .messages import MESSAGE_VERB, Message, encode_message, message_key
@@ -369,12 +369,14 @@ class Subscriptions:
     subscription whose leader partition this worker owns."""
 
     def __init__(self, nc: NatsClient, client: Client, subscriptions: tuple[Subscription, ...],
-                 ids: dict[str, IdFactory], settings: Settings, owned: Callable[[], Any]) -> None:
+                 ids: dict[str, IdFactory], settings: Settings, owned: Callable[[], Any],
+                 streams: tuple[StreamDecl, ...] = ()) -> None:
         self.config_path = client.config.path if client.config is not None else settings.config_file
         self.nc = nc
         self.js = nc.jetstream()
         self.client = client
         self.subscriptions = subscriptions
+        self.streams = streams
         self.ids = ids
         self.settings = settings
         self.owned = owned
@@ -384,7 +386,9 @@ class Subscriptions:
     async def check(self) -> None:
         """Start-up: every stream exists and takes its consumer (a ConfigError otherwise), and the
         dead-letter stream exists. Streams are the app's (retention, replicas, subjects): a missing
-        one is an error, not created with guessed settings."""
+        one is an error, not created with guessed settings, unless ``[[streams]]`` declares it."""
+        for decl in self.streams:
+            await self._ensure_stream(decl)
         if not self.subscriptions:
             return
         for sub in self.subscriptions:
@@ -400,6 +404,25 @@ class Subscriptions:
         await self.tasks.cancel()
         for name in list(self.pullers):
             await self._stop_puller(name)
+
+    async def _ensure_stream(self, decl: StreamDecl) -> None:
+        """Create a declared stream that does not exist; one that does is the app's, left alone."""
+        try:
+            await self.js.stream_info(decl.name)
+            return
+        except NotFoundError:
+            pass
+        try:
+            await self.js.add_stream(StreamConfig(
+                name=decl.name, subjects=list(decl.subjects), retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE, num_replicas=decl.replicas, max_age=decl.max_age or None,
+                description="durable: declared in durable.toml [[streams]]"))
+        except BadRequestError as exc:
+            if exc.err_code == _STREAM_EXISTS_DIFFERENTLY:
+                return  # another worker created it meanwhile
+            raise ConfigError(f"{self.config_path}: stream {decl.name!r}: JetStream refused to create it: "
+                              f"{exc.description}") from None
+        log.info("created stream %s (subjects %s)", decl.name, ", ".join(decl.subjects))
 
     async def _ensure_dead_letters(self) -> None:
         dlq = DeadLetters(self.settings.deployment_key)

@@ -154,7 +154,7 @@ class Worker:
         try:
             check_server(self.nc)  # alarms need JetStream message schedules: refuse to start without
             self.subscriptions = Subscriptions(self.nc, self.client, self.config.subscriptions, self.ids,
-                                               settings, lambda: self.parts)
+                                               settings, lambda: self.parts, self.config.streams)
             await self.subscriptions.check()  # a missing stream stops start-up, before any partition
         except BaseException:
             await close_nats(self.nc)

@@ -59,3 +59,24 @@ def test_two_subscriptions_cannot_share_a_name() -> None:
     data["subscriptions"].append(dict(data["subscriptions"][0]))
     with pytest.raises(ConfigError, match=r"subscriptions\[1\] \('orders'\): name: another subscription"):
         parse_config(PATH, data)
+
+
+def test_a_declared_stream_is_checked_and_gets_its_defaults() -> None:
+    data = config()
+    data["streams"] = [{"name": "ORDERS", "subjects": ["orders.>"]}]
+    (decl,) = parse_config(PATH, data).streams
+    assert (decl.name, decl.subjects, decl.max_age, decl.replicas) == ("ORDERS", ("orders.>",), 0.0, 1)
+
+
+@pytest.mark.parametrize(("stream", "problem"), [
+    ({"name": "OR.DERS", "subjects": ["orders.>"]}, r"streams\[0\] \('OR.DERS'\): name: 'OR.DERS' is not a JetStream"),
+    ({"name": "ORDERS", "subjects": ["orders..x"]}, r"subjects: 'orders..x' is not a NATS subject filter"),
+    ({"name": "ORDERS", "subjects": []}, r"streams.0.subjects: List should have at least 1 item"),
+    ({"name": "ORDERS", "subjects": ["a"], "replicas": 0}, r"streams.0.replicas: Input should be greater than"),
+    ({"name": "ORDERS", "subjects": ["a"], "retention": "x"}, r"streams.0.retention: unknown key"),
+])
+def test_a_bad_stream_declaration_is_a_config_error_naming_it(stream: dict[str, Any], problem: str) -> None:
+    data = config()
+    data["streams"] = [stream]
+    with pytest.raises(ConfigError, match=problem):
+        parse_config(PATH, data)

@@ -272,6 +272,26 @@ async def test_a_puller_stopped_cleanly_hands_its_messages_to_the_next_in_order(
     assert re.search(r"subscription \S+: (\d+) of \1 pending messages back; delivering", caplog.text), caplog.text
 
 
+async def test_a_stream_declared_in_durable_toml_is_created_at_start_up_and_an_existing_one_left_alone(
+        start: StartWorker, raw_nc: NatsClient, tmp_path: Path) -> None:
+    app = write_app(tmp_path)
+    with app.path.open("a") as f:
+        f.write(f'\n[[streams]]\nname = "{app.stream}"\nsubjects = ["{app.prefix}.>"]\nmax_age = 3600\n')
+    worker = await start(app)
+    info = await raw_nc.jetstream().stream_info(app.stream)
+    assert info.config.subjects == [f"{app.prefix}.>"] and info.config.max_age == 3600
+    seq = await publish(raw_nc, app.subject("a"), {})
+
+    async def applied() -> bool:
+        return (await state(worker, "a"))["seqs"] == [seq]
+
+    await assert_eventually(applied, 20, "the message applied through the declared stream")
+    # a stream that exists is the app's: its settings are not changed to the declaration's
+    await raw_nc.jetstream().update_stream(name=app.stream, subjects=[f"{app.prefix}.>"], max_age=60)
+    await start(app)
+    assert (await raw_nc.jetstream().stream_info(app.stream)).config.max_age == 60
+
+
 async def test_a_missing_stream_stops_start_up_with_a_clear_error(start: StartWorker, tmp_path: Path) -> None:
     app = write_app(tmp_path)
     with pytest.raises(ConfigError, match=f"stream '{app.stream}' does not exist; create it first"):
