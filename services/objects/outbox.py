@@ -1,0 +1,209 @@
+"""The outbox publisher: committed events (ctx.emit, events.py) go to JetStream, then are deleted.
+
+An event is a ``do_outbox`` row committed by the same ``do_flush`` as the storage writes of the
+event that emitted it, numbered per object (``seq``) in commit order. After a commit the
+flusher wakes this publisher, which reads the oldest rows of the partitions its worker owns and
+publishes them on their subjects (``evt.<Class>.<object id>.<name>``) with ``Nats-Msg-Id`` =
+``<object id>:<incarnation>:<seq>``, so the stream drops a repeat within its duplicate window.
+
+- **Order**: one object's events are published one at a time, each after the stream
+  acknowledged the one before; a failure stops that object's run there, and the next round
+  starts again from its oldest unpublished row. So the stream holds each object's events in
+  seq order, without a gap. Objects are published concurrently (``CONCURRENCY``).
+- **Marking**: published rows are *deleted* (one statement per round, ``d.seq <= upto`` per
+  object), rather than flagged: the table stays the size of the backlog, which is what the
+  round reads. The per-object counter lives in ``do_outbox_seq``, so a number is never reused.
+- **A new owner** wakes the publisher when it takes a partition (and it polls every
+  ``POLL`` seconds): it publishes what the previous owner committed and had not deleted. Rows the
+  previous owner had published but not yet deleted are sent again with the same id, and the
+  stream drops them. An old owner still publishing after losing the partition does the same
+  harmless repeats, in the same order.
+- **JetStream unavailable**: rows stay in Postgres; the round fails and is retried with
+  exponential backoff (to ``MAX_BACKOFF``), a bounded slice at a time (``BATCH`` rows, about
+  ``BATCH_BYTES`` of payload), so memory stays bounded and events keep committing meanwhile:
+  publishing never holds up a flush or a partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NoStreamResponseError
+
+from ..core.errors import ConfigError
+from ..core.settings import Settings
+from ..core.tasks import TaskSet
+from .events import HEADROOM, SUBJECT_PREFIX
+from .sql import ObjectStore
+
+log = logging.getLogger("durable.events")
+
+#: JetStream's error codes for a stream name in use with another configuration, and subjects
+#: that overlap another stream's
+_STREAM_EXISTS_DIFFERENTLY = 10058
+_SUBJECTS_OVERLAP = 10065
+
+
+def event_max_bytes(settings: Settings, nats_max_payload: int) -> int:
+    """The payload limit of ctx.emit: the setting, below what the NATS server carries."""
+    return max(1, min(settings.event_max_bytes, nats_max_payload - HEADROOM))
+
+
+class EventStream:
+    """The events stream: ``evt.>``, limits retention by age, de-duplicated by message id."""
+
+    def __init__(self, nc: NatsClient, settings: Settings) -> None:
+        self.js = nc.jetstream()
+        self.settings = settings
+        self.name = settings.events_stream
+
+    def config(self) -> StreamConfig:
+        s = self.settings
+        return StreamConfig(
+            name=self.name, subjects=[f"{SUBJECT_PREFIX}.>"], retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE, num_replicas=s.events_replicas, max_age=s.events_max_age,
+            duplicate_window=s.events_duplicate_window, discard=DiscardPolicy.OLD,
+            description="durable events: evt.<Class>.<object id>.<name>, published from the outbox",
+        )
+
+    async def ensure(self) -> None:
+        """Create the stream, or bring its settings up to date."""
+        config = self.config()
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError as exc:
+            if exc.err_code == _SUBJECTS_OVERLAP:
+                raise ConfigError(
+                    f"the events stream {self.name!r} needs the subjects '{SUBJECT_PREFIX}.>', which another "
+                    f"JetStream stream already takes ({exc.description}); delete that stream or set "
+                    "DURABLE_EVENTS_STREAM to its name") from None
+            if exc.err_code != _STREAM_EXISTS_DIFFERENTLY:
+                raise
+            await self.js.update_stream(config)
+
+
+class PublishFailed(Exception):
+    """A round published some objects' events and not others (the first error is the cause)."""
+
+
+class Publisher:
+    """Publishes the committed events of the owned partitions (see the module docstring)."""
+
+    #: rows read per round, and about this much payload
+    BATCH = 1000
+    BATCH_BYTES = 8 * 1024 * 1024
+    #: objects published at once
+    CONCURRENCY = 64
+    #: a look at the outbox this often even when nothing woke the publisher
+    POLL = 2.0
+    #: how long one publish waits for the stream's acknowledgement
+    ACK_TIMEOUT = 5.0
+    BASE_BACKOFF = 0.2
+    MAX_BACKOFF = 10.0
+
+    def __init__(self, nc: NatsClient, settings: Settings, store: ObjectStore,
+                 owned: Callable[[], list[int]]) -> None:
+        self.stream = EventStream(nc, settings)
+        self.js = self.stream.js
+        self.store = store
+        self.owned = owned
+        self.delay = settings.events_publish_delay
+        self._wake = asyncio.Event()
+        self.tasks = TaskSet()
+        #: events published, and rounds that failed, since start (tests, logs)
+        self.published = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        self.tasks.spawn(self._run(), "event-publisher")
+
+    async def stop(self) -> None:
+        await self.tasks.cancel()
+
+    def wake(self) -> None:
+        """Events committed, or a partition taken: publish soon."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.POLL)
+            except TimeoutError:
+                pass
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            self._wake.clear()
+            try:
+                while await self.publish_round():
+                    pass
+                attempt = 0
+            except Exception as exc:  # noqa: BLE001 - NATS or Postgres trouble: the rows stay, retried
+                self.failures += 1
+                attempt += 1
+                backoff = min(self.MAX_BACKOFF, self.BASE_BACKOFF * 2 ** min(attempt, 16))
+                log.warning("publishing events failed (attempt %d, retry in %.1fs): %s: %s",
+                            attempt, backoff, type(exc).__name__, exc)
+                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+                self._wake.set()
+
+    async def publish_round(self) -> bool:
+        """Publish one bounded slice of the outbox; whether any event was published (then there
+        may be more). Raises when some object's event could not be published."""
+        partitions = self.owned()
+        if not partitions:
+            return False
+        rows = await self.store.read_outbox(partitions, self.BATCH, self.BATCH_BYTES)
+        if not rows:
+            return False
+        by_object: dict[str, list[Any]] = {}
+        for r in rows:
+            by_object.setdefault(r["object_id"], []).append(r)
+        upto: dict[str, int] = {}
+        errors: list[BaseException] = []
+        gate = asyncio.Semaphore(self.CONCURRENCY)
+
+        async def publish_object(object_id: str, items: list[Any]) -> None:
+            async with gate:
+                for r in items:
+                    try:
+                        await self._publish(r)
+                    except Exception as exc:  # noqa: BLE001 - this object stops here, in order
+                        errors.append(exc)
+                        return
+                    upto[object_id] = r["seq"]
+
+        await asyncio.gather(*(publish_object(o, items) for o, items in by_object.items()))
+        if upto:
+            await self.store.delete_outbox(list(upto), list(upto.values()))
+            self.published += sum(1 for r in rows if upto.get(r["object_id"], 0) >= r["seq"])
+        if errors:
+            if isinstance(errors[0], NoStreamResponseError):
+                await self._recreate_stream()
+            raise PublishFailed(f"{len(errors)} of {len(by_object)} objects' events not published: "
+                                f"{type(errors[0]).__name__}: {errors[0]}") from errors[0]
+        return True
+
+    async def _publish(self, row: Any) -> None:
+        headers: dict[str, str] = json.loads(row["headers"]) if row["headers"] else {}
+        headers["Nats-Msg-Id"] = row["msg_id"]
+        headers["Durable-Seq"] = str(row["seq"])
+        await self.js.publish(row["subject"], bytes(row["payload"]), timeout=self.ACK_TIMEOUT,
+                              stream=self.stream.name, headers=headers)
+
+    async def _recreate_stream(self) -> None:
+        """No stream answered: it may have been deleted. Making it again lets the retry succeed
+        (the events are still in Postgres); if JetStream itself is down this fails too."""
+        try:
+            await self.stream.ensure()
+            log.warning("the events stream %r did not answer; it was created again", self.stream.name)
+        except Exception as exc:  # noqa: BLE001 - the retry tries again
+            log.warning("the events stream %r could not be created: %s: %s", self.stream.name,
+                        type(exc).__name__, exc)
