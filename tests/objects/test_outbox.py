@@ -210,3 +210,18 @@ async def test_ten_thousand_events_of_a_hundred_objects_arrive_in_order_without_
     for object_id, got in seen.items():
         assert got == [(n, n) for n in range(1, per_object + 1)], object_id
     assert len(ids) == objects * per_object
+
+
+async def test_a_chat_message_over_a_websocket_is_an_event(gw: str, env: Env, settings: Settings,
+                                                           raw_nc: NatsClient) -> None:
+    from durable.client.chat import ChatClient
+
+    room = _name("room")
+    async with ChatClient(gw, room, "u1", "Ada") as ada:
+        await ada.next_event("welcome")
+        await ada.send("hello events")
+        sent = await ada.next_event("message")
+    room_id = env.ROOMS.get_by_name(room).id.hex
+    [e] = await events.wait_for(raw_nc, settings, f"evt.ChatRoom.{room_id}.>", 1)
+    assert (e.name, e.seq) == ("message", 1)
+    assert e.json() == sent
