@@ -474,6 +474,8 @@ class Alarmer(DurableObject):
         runs.append(run)
         await storage.put("runs", runs)
         plan = await storage.get("plan") or {}
+        if plan.get("emit"):  # an event from an alarm (tests/objects/test_outbox.py)
+            self.ctx.emit(plan["emit"], {"run": len(runs)})
         if plan.get("rearm_ms") and len(runs) <= plan.get("rearm_times", 1):
             await storage.set_alarm(int(time.time() * 1000) + plan["rearm_ms"])
         if plan.get("delete_inside"):

@@ -225,3 +225,12 @@ async def test_a_chat_message_over_a_websocket_is_an_event(gw: str, env: Env, se
     [e] = await events.wait_for(raw_nc, settings, f"evt.ChatRoom.{room_id}.>", 1)
     assert (e.name, e.seq) == ("message", 1)
     assert e.json() == sent
+
+
+async def test_an_alarm_handler_emits_like_any_event(worker: Worker, env: Env, settings: Settings,
+                                                     raw_nc: NatsClient) -> None:
+    alarmer = env.ALARMERS.get_by_name(_name("alarm"))
+    await alarmer.plan({"emit": "fired"})
+    await alarmer.arm(0)
+    [e] = await events.wait_for(raw_nc, settings, f"evt.Alarmer.{alarmer.id.hex}.>", 1)
+    assert (e.name, e.seq, e.json()) == ("fired", 1, {"run": 1})
