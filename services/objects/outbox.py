@@ -22,6 +22,10 @@ publishes them on their subjects (``evt.<Class>.<object id>.<name>``) with ``Nat
   exponential backoff (to ``MAX_BACKOFF``), a bounded slice at a time (``BATCH`` rows, about
   ``BATCH_BYTES`` of payload), so memory stays bounded and events keep committing meanwhile:
   publishing never holds up a flush or a partition.
+- **One object failing** (an event the server refuses, however often it is sent) waits out a
+  backoff of its own, left out of the rounds meanwhile, and is logged each time; the other
+  objects' events keep flowing at full speed. Its events are kept, never skipped: the order
+  guarantee leaves no other choice.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -116,6 +121,8 @@ class Publisher:
         self.owned = owned
         self.delay = settings.events_publish_delay
         self._wake = asyncio.Event()
+        #: objects whose last publish failed: (failures in a row, monotonic time of the next try)
+        self._waiting: dict[str, tuple[int, float]] = {}
         self.tasks = TaskSet()
         #: events published, and rounds that failed, since start (tests, logs)
         self.published = 0
@@ -148,26 +155,28 @@ class Publisher:
             except Exception as exc:  # noqa: BLE001 - NATS or Postgres trouble: the rows stay, retried
                 self.failures += 1
                 attempt += 1
-                backoff = min(self.MAX_BACKOFF, self.BASE_BACKOFF * 2 ** min(attempt, 16))
+                backoff = self._backoff(attempt)
                 log.warning("publishing events failed (attempt %d, retry in %.1fs): %s: %s",
                             attempt, backoff, type(exc).__name__, exc)
-                await asyncio.sleep(backoff * (0.5 + random.random() / 2))
+                await asyncio.sleep(backoff)
                 self._wake.set()
 
     async def publish_round(self) -> bool:
         """Publish one bounded slice of the outbox; whether any event was published (then there
-        may be more). Raises when some object's event could not be published."""
+        may be more). Raises when several objects had events and none could be published."""
         partitions = self.owned()
         if not partitions:
             return False
-        rows = await self.store.read_outbox(partitions, self.BATCH, self.BATCH_BYTES)
+        now = time.monotonic()
+        skip = [o for o, (_, until) in self._waiting.items() if until > now]
+        rows = await self.store.read_outbox(partitions, self.BATCH, self.BATCH_BYTES, skip)
         if not rows:
             return False
         by_object: dict[str, list[Any]] = {}
         for r in rows:
             by_object.setdefault(r["object_id"], []).append(r)
         upto: dict[str, int] = {}
-        errors: list[BaseException] = []
+        errors: dict[str, BaseException] = {}
         gate = asyncio.Semaphore(self.CONCURRENCY)
 
         async def publish_object(object_id: str, items: list[Any]) -> None:
@@ -176,7 +185,7 @@ class Publisher:
                     try:
                         await self._publish(r)
                     except Exception as exc:  # noqa: BLE001 - this object stops here, in order
-                        errors.append(exc)
+                        errors[object_id] = exc
                         return
                     upto[object_id] = r["seq"]
 
@@ -184,12 +193,36 @@ class Publisher:
         if upto:
             await self.store.delete_outbox(list(upto), list(upto.values()))
             self.published += sum(1 for r in rows if upto.get(r["object_id"], 0) >= r["seq"])
+        # objects whose wait was over and that published (or had nothing left) wait no more
+        for object_id in [o for o, (_, until) in self._waiting.items() if until <= now and o not in errors]:
+            del self._waiting[object_id]
         if errors:
-            if isinstance(errors[0], NoStreamResponseError):
-                await self._recreate_stream()
-            raise PublishFailed(f"{len(errors)} of {len(by_object)} objects' events not published: "
-                                f"{type(errors[0]).__name__}: {errors[0]}") from errors[0]
+            await self._failed(errors, len(by_object))
         return True
+
+    async def _failed(self, errors: dict[str, BaseException], tried: int) -> None:
+        """Some objects' events were not published: the stream may be gone; each failing object
+        waits a backoff of its own, unless several were tried and none got through (JetStream
+        itself, most likely: then the whole round waits and is retried)."""
+        first = next(iter(errors.values()))
+        if isinstance(first, NoStreamResponseError):
+            await self._recreate_stream()
+        if len(errors) == tried > 1:  # nothing got through: JetStream itself, most likely
+            raise PublishFailed(f"no object's events were published ({len(errors)} tried): "
+                                f"{type(first).__name__}: {first}") from first
+        # others got through: only the failing objects wait, each on a backoff of its own
+        now = time.monotonic()
+        for object_id, exc in errors.items():
+            failures = self._waiting.get(object_id, (0, 0.0))[0] + 1
+            self._waiting[object_id] = (failures, now + self._backoff(failures))
+            self.failures += 1
+            log.warning("publishing the events of object %s failed (%d in a row): %s: %s",
+                        object_id, failures, type(exc).__name__, exc)
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential, capped, with jitter (so many objects retried at once spread out)."""
+        backoff: float = min(self.MAX_BACKOFF, self.BASE_BACKOFF * 2.0 ** min(attempt, 16))
+        return backoff * (0.5 + random.random() / 2)
 
     async def _publish(self, row: Any) -> None:
         headers: dict[str, str] = json.loads(row["headers"]) if row["headers"] else {}
