@@ -44,6 +44,8 @@ async def test_increments_reach_the_stream_once_each_in_order(worker: Worker, en
     assert [e.seq for e in got] == list(range(1, 7))
     assert len({e.msg_id for e in got}) == 6 and all(e.msg_id.startswith(counter.id.hex + ":") for e in got)
     assert await events.count(raw_nc, settings, f"evt.Counter.{counter.id.hex}.>") == 6
+    assert worker.events.published == 6 and worker.events.failures == 0
+    assert b"durable_events_published_total 6.0" in await worker.scrape()
 
 
 async def test_an_event_is_committed_in_the_flush_of_its_writes(start_worker: WorkerFactory, env: Env,
