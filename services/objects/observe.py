@@ -22,6 +22,7 @@ from ..core.metrics import ScrapeCache, WorkerMetrics, counter, gauge, register_
 from .alarms import Alarms
 from .flusher import Flusher
 from .handover import Handover
+from .outbox import Publisher
 from .ownership import Ownership
 from .partitions import Partitions, PartitionState
 
@@ -41,6 +42,7 @@ class Worker(Protocol):
     handover: Handover
     flusher: Flusher
     alarms: Alarms
+    events: Publisher
 
     @property
     def parts(self) -> dict[int, PartitionState]: ...
