@@ -18,6 +18,9 @@ publishes them on their subjects (``evt.<Class>.<object id>.<name>``) with ``Nat
   previous owner had published but not yet deleted are sent again with the same id, and the
   stream drops them. An old owner still publishing after losing the partition does the same
   harmless repeats, in the same order.
+- **Fairness**: a round reads at most ``PER_OBJECT`` events of one object and starts after the
+  last object of the round before (a cursor), so a hot object's backlog takes turns with the
+  others instead of holding them back.
 - **JetStream unavailable**: rows stay in Postgres; the round fails and is retried with
   exponential backoff (to ``MAX_BACKOFF``), a bounded slice at a time (``BATCH`` rows, about
   ``BATCH_BYTES`` of payload), so memory stays bounded and events keep committing meanwhile:
@@ -101,8 +104,11 @@ class PublishFailed(Exception):
 class Publisher:
     """Publishes the committed events of the owned partitions (see the module docstring)."""
 
-    #: rows read per round, and about this much payload
+    #: rows read per round, and about this much payload; at most PER_OBJECT of one object, and a
+    #: round starts after the last object of the one before: a hot object's backlog takes its
+    #: turn with the others' instead of holding them back
     BATCH = 1000
+    PER_OBJECT = 100
     BATCH_BYTES = 8 * 1024 * 1024
     #: objects published at once
     CONCURRENCY = 64
@@ -121,6 +127,8 @@ class Publisher:
         self.owned = owned
         self.delay = settings.events_publish_delay
         self._wake = asyncio.Event()
+        #: where the next round starts (object ids after it); "": from the first
+        self._cursor = ""
         #: objects whose last publish failed: (failures in a row, monotonic time of the next try)
         self._waiting: dict[str, tuple[int, float]] = {}
         self.tasks = TaskSet()
@@ -169,9 +177,17 @@ class Publisher:
             return False
         now = time.monotonic()
         skip = [o for o, (_, until) in self._waiting.items() if until > now]
-        rows = await self.store.read_outbox(partitions, self.BATCH, self.BATCH_BYTES, skip)
+        rows = await self.store.read_outbox(partitions, self.BATCH, self.BATCH_BYTES, skip, self._cursor,
+                                            self.PER_OBJECT)
         if not rows:
-            return False
+            if not self._cursor:
+                return False
+            self._cursor = ""  # the end of the objects: from the first again
+            return True
+        # a full slice (rows or bytes): the next round goes on after its last object; a short one
+        # reached the end of the objects: the next round starts from the first again
+        full = len(rows) >= self.BATCH or sum(len(r["payload"]) for r in rows) >= self.BATCH_BYTES
+        self._cursor = rows[-1]["object_id"] if full else ""
         by_object: dict[str, list[Any]] = {}
         for r in rows:
             by_object.setdefault(r["object_id"], []).append(r)

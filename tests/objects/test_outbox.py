@@ -257,3 +257,27 @@ async def test_an_event_the_server_refuses_holds_up_only_its_own_object(
     assert [e.seq for e in got] == [1, 2, 3]
     await assert_eventually(lambda: worker.events.failures >= 1, 10, "the poison row tried and failed")
     assert await events.outbox_rows(settings, "poison") == 1
+
+
+async def test_a_hot_objects_backlog_takes_turns_with_the_others(worker: Worker, env: Env, settings: Settings,
+                                                                raw_nc: NatsClient) -> None:
+    """A backlog is published a slice per round, at most PER_OBJECT events of one object each,
+    and each round goes on after the last object of the one before: the object that sorts first
+    does not hold back the next one until its backlog is gone."""
+    publisher = worker.events
+    await publisher.stop()
+    one, two = env.PROBES.get_by_name(_name("hot")), env.PROBES.get_by_name(_name("cold"))
+    hot, cold = sorted((one, two), key=lambda stub: stub.id.hex)  # the hot one is read first
+    await hot.emit_many([f"e{i}" for i in range(250)])
+    await cold.emit("cold")
+    publisher.BATCH = publisher.PER_OBJECT  # one round: one object's slice
+    assert await publisher.publish_round()
+    assert await events.outbox_rows(settings, hot.id.hex) == 150
+    assert await publisher.publish_round()  # after the hot object: the cold one's turn
+    assert await events.outbox_rows(settings, cold.id.hex) == 0
+    assert await events.outbox_rows(settings, hot.id.hex) == 150
+    while await publisher.publish_round():
+        pass
+    got = await events.read_all(raw_nc, settings, f"evt.Probe.{hot.id.hex}.>")
+    assert [e.seq for e in got] == list(range(1, 251))
+    assert await events.outbox_rows(settings) == 0
