@@ -18,9 +18,9 @@ publishes them on their subjects (``evt.<Class>.<object id>.<name>``) with ``Nat
   previous owner had published but not yet deleted are sent again with the same id, and the
   stream drops them. An old owner still publishing after losing the partition does the same
   harmless repeats, in the same order.
-- **Fairness**: a round reads at most ``PER_OBJECT`` events of one object and starts after the
-  last object of the round before (a cursor), so a hot object's backlog takes turns with the
-  others instead of holding them back.
+- **Fairness**: a round publishes at most ``PER_OBJECT`` events of one object and the next round
+  starts after the last object of the one before (a cursor), so a hot object's backlog takes
+  turns with the others instead of holding them back, and a round stays short.
 - **JetStream unavailable**: rows stay in Postgres; the round fails and is retried with
   exponential backoff (to ``MAX_BACKOFF``), a bounded slice at a time (``BATCH`` rows, about
   ``BATCH_BYTES`` of payload), so memory stays bounded and events keep committing meanwhile:
@@ -104,9 +104,9 @@ class PublishFailed(Exception):
 class Publisher:
     """Publishes the committed events of the owned partitions (see the module docstring)."""
 
-    #: rows read per round, and about this much payload; at most PER_OBJECT of one object, and a
-    #: round starts after the last object of the one before: a hot object's backlog takes its
-    #: turn with the others' instead of holding them back
+    #: rows read per round, and about this much payload; at most PER_OBJECT of one object are
+    #: published per round, and a round starts after the last object of the one before: a hot
+    #: object's backlog takes its turn with the others' instead of holding them back
     BATCH = 1000
     PER_OBJECT = 100
     BATCH_BYTES = 8 * 1024 * 1024
@@ -177,8 +177,7 @@ class Publisher:
             return False
         now = time.monotonic()
         skip = [o for o, (_, until) in self._waiting.items() if until > now]
-        rows = await self.store.read_outbox(partitions, self.BATCH, self.BATCH_BYTES, skip, self._cursor,
-                                            self.PER_OBJECT)
+        rows = await self.store.read_outbox(partitions, self.BATCH, self.BATCH_BYTES, skip, self._cursor)
         if not rows:
             if not self._cursor:
                 return False
@@ -190,7 +189,9 @@ class Publisher:
         self._cursor = rows[-1]["object_id"] if full else ""
         by_object: dict[str, list[Any]] = {}
         for r in rows:
-            by_object.setdefault(r["object_id"], []).append(r)
+            items = by_object.setdefault(r["object_id"], [])
+            if len(items) < self.PER_OBJECT:  # the rest waits for the object's next turn
+                items.append(r)
         upto: dict[str, int] = {}
         errors: dict[str, BaseException] = {}
         gate = asyncio.Semaphore(self.CONCURRENCY)
@@ -208,7 +209,8 @@ class Publisher:
         await asyncio.gather(*(publish_object(o, items) for o, items in by_object.items()))
         if upto:
             await self.store.delete_outbox(list(upto), list(upto.values()))
-            self.published += sum(1 for r in rows if upto.get(r["object_id"], 0) >= r["seq"])
+            self.published += sum(1 for items in by_object.values() for r in items
+                                  if upto.get(r["object_id"], 0) >= r["seq"])
         # objects whose wait was over and that published (or had nothing left) wait no more
         for object_id in [o for o, (_, until) in self._waiting.items() if until <= now and o not in errors]:
             del self._waiting[object_id]

@@ -37,20 +37,16 @@ _SWEEP_IDEMPOTENCY = (
     "WHERE partition = ANY($1::int[]) AND expires_ms <= $2 LIMIT $3))"
 )
 #: the oldest unpublished events of some partitions, in (object, seq) order from the objects after
-#: $5 (a cursor, so every object with a backlog gets its turn), at most $6 per object, $2 rows and
-#: (after the first) about $3 bytes of payload, leaving out the objects $4 (waiting to retry): a
-#: backlog is read a bounded slice at a time
+#: $5 (a cursor, so every object with a backlog gets its turn), at most $2 rows and (after the
+#: first) about $3 bytes of payload, leaving out the objects $4 (waiting to retry): a backlog is
+#: read a bounded slice at a time, along the primary key (no scan of the whole backlog)
 _READ_OUTBOX = """
 SELECT object_id, seq, subject, msg_id, payload, headers FROM (
     SELECT object_id, seq, subject, msg_id, payload, headers,
            sum(octet_length(payload)) OVER (ORDER BY object_id, seq ROWS UNBOUNDED PRECEDING)
                - octet_length(payload) AS before
-    FROM (
-        SELECT object_id, seq, subject, msg_id, payload, headers,
-               row_number() OVER (PARTITION BY object_id ORDER BY seq) AS nth
-        FROM do_outbox
-        WHERE partition = ANY($1::int[]) AND object_id > $5 AND NOT (object_id = ANY($4::text[]))
-    ) r WHERE nth <= $6
+    FROM do_outbox
+    WHERE partition = ANY($1::int[]) AND object_id > $5 AND NOT (object_id = ANY($4::text[]))
     ORDER BY object_id, seq LIMIT $2
 ) o WHERE before < $3 OR before = 0
 """
@@ -251,11 +247,11 @@ class ObjectStore:
         return int(status.split()[-1])
 
     async def read_outbox(self, partitions: list[int], limit: int, max_bytes: int, skip: list[str],
-                          after: str, per_object: int) -> list[Any]:
+                          after: str) -> list[Any]:
         """Unpublished events of ``partitions``, oldest first per object, of the objects after
         ``after`` but those of ``skip`` (outbox.py)."""
         async with self.pool.acquire() as conn:
-            return list(await conn.fetch(_READ_OUTBOX, partitions, limit, max_bytes, skip, after, per_object))
+            return list(await conn.fetch(_READ_OUTBOX, partitions, limit, max_bytes, skip, after))
 
     async def delete_outbox(self, object_ids: list[str], upto: list[int]) -> None:
         """Each object's events up to its ``upto`` seq were published: they go."""
