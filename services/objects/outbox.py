@@ -98,7 +98,7 @@ class EventStream:
 
 
 class PublishFailed(Exception):
-    """A round published some objects' events and not others (the first error is the cause)."""
+    """A round found several objects' events and could publish none (the first error is the cause)."""
 
 
 class Publisher:
@@ -132,7 +132,7 @@ class Publisher:
         #: objects whose last publish failed: (failures in a row, monotonic time of the next try)
         self._waiting: dict[str, tuple[int, float]] = {}
         self.tasks = TaskSet()
-        #: events published, and rounds that failed, since start (tests, logs)
+        #: events published, and failures (whole rounds, or one object's publish) since start (metrics)
         self.published = 0
         self.failures = 0
 
