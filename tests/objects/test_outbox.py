@@ -281,3 +281,15 @@ async def test_a_hot_objects_backlog_takes_turns_with_the_others(worker: Worker,
     got = await events.read_all(raw_nc, settings, f"evt.Probe.{hot.id.hex}.>")
     assert [e.seq for e in got] == list(range(1, 251))
     assert await events.outbox_rows(settings) == 0
+
+
+async def test_the_migration_leaves_one_do_flush(worker: Worker, settings: Settings) -> None:
+    """004 replaced 003's do_flush (a CREATE OR REPLACE with other parameters would have left an
+    overload beside it, and a call by name could pick either)."""
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        args = await conn.fetch("SELECT pg_get_function_identity_arguments(oid) AS a FROM pg_proc "
+                                "WHERE proname = 'do_flush'")
+    finally:
+        await conn.close()
+    assert len(args) == 1 and "evt_payload bytea[]" in args[0]["a"]
