@@ -74,6 +74,18 @@ class Settings(BaseSettings):
     subscription_retry_base: float = Field(default=1.0, gt=0)
     #: Replicas of the dead-letter stream of parked messages (3 on a 3-node cluster).
     dlq_replicas: int = Field(default=1, ge=1, le=5)
+    #: Events (ctx.emit, README "Events"): the JetStream stream that holds them (subjects ``evt.>``),
+    #: how long it keeps an event, its replicas, and how long it remembers a message id to drop
+    #: a repeat (a new owner republishing what its predecessor had published but not marked).
+    events_stream: str = Field(default="DURABLE_EVENTS", pattern=r"^[A-Za-z0-9_-]+$")
+    events_max_age: float = Field(default=7 * 86400.0, gt=0)
+    events_replicas: int = Field(default=1, ge=1, le=5)
+    events_duplicate_window: float = Field(default=120.0, gt=0)
+    #: The largest event payload ctx.emit accepts (also capped below the NATS server's max_payload).
+    event_max_bytes: int = Field(default=1024 * 1024, ge=1)
+    #: Seconds the event publisher waits after a commit before it reads the outbox (more events per
+    #: round; the events stay committed in Postgres meanwhile). 0: publish at once.
+    events_publish_delay: float = Field(default=0.0, ge=0)
     #: WebSocket gateways announce themselves this often; silent this long, their sockets are
     #: closed (1006) for the objects that had them.
     gateway_heartbeat_interval: float = Field(default=1.0, gt=0)
@@ -163,6 +175,13 @@ class Settings(BaseSettings):
     def _writable_database(cls, value: str) -> str:
         check_database_url(value)  # several hosts (primary + standbys): only ever the writable one
         return value
+
+    @model_validator(mode="after")
+    def _dedupe_fits_retention(self) -> Settings:
+        if self.events_duplicate_window > self.events_max_age:
+            raise ValueError(f"events_duplicate_window ({self.events_duplicate_window}s) must be at most "
+                             f"events_max_age ({self.events_max_age}s): JetStream refuses a longer one")
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_fits_lease(self) -> Settings:

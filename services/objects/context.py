@@ -26,6 +26,8 @@ class LiveObject(Protocol):
 
     def fail(self, error: BaseException) -> None: ...
 
+    def emit(self, name: Any, payload: Any, headers: Any) -> None: ...
+
 
 class Context:
     """``self.ctx`` of an object."""
@@ -44,6 +46,17 @@ class Context:
             inst.init_fns.append((fn, fut))
             return fut
         return inst.run_blocking(fn)
+
+    def emit(self, name: str, payload: Any = None, headers: dict[str, str] | None = None) -> None:
+        """Publish an event, transactionally: it commits with this event's storage writes (both or
+        neither: inside ``storage.transaction()`` a rollback drops it, a reset object drops it with
+        its unflushed writes) and only then goes to the JetStream subject
+        ``evt.<Class>.<object id>.<name>``, once, in emit order per object (README "Events").
+
+        ``name`` is one subject token (no dots, spaces or wildcards, at most 128 characters);
+        ``payload`` is bytes or JSON-encodable, at most DURABLE_EVENT_MAX_BYTES; ``headers`` map
+        str to str. Bad input raises here and stages nothing."""
+        self._instance.emit(name, payload, headers)
 
     # ----- WebSockets (Cloudflare's hibernation API) -------------------------------------
 

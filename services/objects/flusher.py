@@ -85,8 +85,11 @@ class Flusher:
 
     def __init__(self, store: ObjectStore, on_fenced: Callable[[int, int], None],
                  on_alarms: Callable[[list[CommittedAlarm]], None], audit_worker: str | None = None,
-                 concurrency: int = 1, max_objects: int = 2000, metrics: WorkerMetrics | None = None) -> None:
+                 concurrency: int = 1, max_objects: int = 2000, metrics: WorkerMetrics | None = None,
+                 on_events: Callable[[], None] | None = None) -> None:
         self.store = store
+        #: outbox rows (ctx.emit) just committed: the event publisher is woken (outbox.py)
+        self._on_events = on_events
         self.metrics = metrics
         #: (partition, epoch) whose epoch was superseded: the worker steps down from it
         self._on_fenced = on_fenced
@@ -195,6 +198,8 @@ class Flusher:
                 return
             replies: list[ReplySender] = []
             scheduled: list[CommittedAlarm] = []
+            if self._on_events is not None and any(done.events for _, done in batch):
+                self._on_events()
             for obj, done in batch:
                 replies.extend(obj.flushed(done.seq))
                 if done.alarm_changed and done.alarm is not None:

@@ -22,6 +22,7 @@ from ..core.errors import NotOwner, ObjectReset, RemoteError
 from ..core.ids import ObjectId
 from ..core.tasks import TaskSet
 from .context import Context
+from .events import make_record
 from .gateway_link import GatewayLink
 from .idempotency import KeyedRun, Keys
 from .input_gate import InputGate
@@ -45,6 +46,8 @@ class Runtime(Protocol):
 
     env: Any
     store: ObjectStore
+    #: the largest event payload ctx.emit accepts (DURABLE_EVENT_MAX_BYTES, capped by NATS)
+    event_max_bytes: int
     gateways: GatewayLink
     tasks: TaskSet
 
@@ -183,6 +186,12 @@ class Instance:
         """A lapsed lease: this instance may be stale; it must not act (nothing ran yet)."""
         if not self.runtime.owns(self.partition, self.epoch):
             raise NotOwner(f"this worker no longer holds the lease on partition {self.partition}")
+
+    def emit(self, name: Any, payload: Any, headers: Any) -> None:
+        """Check the event (a clear error, nothing staged) and stage it with the writes (events.py)."""
+        self.storage._check_open()
+        record = make_record(self.cls.__name__, self.object_id, name, payload, headers, self.runtime.event_max_bytes)
+        self.storage.emit([record])
 
     def _check_can_set_alarm(self) -> None:
         if not self.constructing and getattr(self.cls, "alarm", None) is None:

@@ -22,6 +22,7 @@ from ..core.metrics import ScrapeCache, WorkerMetrics, counter, gauge, register_
 from .alarms import Alarms
 from .flusher import Flusher
 from .handover import Handover
+from .outbox import Publisher
 from .ownership import Ownership
 from .partitions import Partitions, PartitionState
 
@@ -41,6 +42,7 @@ class Worker(Protocol):
     handover: Handover
     flusher: Flusher
     alarms: Alarms
+    events: Publisher
 
     @property
     def parts(self) -> dict[int, PartitionState]: ...
@@ -150,6 +152,10 @@ def register(worker: Worker) -> tuple[ScrapeCache, ScrapeCache]:
         yield counter("durable_alarms_retried", "Alarm runs that were retries of a failed run", a.retried)
         yield counter("durable_alarms_abandoned", "Alarms abandoned after their last retry", a.abandoned)
         yield counter("durable_alarms_late", "Alarm runs that started over 1 s after their due time", a.late)
+        yield counter("durable_events_published", "Events (ctx.emit) this worker published to JetStream",
+                      worker.events.published)
+        yield counter("durable_events_publish_failures", "Event publishes that failed (retried; the events "
+                      "stay in the outbox)", worker.events.failures)
         if "alarms_pending" in alarms.values:
             yield gauge("durable_alarms_pending", "Alarms set in the partitions this worker owns "
                         f"(refreshed at most every {QUERY_EVERY:g} s)", float(alarms.values["alarms_pending"]))

@@ -88,6 +88,8 @@ class Partitions:
         self.flusher = flusher
         self._owns = owns
         self.tasks = TaskSet()
+        #: the largest payload ctx.emit accepts (the worker sets it from settings and NATS)
+        self.event_max_bytes = 1024 * 1024
         self.states: dict[int, PartitionState] = {}
         self._evictor: asyncio.Task[None] | None = None
         #: instances evicted for idleness since start (metrics)

@@ -7,10 +7,11 @@ event are atomic together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .alarm_rules import AlarmRow
+from .events import EventRecord
 
 #: a socket registration as written: (gateway, tags as JSON, attachment, auto request, auto response)
 SocketRow = tuple[str, str, bytes | None, str | None, str | None]
@@ -30,11 +31,12 @@ class IdempotencyRecord:
 class Batch:
     """One object's pending writes, handed to the flusher as a unit (atomic in one commit)."""
 
-    __slots__ = ("delete_all", "writes", "alarm_changed", "alarm", "sockets", "idempotency", "seq")
+    __slots__ = ("delete_all", "writes", "alarm_changed", "alarm", "sockets", "idempotency", "events", "seq")
 
     def __init__(self, delete_all: bool, writes: dict[bytes, bytes | None], alarm_changed: bool,
                  alarm: AlarmRow | None, sockets: dict[str, SocketRow | None], seq: int,
-                 idempotency: dict[str, IdempotencyRecord] | None = None) -> None:
+                 idempotency: dict[str, IdempotencyRecord] | None = None,
+                 events: list[EventRecord] | None = None) -> None:
         #: every stored key (and the alarm) of the object is deleted first
         self.delete_all = delete_all
         #: key -> encoded value, or None for a delete
@@ -46,6 +48,8 @@ class Batch:
         self.sockets = sockets
         #: idempotency key -> the record of the call made with it (kept by delete_all)
         self.idempotency = idempotency or {}
+        #: events emitted (ctx.emit), in emit order: outbox rows of the same commit (outbox.py)
+        self.events = events or []
         #: the write sequence this batch makes durable
         self.seq = seq
 
@@ -54,7 +58,7 @@ class PendingWrites:
     """Staged writes; ``on_write`` runs after each (it advances the output gate and marks the
     object dirty for the flusher)."""
 
-    __slots__ = ("kv", "delete_all", "alarm_changed", "alarm", "sockets", "idempotency", "_on_write")
+    __slots__ = ("kv", "delete_all", "alarm_changed", "alarm", "sockets", "idempotency", "events", "_on_write")
 
     def __init__(self, on_write: Callable[[], None]) -> None:
         self.kv: dict[bytes, bytes | None] = {}
@@ -63,6 +67,7 @@ class PendingWrites:
         self.alarm: AlarmRow | None = None
         self.sockets: dict[str, SocketRow | None] = {}
         self.idempotency: dict[str, IdempotencyRecord] = {}
+        self.events: list[EventRecord] = []
         self._on_write = on_write
 
     def put(self, writes: Mapping[bytes, bytes | None]) -> None:
@@ -91,9 +96,16 @@ class PendingWrites:
         self.idempotency[key] = record
         self._on_write()
 
+    def emit(self, events: Iterable[EventRecord]) -> None:
+        """Events to commit with the writes staged so far (a wipe keeps them: they are not storage)."""
+        self.events.extend(events)
+        self._on_write()
+
     def take(self, seq: int) -> Batch:
-        batch = Batch(self.delete_all, self.kv, self.alarm_changed, self.alarm, self.sockets, seq, self.idempotency)
+        batch = Batch(self.delete_all, self.kv, self.alarm_changed, self.alarm, self.sockets, seq, self.idempotency,
+                      self.events)
         self.kv = {}
+        self.events = []
         self.sockets = {}
         self.idempotency = {}
         self.delete_all = False

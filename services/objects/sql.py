@@ -40,6 +40,25 @@ _SWEEP_IDEMPOTENCY = (
     "DELETE FROM do_idempotency WHERE ctid = ANY(ARRAY(SELECT ctid FROM do_idempotency "
     "WHERE partition = ANY($1::int[]) AND expires_ms <= $2 LIMIT $3))"
 )
+#: the oldest unpublished events of some partitions, in (object, seq) order from the objects after
+#: $5 (a cursor, so every object with a backlog gets its turn), at most $2 rows and (after the
+#: first) about $3 bytes of payload, leaving out the objects $4 (waiting to retry): a backlog is
+#: read a bounded slice at a time, along the primary key (no scan of the whole backlog)
+_READ_OUTBOX = """
+SELECT object_id, seq, subject, msg_id, payload, headers FROM (
+    SELECT object_id, seq, subject, msg_id, payload, headers,
+           sum(octet_length(payload)) OVER (ORDER BY object_id, seq ROWS UNBOUNDED PRECEDING)
+               - octet_length(payload) AS before
+    FROM do_outbox
+    WHERE partition = ANY($1::int[]) AND object_id > $5 AND NOT (object_id = ANY($4::text[]))
+    ORDER BY object_id, seq LIMIT $2
+) o WHERE before < $3 OR before = 0
+"""
+#: events published: each object's up to the seq given
+_DELETE_OUTBOX = (
+    "DELETE FROM do_outbox d USING unnest($1::text[], $2::bigint[]) AS u(o, s) "
+    "WHERE d.object_id = u.o AND d.seq <= u.s"
+)
 _READ_SOCKETS = (
     "SELECT socket_id, gateway, tags, attachment, auto_request, auto_response FROM do_sockets "
     "WHERE object_id = $1 ORDER BY accepted_at, socket_id"
@@ -107,13 +126,19 @@ class FlushRows:
     idem_fp: list[str] = field(default_factory=list)
     idem_reply: list[bytes | None] = field(default_factory=list)
     idem_exp: list[int] = field(default_factory=list)
+    #: outbox rows (ctx.emit), in emit order: do_flush numbers them per object in this order
+    evt_o: list[str] = field(default_factory=list)
+    evt_p: list[int] = field(default_factory=list)
+    evt_subject: list[str] = field(default_factory=list)
+    evt_payload: list[bytes] = field(default_factory=list)
+    evt_headers: list[str | None] = field(default_factory=list)
     #: records each commit in do_commit_audit (tests of fencing), or None
     audit_worker: str | None = None
 
     @property
     def row_count(self) -> int:
         return (len(self.up_o) + len(self.del_o) + len(self.alarm_o) + len(self.alarm_del) + len(self.sock_del)
-                + len(self.sock_id) + len(self.idem_o))
+                + len(self.sock_id) + len(self.idem_o) + len(self.evt_o))
 
 
 _FLUSH_PARAMS = [f.name for f in fields(FlushRows)]
@@ -163,6 +188,12 @@ def flush_rows(items: list[tuple[Owner, Batch]], audit_worker: str | None = None
             rows.idem_fp.append(record.fingerprint)
             rows.idem_reply.append(record.reply)
             rows.idem_exp.append(record.expires_ms)
+        for event in b.events:
+            rows.evt_o.append(oid)
+            rows.evt_p.append(owner.partition)
+            rows.evt_subject.append(event.subject)
+            rows.evt_payload.append(event.payload)
+            rows.evt_headers.append(event.headers)
         for k, v in b.writes.items():
             if v is None:
                 rows.del_o.append(oid)
@@ -223,6 +254,18 @@ class ObjectStore:
         async with self.pool.acquire() as conn:
             status = await conn.execute(_SWEEP_IDEMPOTENCY, partitions, now_ms, limit)
         return int(status.split()[-1])
+
+    async def read_outbox(self, partitions: list[int], limit: int, max_bytes: int, skip: list[str],
+                          after: str) -> list[Any]:
+        """Unpublished events of ``partitions``, oldest first per object, of the objects after
+        ``after`` but those of ``skip`` (outbox.py)."""
+        async with self.pool.acquire() as conn:
+            return list(await conn.fetch(_READ_OUTBOX, partitions, limit, max_bytes, skip, after))
+
+    async def delete_outbox(self, object_ids: list[str], upto: list[int]) -> None:
+        """Each object's events up to its ``upto`` seq were published: they go."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(_DELETE_OUTBOX, object_ids, upto)
 
     async def read_alarms(self, object_ids: list[str]) -> dict[str, AlarmRow]:
         """The alarm rows of many objects in one statement (alarm_reads.py); no row: no alarm."""

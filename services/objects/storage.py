@@ -9,13 +9,14 @@ Every check runs before anything is written: a call that breaks a limit changes 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..core import codec
 from ..core.errors import ObjectReset, StorageError
 from .alarm_rules import AlarmRow
 from .alarm_state import ObjectAlarm
+from .events import EventRecord
 from .input_gate import InputGate
 from .output_gate import OutputGate
 from .pending import PendingWrites
@@ -158,6 +159,8 @@ class Storage:
         #: bumped by delete_all(), so reads that were in flight across it are discarded
         self._generation = 0
         self._txn_depth = 0
+        #: open transactions, innermost last: an emit inside one waits for its commit (events.py)
+        self._txns: list[Transaction] = []
         #: Postgres reads in flight: while any is, delete markers stay (a read that began before a
         #: delete committed may still return the row, and the marker is what hides it)
         self._reads = 0
@@ -338,6 +341,15 @@ class Storage:
             self._before_sync()
         await self._output.wait_durable(self._output.write_seq)
 
+    def emit(self, events: Sequence[EventRecord]) -> None:
+        """Stage events with the writes: inside a transaction they wait for it (a rollback drops
+        them with its writes), otherwise they join the pending writes at once."""
+        self._check_open()
+        if self._txns:
+            self._txns[-1].stage_events(events)
+        else:
+            self._pending.emit(events)
+
     def close(self, error: BaseException) -> None:
         """The object was reset: refuse every further call."""
         if self.closed is None:
@@ -352,6 +364,8 @@ class Transaction:
         self._writes: dict[bytes, bytes | None] = {}
         #: a set_alarm/delete_alarm of this transaction: (row or None,) once called
         self._alarm: tuple[AlarmRow | None] | None = None
+        #: events emitted inside the transaction: staged on commit, dropped on rollback
+        self._events: list[EventRecord] = []
         self._state = "open"  # open | rolled_back | done
 
     def _check(self, op: str) -> None:
@@ -363,22 +377,32 @@ class Transaction:
 
     async def __aenter__(self) -> Transaction:
         self._storage._txn_depth += 1
+        self._storage._txns.append(self)
         self._storage._input.block()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: object) -> bool:
         self._storage._txn_depth -= 1
+        if self in self._storage._txns:
+            self._storage._txns.remove(self)
         self._storage._input.unblock()
         state, self._state = self._state, "done"
-        if exc_type is None and state == "open" and (self._writes or self._alarm is not None):
+        events, self._events = self._events, []
+        if exc_type is None and state == "open" and (self._writes or self._alarm is not None or events):
             self._storage._check_open()
-            # keys and alarm in one write sequence: one batch, so one commit
+            # keys, alarm and events in one write sequence: one batch, so one commit
             if self._writes:
                 self._storage._apply(self._writes)
             if self._alarm is not None:
                 self._storage.alarm.write(self._alarm[0])
+            if events:
+                self._storage._pending.emit(events)
         return False
+
+    def stage_events(self, events: Sequence[EventRecord]) -> None:
+        self._check("emit")
+        self._events.extend(events)
 
     def rollback(self) -> None:
         """Discard the transaction's writes; a second call does nothing (workerd: "allow multiple
@@ -389,6 +413,7 @@ class Transaction:
         self._state = "rolled_back"
         self._writes = {}
         self._alarm = None
+        self._events = []
 
     async def get_alarm(self) -> int | None:
         self._check("get_alarm")

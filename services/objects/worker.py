@@ -42,6 +42,7 @@ from .liveness import NatsLiveness
 from .local import LocalDispatcher
 from .micro import MicroService
 from .names import NameRecorder
+from .outbox import EventStream, Publisher, event_max_bytes
 from .ownership import Ownership
 from .partitions import Partitions, PartitionState
 from .sql import ObjectStore
@@ -109,6 +110,7 @@ class Worker:
         self.gateways: GatewayWatch
         self.nats_liveness: NatsLiveness | None = None
         self.subscriptions: Subscriptions
+        self.events: Publisher
 
     @property
     def parts(self) -> dict[int, PartitionState]:
@@ -156,6 +158,7 @@ class Worker:
             self.subscriptions = Subscriptions(self.nc, self.client, self.config.subscriptions, self.ids,
                                                settings, lambda: self.parts, self.config.streams)
             await self.subscriptions.check()  # a missing stream stops start-up, before any partition
+            await EventStream(self.nc, settings).ensure()  # events (ctx.emit) are published there
         except BaseException:
             await close_nats(self.nc)
             raise
@@ -170,6 +173,7 @@ class Worker:
         self.env = Env(self.client, self.config)
         self._build()
         self.flusher.start()
+        self.events.start()
         self.names.start()
         await self.tail.start()
         await self.micro.start()
@@ -191,12 +195,15 @@ class Worker:
         self.store = ObjectStore(self.pool)
         self.flusher = Flusher(self.store, self._fenced, self._alarms_committed,
                                audit_worker=self.worker_id if self.audit_commits else None,
-                               concurrency=settings.flush_concurrency, metrics=self.metrics)
+                               concurrency=settings.flush_concurrency, metrics=self.metrics,
+                               on_events=self._events_committed)
+        self.events = Publisher(self.nc, settings, self.store, lambda: sorted(self.parts))
         self.names = NameRecorder(self.store)
         self.tail = Tail(self.nc, settings.deployment_key)
         self.partitions = Partitions(settings.partitions, self.classes, self.ids, self.env, self.store,
                                      GatewayLink(self.nc, settings.deployment_key), self.flusher,
                                      self.ownership.owns, self.names.note)
+        self.partitions.event_max_bytes = event_max_bytes(settings, self.nc.max_payload)
         self.alarms = Alarms(self.nc, settings, self.partitions, self.store, self.client, self.tail)
         self.alarms.lateness = self.metrics.alarm_lateness
         self.micro = MicroService(self.nc, [b.class_name for b in self.config.bindings], self._metadata,
@@ -244,6 +251,7 @@ class Worker:
         linger = len(self.ownership.live) > 1 or time.monotonic() - self.dispatcher.last_request < 1.0
         await self.handover.quiesce(states, grace)
         await self.flusher.stop()
+        await self.events.stop()  # what is left unpublished, the next owners publish
         await self.ownership.stop()
         if self.nats_liveness is not None:
             await self.nats_liveness.stop()
@@ -278,6 +286,10 @@ class Worker:
 
     async def _acquired(self, partition: int, epoch: int) -> None:
         await self.handover.acquired(partition, epoch)
+        self.events.wake()  # what the previous owner committed and did not publish goes out now
+
+    def _events_committed(self) -> None:
+        self.events.wake()
 
     async def _taken_over(self, partition: int, epoch: int) -> bool:
         """Another worker took ``partition`` after we released it at ``epoch`` (a hand-over)."""

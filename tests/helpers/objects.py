@@ -71,6 +71,38 @@ class Probe(DurableObject):
     async def bad_return(self) -> Any:
         return {1, 2}
 
+    # ----- events (ctx.emit, tests/objects/test_outbox.py) ----------------------------------
+
+    async def emit(self, name: Any, payload: Any = None, headers: Any = None,
+                   put: dict[str, Any] | None = None) -> None:
+        if put:
+            await self.ctx.storage.put(put)
+        self.ctx.emit(name, payload, headers)
+
+    async def emit_many(self, names: list[str]) -> None:
+        for i, name in enumerate(names):
+            self.ctx.emit(name, {"i": i})
+
+    async def emit_in_txn(self, name: str, key: str, mode: str) -> None:
+        """mode: commit | rollback | raise (the transaction's put and emit go or stay together)."""
+        async with self.ctx.storage.transaction() as txn:
+            await txn.put(key, name)
+            self.ctx.emit(name, {"key": key})
+            if mode == "rollback":
+                txn.rollback()
+            elif mode == "raise":
+                raise KeyError("boom in transaction")
+
+    async def emit_then_abort(self, name: str, key: str) -> None:
+        await self.ctx.storage.put(key, name)
+        self.ctx.emit(name, {"key": key})
+        self.ctx.abort("abort after emit")
+
+    async def emit_then_fail(self, name: str, key: str) -> None:
+        await self.ctx.storage.put(key, name)
+        self.ctx.emit(name, {"key": key})
+        raise RuntimeError("handler failed after emit")
+
     async def _private(self) -> str:
         return "secret"
 
@@ -442,6 +474,8 @@ class Alarmer(DurableObject):
         runs.append(run)
         await storage.put("runs", runs)
         plan = await storage.get("plan") or {}
+        if plan.get("emit"):  # an event from an alarm (tests/objects/test_outbox.py)
+            self.ctx.emit(plan["emit"], {"run": len(runs)})
         if plan.get("rearm_ms") and len(runs) <= plan.get("rearm_times", 1):
             await storage.set_alarm(int(time.time() * 1000) + plan["rearm_ms"])
         if plan.get("delete_inside"):

@@ -38,5 +38,6 @@ def worker_env(s: Settings, **extra: str) -> dict[str, str]:
         "DURABLE_LEASE_TTL": str(s.lease_ttl), "DURABLE_HEARTBEAT_INTERVAL": str(s.heartbeat_interval),
         "DURABLE_IDLE_TIMEOUT": str(s.idle_timeout), "DURABLE_ID_SECRET": s.id_secret,
         **({"DURABLE_NATS_LIVENESS_TIMEOUT": str(s.nats_liveness_timeout)} if s.nats_liveness_timeout else {}),
+        **({"DURABLE_EVENTS_PUBLISH_DELAY": str(s.events_publish_delay)} if s.events_publish_delay else {}),
         **extra,
     }

@@ -42,7 +42,7 @@ def test_an_unchanged_alarm_is_not_written() -> None:
 def test_the_flush_call_names_every_parameter_in_order() -> None:
     names = [name for name in FlushRows.__dataclass_fields__]
     assert _FLUSH.startswith("SELECT do_flush(parts => $1, epochs => $2, wiped => $3")
-    assert _FLUSH.count("=>") == len(names) == 35
+    assert _FLUSH.count("=>") == len(names) == 40
     assert _FLUSH.endswith(f"audit_worker => ${len(names)})")
 
 
@@ -56,3 +56,18 @@ def test_idempotency_records_go_to_their_columns() -> None:
         (["a" * 64] * 2, ["k1", "k2"], ["Counter"] * 2, [3, 3], ["rpc.increment", "fetch"], [b"reply", None],
          [99, 100])
     assert rows.row_count == 2
+
+
+def test_events_go_to_their_columns_in_emit_order() -> None:
+    from durable.objects.events import EventRecord
+
+    a, b = Owner("a" * 64, "Counter", 3, 10), Owner("b" * 64, "Room", 1, 7)
+    rows = flush_rows([
+        (a, _batch(events=[EventRecord("evt.Counter.a.x", b"1", None),
+                           EventRecord("evt.Counter.a.y", b"2", '{"h":"v"}')])),
+        (b, _batch(events=[EventRecord("evt.Room.b.m", b"3", None)])),
+    ])
+    assert (rows.evt_o, rows.evt_p, rows.evt_subject, rows.evt_payload, rows.evt_headers) == \
+        (["a" * 64, "a" * 64, "b" * 64], [3, 3, 1], ["evt.Counter.a.x", "evt.Counter.a.y", "evt.Room.b.m"],
+         [b"1", b"2", b"3"], [None, '{"h":"v"}', None])
+    assert rows.row_count == 3

@@ -14,6 +14,9 @@ Client -> room (JSON text frames): ``{"type": "message", "content": "..."}``, ``
 ``{"type": "leave"}``; the text frame ``ping`` is answered ``pong`` by the gateway itself.
 Room -> client: ``welcome`` (you, users, history, seq), ``join``, ``leave``, ``message`` (seq),
 ``typing``, ``error``.
+
+Each chat message is also an event (``ctx.emit``, README "Events"): ``evt.ChatRoom.<id>.message``
+carries the message as sent to the room, committed with it.
 """
 
 from __future__ import annotations
@@ -137,6 +140,8 @@ class ChatRoom(DurableObject):
             except StorageError as exc:
                 ws.send(json.dumps({"type": "error", "error": f"the message was not sent: {exc.message}"}))
                 return
+            # committed with the message itself: `nats sub 'evt.ChatRoom.*.message'` sees each once
+            self.ctx.emit("message", msg)
             if seq > HISTORY:
                 await self.ctx.storage.delete(_msg_key(seq - HISTORY))
             await self._broadcast(msg)

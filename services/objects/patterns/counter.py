@@ -1,4 +1,9 @@
-"""Counter: an atomic counter with RPC methods and an HTTP ``fetch``."""
+"""Counter: an atomic counter with RPC methods and an HTTP ``fetch``.
+
+Each increment is also an event (``ctx.emit``, README "Events"): ``evt.Counter.<id>.incremented``
+with ``{"value": <new value>, "by": <step>}``, committed with the new value, so a consumer sees
+every value exactly once, in order.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ class Counter(DurableObject):
             raise TypeError(f"increment(by) takes an integer, not {type(by).__name__}")
         value = (await self.ctx.storage.get("value") or 0) + by
         await self.ctx.storage.put("value", value)
+        self.ctx.emit("incremented", {"value": value, "by": by})
         return value
 
     async def get(self) -> int:
