@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from opentelemetry.trace import Span, SpanContext
@@ -22,7 +22,7 @@ from ..core.errors import NotOwner, ObjectReset, RemoteError
 from ..core.ids import ObjectId
 from ..core.tasks import TaskSet
 from .context import Context
-from .events import make_record
+from .events import EventRecord, make_record
 from .gateway_link import GatewayLink
 from .idempotency import KeyedRun, Keys
 from .input_gate import InputGate
@@ -65,15 +65,22 @@ class Runtime(Protocol):
 
 
 class EventGuard:
-    """Installed in ``current_event`` while an event runs: the hooks for outgoing calls, and
-    for a keyed call (idempotency.py) the hold on the instance's flushes."""
+    """Installed in ``current_event`` while an event runs: the hooks for outgoing calls, for a
+    keyed call (idempotency.py) the hold on the instance's flushes, and the events the handler
+    emitted (events.py), staged only if it returns: a failed event emits nothing, though its
+    writes stay (Cloudflare's semantics for storage); its caller got an error, and an event that
+    says otherwise would contradict that caller."""
 
-    __slots__ = ("holding", "instance", "keyed", "task")
+    __slots__ = ("events", "holding", "instance", "keyed", "running", "task")
 
     def __init__(self, instance: Instance, keyed: KeyedRun | None = None) -> None:
         self.instance = instance
         self.task = asyncio.current_task()
         self.keyed = keyed
+        #: the events emitted so far, staged with the writes when the handler returns
+        self.events: list[EventRecord] | None = None
+        #: the handler has not ended yet (an emit from a task it left behind is staged at once)
+        self.running = True
         #: this keyed event holds the instance's writes back from the flusher
         self.holding = False
         if keyed is not None:
@@ -88,9 +95,19 @@ class EventGuard:
         self.instance.held -= 1
         return True
 
+    def stage(self, events: Sequence[EventRecord]) -> None:
+        if self.events is None:
+            self.events = []
+        self.events.extend(events)
+
     def ended(self, ok: bool, value: Any) -> None:
-        """The event ended: a keyed call stages its record (reply included) with its writes. A
-        reset instance records nothing: its writes are dropped too."""
+        """The event ended: its events are staged if it succeeded, and a keyed call stages its
+        record (reply included) with its writes. A reset instance stages nothing: its writes
+        are dropped too."""
+        self.running = False
+        events, self.events = self.events, None
+        if events and ok and self.instance.broken is None:
+            self.instance.pending.emit(events)
         if self.keyed is None:
             return
         self._unhold()
@@ -105,7 +122,10 @@ class EventGuard:
             self.keyed.record_started(self.instance.pending)
 
     def cancelled(self) -> None:
-        """The event was cancelled (shutdown): no record, and its writes are not held any more."""
+        """The event was cancelled (shutdown): no record, no events, and its writes are not held
+        any more."""
+        self.running = False
+        self.events = None
         if self._unhold() and self.instance.output.has_unflushed:
             self.instance.runtime.mark_dirty(self.instance)
 
@@ -145,6 +165,7 @@ class Instance:
         self._flushing_deletes: list[bytes] = []
         self.storage = Storage(self.object_id, runtime.store, self.pending, self.output, self.input,
                                self._check_can_set_alarm, self._before_sync)
+        self.storage.stage_events = self._stage_events
         #: tasks an event started that must finish before its reply (see Sockets.set_auto_response)
         self.before_reply: list[asyncio.Task[Any]] = []
         self.sockets = Sockets(self.object_id, runtime.store, self.pending, self.output, self.storage._check_open,
@@ -192,6 +213,15 @@ class Instance:
         self.storage._check_open()
         record = make_record(self.cls.__name__, self.object_id, name, payload, headers, self.runtime.event_max_bytes)
         self.storage.emit([record])
+
+    def _stage_events(self, events: Sequence[EventRecord]) -> None:
+        """Where the storage hands emitted events (outside a transaction, or at its commit): the
+        running event keeps them until it returns (EventGuard.ended)."""
+        guard = current_event.get()
+        if isinstance(guard, EventGuard) and guard.instance is self and guard.running:
+            guard.stage(events)
+        else:
+            self.pending.emit(events)
 
     def _check_can_set_alarm(self) -> None:
         if not self.constructing and getattr(self.cls, "alarm", None) is None:

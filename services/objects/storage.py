@@ -161,6 +161,9 @@ class Storage:
         self._txn_depth = 0
         #: open transactions, innermost last: an emit inside one waits for its commit (events.py)
         self._txns: list[Transaction] = []
+        #: where events go once no transaction holds them: the pending writes, or (instance.py)
+        #: the running event, which stages them only if it returns
+        self.stage_events: Callable[[Sequence[EventRecord]], None] = pending.emit
         #: Postgres reads in flight: while any is, delete markers stay (a read that began before a
         #: delete committed may still return the row, and the marker is what hides it)
         self._reads = 0
@@ -348,7 +351,7 @@ class Storage:
         if self._txns:
             self._txns[-1].stage_events(events)
         else:
-            self._pending.emit(events)
+            self.stage_events(events)
 
     def close(self, error: BaseException) -> None:
         """The object was reset: refuse every further call."""
@@ -397,7 +400,7 @@ class Transaction:
             if self._alarm is not None:
                 self._storage.alarm.write(self._alarm[0])
             if events:
-                self._storage._pending.emit(events)
+                self._storage.stage_events(events)
         return False
 
     def stage_events(self, events: Sequence[EventRecord]) -> None:
