@@ -8,6 +8,7 @@ source's committed history and leaves the source untouched.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Any
 
@@ -23,6 +24,9 @@ _BAD_INPUT = (InvalidRequest, InvalidId, UnknownMethod, UnknownNamespace, Storag
 
 
 def add_arguments(restore: Any) -> None:
+    # argparse takes "-10m" for an option; it passes words that look like negative numbers as
+    # values, and this sub-command has no option of that shape, so relative times count as such
+    restore._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?[a-z]*$")
     restore.add_argument("--at", required=True,
                          help="the time to go back to: ISO (2026-05-01T12:00:00Z), relative (-10m, -2h) or epoch ms")
     restore.add_argument("--fork", metavar="NEW_NAME",
