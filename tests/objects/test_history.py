@@ -6,6 +6,7 @@ past the retention window is pruned and refused; bad input is a clear error."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -18,8 +19,10 @@ from durable.core.settings import Settings
 from durable.objects import Worker
 from durable.operate import commands
 from durable.operate.target import UsageError
+from websockets.asyncio.client import connect
 
 from tests.cli.test_operate import parse, run
+from tests.helpers.gateway import ask
 from tests.helpers.waiting import assert_eventually
 from tests.helpers.workers import WorkerFactory
 
@@ -233,3 +236,18 @@ async def test_history_off_records_nothing_and_says_so(start_worker: WorkerFacto
     assert await history_rows(settings, env.JOURNALS.id_from_name("no-history").hex) == 0
     with pytest.raises(DurableError, match="history is off"):
         await stub.current_bookmark()
+
+
+async def test_hibernated_sockets_stay_connected_through_a_restore(
+        gw: str, env: Env, settings: Settings, config: AppConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    async with connect(f"{gw}/sock/pitr?user=ada") as ws:
+        assert (await ask(ws, {"op": "whoami"}))["count"] == 1
+        t = await mark()
+        assert await ask(ws, {"op": "put_then_send", "key": "x", "v": 1}) == {"sent": "x"}
+        code, _ = await run(settings, config, capsys, "state", "restore", "SOCKS", "pitr", "--at", str(t))
+        assert code == 0
+        code, out = await run(settings, config, capsys, "state", "get", "SOCKS", "pitr")
+        assert json.loads(out) == {"accepted": 1}  # storage went back ...
+        # ... while the socket (not storage) stayed open with its tags and attachment
+        seen = await ask(ws, {"op": "whoami"})
+        assert seen["count"] == 1 and seen["attachment"] == {"user": "ada"}
