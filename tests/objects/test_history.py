@@ -14,9 +14,11 @@ import asyncpg
 import pytest
 from durable.client import Env
 from durable.core.config import AppConfig
-from durable.core.errors import DurableError, ObjectReset
+from durable.core.errors import DurableError, NotOwner, ObjectReset
 from durable.core.settings import Settings
+from durable.core.wire import partition_of
 from durable.objects import Worker
+from durable.objects.history import Bookmark, parse_time
 from durable.operate import commands
 from durable.operate.target import UsageError
 from websockets.asyncio.client import connect
@@ -251,3 +253,41 @@ async def test_hibernated_sockets_stay_connected_through_a_restore(
         # ... while the socket (not storage) stayed open with its tags and attachment
         seen = await ask(ws, {"op": "whoami"})
         assert seen["count"] == 1 and seen["attachment"] == {"user": "ada"}
+
+
+async def test_a_restore_under_a_superseded_epoch_writes_nothing(worker: Worker, env: Env, settings: Settings) -> None:
+    stub = env.JOURNALS.get_by_name("fenced")
+    oid = env.JOURNALS.id_from_name("fenced").hex
+    await stub.put({"a": 1})
+    before = Bookmark.parse(await stub.current_bookmark())
+    await stub.put({"a": 2})
+    partition = partition_of(oid, settings.partitions)
+    stale = worker.parts[partition].epoch - 1
+    with pytest.raises(NotOwner):
+        await worker.history.restore(oid, "Journal", partition, stale, before.pos)
+    with pytest.raises(NotOwner):
+        await worker.history.request(oid, "Journal", partition, stale, before)
+    with pytest.raises(NotOwner):
+        await worker.history.fork(oid, before.pos, "f" * 64, "Journal", partition, stale)
+    with pytest.raises(ObjectReset):
+        await stub.abort()
+    assert await stub.dump() == {"a": 2}  # nothing restored, nothing pending
+
+
+def test_operator_times_and_bookmarks_parse() -> None:
+    now = 1_800_000_000.0
+    assert parse_time("-10m", now) == int((now - 600) * 1000)
+    assert parse_time("-1.5h", now) == int((now - 5400) * 1000)
+    assert parse_time("-250ms", now) == int(now * 1000) - 250
+    assert parse_time("1700000000123", now) == 1_700_000_000_123
+    assert parse_time("2026-05-01T12:00:00Z") == parse_time("2026-05-01T12:00:00") == 1_777_636_800_000
+    assert parse_time("2026-05-01T14:00:00+02:00") == 1_777_636_800_000
+    for bad in ("", "-10", "-10y", "10m", "yesterday", "2026-13-01"):
+        with pytest.raises(ValueError, match="bad time"):
+            parse_time(bad, now)
+    b = Bookmark(1234, 1_777_636_800_000)
+    assert Bookmark.parse(str(b)) == b
+    assert str(Bookmark(9, 5)) < str(Bookmark(10, 4))  # string order is position order
+    for bad in ("", "00000000000004d2", "00000000000004D2-018f2b3c4d5e", 42):
+        with pytest.raises(DurableError, match="not a bookmark"):
+            Bookmark.parse(bad)
