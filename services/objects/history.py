@@ -39,10 +39,13 @@ _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 _CURRENT_POS = "SELECT coalesce(pg_sequence_last_value('do_history_pos'), 0)"
-#: the last position at or before t: just before the object's first change after t
+#: the position of the object's state at t: its last change at or before t (found walking its
+#: index back from the newest, so a recent t is cheap); with none kept, just before its oldest
+#: kept change; with no history at all, now
 _POS_FOR_TIME = (
-    "SELECT coalesce((SELECT min(pos) - 1 FROM do_history WHERE object_id = $1 AND at > $2), "
-    "coalesce(pg_sequence_last_value('do_history_pos'), 0))"
+    "SELECT coalesce((SELECT max(pos) FROM do_history WHERE object_id = $1 AND at <= $2), "
+    "(SELECT min(pos) - 1 FROM do_history WHERE object_id = $1), "
+    "pg_sequence_last_value('do_history_pos'), 0)"
 )
 _HORIZON = "SELECT pruned_before FROM do_history_horizon"
 _KNOWN = (
