@@ -37,6 +37,8 @@ log = logging.getLogger("durable.history")
 _BOOKMARK = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{12})$")
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+#: 9999-12-31T23:59:59.999Z, the last time a datetime can hold
+_MAX_MS = 253_402_300_799_999
 
 _CURRENT_POS = "SELECT coalesce(pg_sequence_last_value('do_history_pos'), 0)"
 #: the position of the object's state at t: its last change at or before t (found walking its
@@ -100,8 +102,8 @@ def to_ms(when: Any) -> int:
             when = when.replace(tzinfo=UTC)
         return int(when.timestamp() * 1000)
     if isinstance(when, (int, float)) and not isinstance(when, bool):
-        if when != when or when < 0:  # NaN or negative
-            raise InvalidRequest(f"a time is a datetime or epoch milliseconds >= 0, not {when!r}")
+        if not (0 <= when <= _MAX_MS):  # also NaN and infinities
+            raise InvalidRequest(f"a time is a datetime or epoch milliseconds from 0 to {_MAX_MS}, not {when!r}")
         return int(when)
     raise InvalidRequest(f"a time is a datetime or epoch milliseconds, not {type(when).__name__}")
 
@@ -115,6 +117,8 @@ def parse_time(text: str, now: float | None = None) -> int:
     if m:
         return int((now - float(m.group(1)) * _UNITS[m.group(2)]) * 1000)
     if text.isdigit():
+        if int(text) > _MAX_MS:
+            raise ValueError(f"bad time {text!r}: epoch milliseconds past the year 9999")
         return int(text)
     try:
         return to_ms(datetime.fromisoformat(text.replace("Z", "+00:00")))

@@ -130,8 +130,9 @@ async def test_bad_bookmarks_and_times_are_clear_errors(worker: Worker, env: Env
         await stub.bookmark_for(now_ms() + 3_600_000)
     with pytest.raises(DurableError, match="outside the history retention window"):
         await stub.bookmark_for(now_ms() - 30 * 86_400_000)
-    with pytest.raises(DurableError, match="datetime or epoch milliseconds"):
-        await stub.bookmark_for("noon")
+    for bad in ("noon", float("inf"), float("nan"), -1, 10**30, True):
+        with pytest.raises(DurableError, match="datetime or epoch milliseconds"):
+            await stub.bookmark_for(bad)
     old = f"{1:016x}-{now_ms() - 30 * 86_400_000:012x}"
     with pytest.raises(DurableError, match="outside the history retention window"):
         await stub.request_restore(old)
