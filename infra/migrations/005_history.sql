@@ -37,11 +37,13 @@ CREATE TABLE IF NOT EXISTS do_history_restores (
     requested_at timestamptz NOT NULL DEFAULT now()
 );
 
--- The time before which history may have been pruned: no restore to an earlier time.
+-- The time before which history may be incomplete: pruned, not yet kept (before this migration),
+-- or not recorded (a worker ran with DURABLE_HISTORY=false). No restore goes back past it.
 CREATE TABLE IF NOT EXISTS do_history_horizon (
     id            boolean PRIMARY KEY DEFAULT true CHECK (id),
     pruned_before timestamptz NOT NULL
 );
+INSERT INTO do_history_horizon (id, pruned_before) VALUES (true, now()) ON CONFLICT (id) DO NOTHING;
 
 CREATE OR REPLACE FUNCTION do_history_recording() RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT coalesce(current_setting('durable.history', true), '') <> 'off'

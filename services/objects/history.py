@@ -226,6 +226,12 @@ class History:
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StorageUnavailable(f"history query failed: {type(exc).__name__}: {exc}") from None
 
+    async def move_horizon(self) -> None:
+        """Writes are not being recorded (this worker runs with history off): no restore may go
+        back past now."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(_MOVE_HORIZON, datetime.now(UTC))
+
     async def prune(self, limit: int) -> int:
         """One bounded pass: delete up to ``limit`` rows older than the retention window. The
         horizon moves first (same transaction), so no restore is allowed into what is pruned."""
@@ -274,7 +280,12 @@ class ObjectHistory:
 
 class Pruner:
     """Deletes history older than the retention window, a bounded pass at a time, on the worker
-    that owns partition 0 (one pruner per deployment; a second one would only do no harm)."""
+    that owns partition 0 (one pruner per deployment; a second one would only do no harm).
+
+    History rows carry no partition (do_storage has none, and a trigger cannot cheaply compute
+    the partition hash), so the owners cannot split the work by partition as idempotency.py's
+    Sweeper does. A worker with history off instead moves the horizon to now at start, every
+    interval and at stop: what it writes unrecorded can never be restored across."""
 
     BATCH = 5000
 
@@ -287,10 +298,23 @@ class Pruner:
         self.deleted = 0
 
     def start(self) -> None:
-        self.tasks.spawn(self._run(), "history-prune")
+        self.tasks.spawn(self._run() if self.history.enabled else self._unrecorded(), "history-prune")
 
     async def stop(self) -> None:
         await self.tasks.cancel()
+        if not self.history.enabled:
+            try:
+                await self.history.move_horizon()
+            except Exception as exc:  # noqa: BLE001 - the last interval's move still stands
+                log.warning("moving the history horizon failed: %s: %s", type(exc).__name__, exc)
+
+    async def _unrecorded(self) -> None:
+        while True:
+            try:
+                await self.history.move_horizon()
+            except Exception as exc:  # noqa: BLE001 - Postgres trouble: the next interval tries again
+                log.warning("moving the history horizon failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(self.interval)
 
     async def prune(self) -> int:
         deleted = 0

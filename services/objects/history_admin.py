@@ -44,10 +44,10 @@ def restore_handler(inst: Any, payload: Any) -> Callable[[Any], Awaitable[dict[s
         raise InvalidRequest("history is off in this deployment (DURABLE_HISTORY=false): nothing to restore from")
 
     async def run(obj: Any) -> dict[str, Any]:
-        target = await history.for_time(inst.object_id, at_ms)  # refuses a time outside the window
         if not await history.known(inst.object_id):
             raise InvalidRequest("this object has no storage and no history: nothing to restore "
                                  "(is the name right?)")
+        target = await history.for_time(inst.object_id, at_ms)  # refuses a time outside the window
         await inst.storage.sync()  # the object's own writes first: they are part of what is undone
         undo = await history.current()
         changed = await history.restore(inst.object_id, inst.namespace, inst.partition, inst.epoch, target.pos)
@@ -73,9 +73,9 @@ def fork_handler(inst: Any, payload: Any) -> Callable[[Any], Awaitable[dict[str,
         raise InvalidRequest("history is off in this deployment (DURABLE_HISTORY=false): nothing to fork from")
 
     async def run(obj: Any) -> dict[str, Any]:
-        target = await history.for_time(source, at_ms)
         if not await history.known(source):
             raise InvalidRequest("the source object has no storage and no history (is the name right?)")
+        target = await history.for_time(source, at_ms)
         await inst.storage.sync()
         copied = await history.fork(source, target.pos, inst.object_id, inst.namespace, inst.partition, inst.epoch)
         inst.fail(ObjectReset("Durable Object was reset after an operator forked another object into it"))

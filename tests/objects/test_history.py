@@ -200,8 +200,9 @@ async def test_cli_restore_and_fork(worker: Worker, env: Env, settings: Settings
     (("state", "restore", "JOURNALS", "x", "--at", "-1m", "--fork", "x"), "names the object itself"),
     (("state", "restore", "JOURNALS", "never-written", "--at", "-1m", "--fork", "y"), "no storage and no history"),
 ])
-async def test_bad_restore_input_is_a_usage_error(worker: Worker, settings: Settings, config: AppConfig,
+async def test_bad_restore_input_is_a_usage_error(worker: Worker, env: Env, settings: Settings, config: AppConfig,
                                                   argv: tuple[str, ...], words: str) -> None:
+    await env.JOURNALS.get_by_name("x").put({"k": 1})
     with pytest.raises(UsageError, match=words):
         await commands._dispatch(parse(*argv), settings, config)
 
@@ -232,13 +233,19 @@ async def test_history_is_pruned_past_retention(start_worker: WorkerFactory, env
 
 async def test_history_off_records_nothing_and_says_so(start_worker: WorkerFactory, env: Env,
                                                        settings: Settings) -> None:
-    await start_worker(history=False)
+    before = await mark()
+    off = await start_worker(history=False)
     stub = env.JOURNALS.get_by_name("no-history")
     await stub.put({"a": 1})
     await stub.delete(["a"])
     assert await history_rows(settings, env.JOURNALS.id_from_name("no-history").hex) == 0
     with pytest.raises(DurableError, match="history is off"):
         await stub.current_bookmark()
+    await off.stop()
+    # a worker with history on again never restores across the time writes went unrecorded
+    await start_worker()
+    with pytest.raises(DurableError, match="outside the history retention window"):
+        await stub.bookmark_for(before)
 
 
 async def test_hibernated_sockets_stay_connected_through_a_restore(
