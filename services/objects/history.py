@@ -100,7 +100,7 @@ def to_ms(when: Any) -> int:
     if isinstance(when, datetime):
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
-        return int(when.timestamp() * 1000)
+        when = when.timestamp() * 1000
     if isinstance(when, (int, float)) and not isinstance(when, bool):
         if not (0 <= when <= _MAX_MS):  # also NaN and infinities
             raise InvalidRequest(f"a time is a datetime or epoch milliseconds from 0 to {_MAX_MS}, not {when!r}")
@@ -114,17 +114,22 @@ def parse_time(text: str, now: float | None = None) -> int:
     text = text.strip()
     now = time.time() if now is None else now
     m = _RELATIVE.match(text)
-    if m:
-        return int((now - float(m.group(1)) * _UNITS[m.group(2)]) * 1000)
-    if text.isdigit():
-        if int(text) > _MAX_MS:
-            raise ValueError(f"bad time {text!r}: epoch milliseconds past the year 9999")
-        return int(text)
     try:
-        return to_ms(datetime.fromisoformat(text.replace("Z", "+00:00")))
-    except ValueError:
+        if m:
+            ms = int((now - float(m.group(1)) * _UNITS[m.group(2)]) * 1000)
+        elif text.isdigit():
+            ms = int(text)
+        else:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            ms = int(parsed.timestamp() * 1000)
+    except (ValueError, OverflowError):
         raise ValueError(f"bad time {text!r}: give an ISO time (2026-05-01T12:00:00Z), a relative time "
                          "(-10m, -90s, -2h, -1d) or epoch milliseconds") from None
+    if not 0 <= ms <= _MAX_MS:
+        raise ValueError(f"bad time {text!r}: before 1970 or after the year 9999")
+    return ms
 
 
 def _iso(ms: int) -> str:
