@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     #: How long a call's idempotency key is remembered: a repeat within it gets the recorded
     #: reply, a repeat after it runs the method again (Stripe keeps keys 24 h).
     idempotency_ttl: float = Field(default=86400.0, gt=0)
+    #: Keep a change history of every object's storage, for point-in-time restore (history.py).
+    history: bool = True
+    #: How far back a restore may go; older history is pruned (3 days).
+    history_retention: float = Field(default=259200.0, gt=0)
     #: Flush transactions a worker keeps in flight at once (each on its own connection).
     flush_concurrency: int = Field(default=1, ge=1, le=16)
     #: Record (partition, epoch, worker, time) of every commit in do_commit_audit (fault tests).

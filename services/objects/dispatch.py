@@ -42,6 +42,7 @@ from .admin import ADMIN_STATE_VERB, state_write_handler
 from .alarm_rules import RunOutcome
 from .alarms import Alarms
 from .base import DurableObject
+from .history_admin import ADMIN_FORK_VERB, ADMIN_RESTORE_VERB, fork_handler, restore_handler
 from .idempotency import KeyedRun, Prepared
 from .instance import Instance
 from .messages import MESSAGE_VERB, message_handler
@@ -288,6 +289,10 @@ class Dispatcher:
             return message_handler(inst, verb[1], payload)
         if verb == ADMIN_STATE_VERB:
             return state_write_handler(inst, payload)
+        if verb == ADMIN_RESTORE_VERB:
+            return restore_handler(inst, payload)
+        if verb == ADMIN_FORK_VERB:
+            return fork_handler(inst, payload)
         raise InvalidRequest(f"unknown verb {'.'.join(verb)!r}: expected rpc.<method> or fetch")
 
     async def handle(self, state: PartitionState, msg: Msg) -> None:

@@ -24,6 +24,7 @@ from ..core.tasks import TaskSet
 from .context import Context
 from .events import EventRecord, make_record
 from .gateway_link import GatewayLink
+from .history import History, ObjectHistory
 from .idempotency import KeyedRun, Keys
 from .input_gate import InputGate
 from .output_gate import OutputGate, ReplySender
@@ -50,6 +51,8 @@ class Runtime(Protocol):
     event_max_bytes: int
     gateways: GatewayLink
     tasks: TaskSet
+    #: the change history (history.py), or None when DURABLE_HISTORY is off
+    history: History | None
 
     def owns(self, partition: int, epoch: int) -> bool:
         """This worker still holds ``partition`` at ``epoch`` under a valid lease."""
@@ -171,6 +174,11 @@ class Instance:
         self.sockets = Sockets(self.object_id, runtime.store, self.pending, self.output, self.storage._check_open,
                                runtime.gateways, runtime.tasks, self.before_reply)
         self.ctx = Context(self, object_id)
+        #: a restore asked for by on_next_session_restore_bookmark() was looked for (and applied)
+        self.restore_checked = runtime.history is None
+        if runtime.history is not None:
+            self.storage.history = ObjectHistory(runtime.history, self.object_id, namespace, partition, epoch,
+                                                 self.storage.sync)
         self.obj: Any = None
         self.constructing = False
         self.init_fns: list[tuple[Callable[[], Awaitable[Any]], asyncio.Future[Any]]] = []
@@ -297,6 +305,10 @@ class Instance:
         try:
             if self.obj is None:
                 await self.runtime.settled(self.object_id)
+                if not self.restore_checked and self.storage.history is not None:
+                    # before anything reads storage: the constructor sees the restored state
+                    await self.storage.history.apply_pending()
+                    self.restore_checked = True
                 if not getattr(handler, STORAGE_ONLY, False):
                     await self._start()
             result = await handler(self.obj)

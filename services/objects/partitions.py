@@ -23,6 +23,7 @@ from ..core.tasks import TaskSet
 from ..core.wire import NAME_HEADER, partition_of
 from .flusher import Flusher
 from .gateway_link import GatewayLink
+from .history import History
 from .instance import Instance
 from .sql import ObjectStore
 
@@ -90,6 +91,8 @@ class Partitions:
         self.tasks = TaskSet()
         #: the largest payload ctx.emit accepts (the worker sets it from settings and NATS)
         self.event_max_bytes = 1024 * 1024
+        #: the change history (history.py): the worker sets it when DURABLE_HISTORY is on
+        self.history: History | None = None
         self.states: dict[int, PartitionState] = {}
         self._evictor: asyncio.Task[None] | None = None
         #: instances evicted for idleness since start (metrics)

@@ -17,6 +17,7 @@ from ..core.errors import ObjectReset, StorageError
 from .alarm_rules import AlarmRow
 from .alarm_state import ObjectAlarm
 from .events import EventRecord
+from .history import ObjectHistory
 from .input_gate import InputGate
 from .output_gate import OutputGate
 from .pending import PendingWrites
@@ -170,6 +171,8 @@ class Storage:
         #: why the object was reset; storage refuses every call from then on
         self.closed: BaseException | None = None
         self.alarm = ObjectAlarm(object_id, store, pending, self._check_open, can_set_alarm)
+        #: point-in-time restore (history.py); None when the worker keeps no history
+        self.history: ObjectHistory | None = None
 
     # ----- reading -----------------------------------------------------------------------
 
@@ -352,6 +355,30 @@ class Storage:
             self._txns[-1].stage_events(events)
         else:
             self.stage_events(events)
+
+    # ----- point-in-time restore (history.py) ----------------------------------------------
+
+    def _history(self) -> ObjectHistory:
+        self._check_open()
+        if self.history is None:
+            raise StorageError("history is off in this deployment (DURABLE_HISTORY=false): bookmarks "
+                               "and point-in-time restore are not available")
+        return self.history
+
+    async def get_bookmark_for_time(self, when: Any) -> str:
+        """A bookmark of this object's storage as it was at ``when`` (a datetime, naive meaning
+        UTC, or epoch ms), which must be inside DURABLE_HISTORY_RETENTION."""
+        return await self._history().bookmark_for_time(when)
+
+    async def get_current_bookmark(self) -> str:
+        """A bookmark of this object's storage now (after its writes so far are durable)."""
+        return await self._history().current_bookmark()
+
+    async def on_next_session_restore_bookmark(self, bookmark: str) -> str:
+        """Restore this object's storage to ``bookmark`` when it next starts (before its
+        constructor runs); call ``self.ctx.abort()`` after it to restart now. Returns a bookmark
+        of the storage as it is now, to undo the restore with."""
+        return await self._history().restore_on_next_session(bookmark)
 
     def close(self, error: BaseException) -> None:
         """The object was reset: refuse every further call."""

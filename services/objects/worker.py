@@ -37,6 +37,7 @@ from .flusher import CommittedAlarm, Flusher
 from .gateway_link import GatewayLink
 from .gateway_watch import GatewayWatch
 from .handover import Handover
+from .history import History, Pruner
 from .idempotency import Sweeper
 from .liveness import NatsLiveness
 from .local import LocalDispatcher
@@ -105,6 +106,8 @@ class Worker:
         self.tail: Tail
         self.dispatcher: Dispatcher
         self.handover: Handover
+        self.history: History
+        self.history_pruner: Pruner
         #: requests from a Client in this process, without NATS (``client.local = worker.local``)
         self.local: LocalDispatcher
         self.gateways: GatewayWatch
@@ -165,7 +168,9 @@ class Worker:
         self.pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=8,
                                               reset=_keep_session, command_timeout=settings.lease_ttl,
                                               init=db.require_primary,  # never a read-only standby
-                                              connect=db.connect_writable)  # see its docstring
+                                              connect=db.connect_writable,  # see its docstring
+                                              # history off: the triggers of 005_history.sql record nothing
+                                              server_settings=None if settings.history else {"durable.history": "off"})
         async with self.pool.acquire() as conn:
             await db.apply_schema(conn, settings.partitions)
             await db.apply_class_migrations(conn, self.config)
@@ -188,6 +193,7 @@ class Worker:
         self.partitions.start_eviction(settings.idle_timeout)
         self.idempotency.start()
         self.subscriptions.start()
+        self.history_pruner.start()
 
     def _build(self) -> None:
         """Wire the parts: each gets the few collaborators it uses."""
@@ -216,6 +222,10 @@ class Worker:
         # expired records are never answered from: sweeping them only frees space, so often enough
         self.idempotency = Sweeper(self.store, lambda: sorted(self.parts),
                                    min(60.0, max(1.0, settings.idempotency_ttl / 4)))
+        self.history = History(self.pool, settings.history, settings.history_retention)
+        self.partitions.history = self.history if settings.history else None
+        self.history_pruner = Pruner(self.history, lambda: 0 in self.parts,
+                                     min(60.0, max(0.5, settings.history_retention / 4)))
         self.handover = Handover(self.nc, self.partitions, self.dispatcher, self.alarms, self.flusher,
                                  self.ownership.release, self._taken_over, settings.lease_ttl,
                                  deployment_key=settings.deployment_key)
@@ -245,6 +255,7 @@ class Worker:
         await self.partitions.stop_eviction()
         await self.idempotency.stop()
         await self.subscriptions.stop()  # held stream messages go back (in order) for the next puller
+        await self.history_pruner.stop()
         await self.alarms.withdraw()  # alarm wake-ups go to the other workers from now on
         states = list(self.parts.values())
         # stragglers can only be on their way if requests were flowing, or someone takes over

@@ -36,7 +36,7 @@ from ..core.errors import (
 )
 from ..core.settings import Settings
 from ..objects.storage import check_entries
-from . import doctor, inspect, parked, tailer
+from . import doctor, inspect, parked, restore, tailer
 from .target import Namespace, UsageError, namespace
 
 COMMANDS = ("objects", "state", "call", "alarms", "tail", "doctor", *parked.COMMANDS)
@@ -63,7 +63,9 @@ def add_commands(sub: Any) -> None:
     delete = state.add_parser("delete", help="delete a key, or --all")
     export = state.add_parser("export", help="every key as JSON lines {key, value}")
     imp = state.add_parser("import", help="write JSON lines {key, value} (from export) into the object")
-    for p in (get, put, delete, export, imp):
+    rst = state.add_parser("restore", help="put the object's storage back as it was at a time (or --fork it)")
+    restore.add_arguments(rst)
+    for p in (get, put, delete, export, imp, rst):
         p.add_argument("binding", help="binding (COUNTERS) or class (Counter)")
         p.add_argument("object", help="the object's name, or its 64-hex id")
     get.add_argument("key", nargs="?")
@@ -140,7 +142,12 @@ async def _dispatch(args: argparse.Namespace, settings: Settings, config: AppCon
         return await _with_db(settings, lambda conn: _objects_ls(conn, ns, args))
     if command == "call":
         return await _call(settings, config, ns, args)
-    # state
+    if args.action == "restore":
+        return await restore.restore(settings, config, ns, args.object, args.at, args.fork)
+    return await _state(args, settings, config, ns)
+
+
+async def _state(args: argparse.Namespace, settings: Settings, config: AppConfig, ns: Namespace) -> int:
     oid = ns.object(args.object)
     if args.action == "get":
         return await _with_db(settings, lambda conn: _state_get(conn, oid.hex, args.key))
