@@ -13,6 +13,7 @@ from .collab import collab_app
 from .counter import counter_app
 from .game import game_app
 from .lock import lock_app
+from .orders import orders_app
 from .presence import presence_app
 from .ratelimit import ratelimit_app
 from .session import session_app
@@ -29,6 +30,7 @@ _BY_SEGMENT: dict[str, Callable[[Request, Env], Awaitable[Response]]] = {
     "game": game_app.fetch,
     "stream": stream_app.fetch,
     "collab": collab_app.fetch,
+    "orders": orders_app.fetch,
 }
 
 

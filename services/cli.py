@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     new_cmd = sub.add_parser("new", help="write a runnable app of a pattern into a new folder, "
                                          "e.g. `durable new counter myapp`")
     new_cmd.add_argument("pattern", help="counter, ratelimit, session, chat, lock, auction, presence, stream, "
-                                         "game or collab")
+                                         "game, collab or orders")
     new_cmd.add_argument("dir", nargs="?", help="the new folder (default: the pattern's name)")
     id_cmd = sub.add_parser("id", help="print the id of a named object, e.g. `durable id Counter demo`")
     id_cmd.add_argument("target", help="binding (COUNTERS) or class (Counter)")

@@ -26,6 +26,7 @@ PATTERNS = {
     "stream": "stream",
     "game": "game",
     "collab": "collab",
+    "orders": "orders",
 }
 #: patterns of the specification not available as an app yet
 PLANNED: tuple[str, ...] = ()
