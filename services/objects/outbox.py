@@ -11,8 +11,9 @@ publishes them on their subjects (``evt.<Class>.<object id>.<name>``) with ``Nat
   starts again from its oldest unpublished row. So the stream holds each object's events in
   seq order, without a gap. Objects are published concurrently (``CONCURRENCY``).
 - **Marking**: published rows are *deleted* (one statement per round, ``d.seq <= upto`` per
-  object), rather than flagged: the table stays the size of the backlog, which is what the
-  round reads. The per-object counter lives in ``do_outbox_seq``, so a number is never reused.
+  object, not waiting for its WAL flush: migration 006), rather than flagged: the table stays
+  the size of the backlog, which is what the round reads. The per-object counter lives in
+  ``do_outbox_seq``, so a number is never reused.
 - **A new owner** wakes the publisher when it takes a partition (and it polls every
   ``POLL`` seconds): it publishes what the previous owner committed and had not deleted. Rows the
   previous owner had published but not yet deleted are sent again with the same id, and the
@@ -135,6 +136,8 @@ class Publisher:
         #: events published, and failures (whole rounds, or one object's publish) since start (metrics)
         self.published = 0
         self.failures = 0
+        #: the last round read a full slice: more events may be waiting behind it
+        self.more = False
 
     def start(self) -> None:
         self.tasks.spawn(self._run(), "event-publisher")
@@ -157,7 +160,8 @@ class Publisher:
                 await asyncio.sleep(self.delay)
             self._wake.clear()
             try:
-                while await self.publish_round():
+                # a short slice was the whole backlog: the next commit wakes the publisher again
+                while await self.publish_round() and self.more:
                     pass
                 attempt = 0
             except Exception as exc:  # noqa: BLE001 - NATS or Postgres trouble: the rows stay, retried
@@ -177,16 +181,19 @@ class Publisher:
             return False
         now = time.monotonic()
         skip = [o for o, (_, until) in self._waiting.items() if until > now]
+        self.more = False
         rows = await self.store.read_outbox(partitions, self.BATCH, self.BATCH_BYTES, skip, self._cursor)
         if not rows:
             if not self._cursor:
                 return False
             self._cursor = ""  # the end of the objects: from the first again
+            self.more = True
             return True
         # a full slice (rows or bytes): the next round goes on after its last object; a short one
         # reached the end of the objects: the next round starts from the first again
         full = len(rows) >= self.BATCH or sum(len(r["payload"]) for r in rows) >= self.BATCH_BYTES
         self._cursor = rows[-1]["object_id"] if full else ""
+        self.more = full
         by_object: dict[str, list[Any]] = {}
         for r in rows:
             items = by_object.setdefault(r["object_id"], [])

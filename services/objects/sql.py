@@ -54,11 +54,9 @@ SELECT object_id, seq, subject, msg_id, payload, headers FROM (
     ORDER BY object_id, seq LIMIT $2
 ) o WHERE before < $3 OR before = 0
 """
-#: events published: each object's up to the seq given
-_DELETE_OUTBOX = (
-    "DELETE FROM do_outbox d USING unnest($1::text[], $2::bigint[]) AS u(o, s) "
-    "WHERE d.object_id = u.o AND d.seq <= u.s"
-)
+#: events published: each object's up to the seq given (without waiting for the WAL flush: see
+#: infra/migrations/006_outbox_published.sql)
+_DELETE_OUTBOX = "SELECT do_outbox_published($1::text[], $2::bigint[])"
 _READ_SOCKETS = (
     "SELECT socket_id, gateway, tags, attachment, auto_request, auto_response FROM do_sockets "
     "WHERE object_id = $1 ORDER BY accepted_at, socket_id"
