@@ -1,6 +1,7 @@
 """The object classes of bench_events.py (bound in durable.bench-events.toml).
 
-``EmittingCounter`` is the library's Counter (each increment emits ``incremented``);
+``EmittingCounter`` is the library's Counter with ``EMIT_EVENTS`` on (each increment emits
+``incremented``);
 ``PlainCounter`` is the same increment without the emit: the difference between the two is what
 an event costs.
 """
@@ -13,6 +14,8 @@ from durable.objects.patterns import Counter
 
 class EmittingCounter(Counter):
     """Counter.increment: a read, a put and ``ctx.emit("incremented", ...)``."""
+
+    EMIT_EVENTS = True
 
 
 class PlainCounter(DurableObject):

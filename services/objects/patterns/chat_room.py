@@ -16,7 +16,8 @@ Room -> client: ``welcome`` (you, users, history, seq), ``join``, ``leave``, ``m
 ``typing``, ``error``.
 
 Each chat message is also an event (``ctx.emit``, README "Events"): ``evt.ChatRoom.<id>.message``
-carries the message as sent to the room, committed with it.
+carries the message as sent to the room, committed with it (people type at human speed, so this
+is on by default; ``EMIT_EVENTS = False`` in a subclass turns it off).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class ChatRoom(DurableObject):
 
     #: an empty room's history is deleted this long after the last person left
     EMPTY_ROOM_TTL_MS = 24 * 3600 * 1000
+    #: each chat message is also an event, ``evt.ChatRoom.<id>.message``
+    EMIT_EVENTS = True
 
     def __init__(self, ctx: Any, env: Any) -> None:
         super().__init__(ctx, env)
@@ -141,7 +144,8 @@ class ChatRoom(DurableObject):
                 ws.send(json.dumps({"type": "error", "error": f"the message was not sent: {exc.message}"}))
                 return
             # committed with the message itself: `nats sub 'evt.ChatRoom.*.message'` sees each once
-            self.ctx.emit("message", msg)
+            if self.EMIT_EVENTS:
+                self.ctx.emit("message", msg)
             if seq > HISTORY:
                 await self.ctx.storage.delete(_msg_key(seq - HISTORY))
             await self._broadcast(msg)
