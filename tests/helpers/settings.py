@@ -23,6 +23,8 @@ def make_settings(nats_url: str, database_url: str, **overrides: Any) -> Setting
         "request_timeout": 5.0, "retry_deadline": 10.0,
         # not the development secret: `durable worker`/`router`/`gateway` refuse that one
         "id_secret": TEST_ID_SECRET,
+        # on in the tests (off by default): every test's writes go through the history triggers
+        "history": True,
     }
     values.update(overrides)
     return Settings(**values)
@@ -39,5 +41,6 @@ def worker_env(s: Settings, **extra: str) -> dict[str, str]:
         "DURABLE_IDLE_TIMEOUT": str(s.idle_timeout), "DURABLE_ID_SECRET": s.id_secret,
         **({"DURABLE_NATS_LIVENESS_TIMEOUT": str(s.nats_liveness_timeout)} if s.nats_liveness_timeout else {}),
         **({"DURABLE_EVENTS_PUBLISH_DELAY": str(s.events_publish_delay)} if s.events_publish_delay else {}),
+        "DURABLE_HISTORY": "true" if s.history else "false",
         **extra,
     }
