@@ -13,11 +13,11 @@ import logging
 
 from nats.aio.client import Client as NatsClient
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
 
 from ..core.errors import ConfigError
 from ..core.nats_private import server_info
 from ..core.settings import Settings
+from ..core.streams import put_stream
 from ..core.wire import ALARM_CONSUMER, AlarmSubjects, alarm_schedule_body
 from .alarm_rules import AlarmRow, at_header, schedule_support_problem
 
@@ -25,8 +25,6 @@ log = logging.getLogger("durable.alarms")
 
 #: a fire is redelivered if not acknowledged in this long (the owner died holding it)
 ACK_WAIT = 30.0
-#: JetStream's error code for "stream name already in use with a different configuration"
-_STREAM_EXISTS_DIFFERENTLY = 10058
 
 
 def check_server(nc: NatsClient) -> None:
@@ -60,12 +58,7 @@ class AlarmStream:
             num_replicas=self.settings.alarm_replicas, allow_msg_schedules=True,
             description="durable alarms: a schedule per object (s), fired wake-ups (f)",
         )
-        try:
-            await self.js.add_stream(config)
-        except BadRequestError as exc:
-            if exc.err_code != _STREAM_EXISTS_DIFFERENTLY:
-                raise
-            await self.js.update_stream(config)
+        await put_stream(self.js, config)
 
     async def ensure_consumer(self) -> None:
         """One durable push consumer on the fire subjects (never on the schedule subjects, whose

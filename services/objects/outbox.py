@@ -48,16 +48,12 @@ from nats.js.errors import BadRequestError, NoStreamResponseError
 
 from ..core.errors import ConfigError
 from ..core.settings import Settings
+from ..core.streams import SUBJECTS_OVERLAP, put_stream
 from ..core.tasks import TaskSet
 from .events import HEADROOM, SUBJECT_PREFIX
 from .sql import ObjectStore
 
 log = logging.getLogger("durable.events")
-
-#: JetStream's error codes for a stream name in use with another configuration, and subjects
-#: that overlap another stream's
-_STREAM_EXISTS_DIFFERENTLY = 10058
-_SUBJECTS_OVERLAP = 10065
 
 
 def event_max_bytes(settings: Settings, nats_max_payload: int) -> int:
@@ -86,16 +82,14 @@ class EventStream:
         """Create the stream, or bring its settings up to date."""
         config = self.config()
         try:
-            await self.js.add_stream(config)
+            await put_stream(self.js, config)
         except BadRequestError as exc:
-            if exc.err_code == _SUBJECTS_OVERLAP:
+            if exc.err_code == SUBJECTS_OVERLAP:
                 raise ConfigError(
                     f"the events stream {self.name!r} needs the subjects '{SUBJECT_PREFIX}.>', which another "
                     f"JetStream stream already takes ({exc.description}); delete that stream or set "
                     "DURABLE_EVENTS_STREAM to its name") from None
-            if exc.err_code != _STREAM_EXISTS_DIFFERENTLY:
-                raise
-            await self.js.update_stream(config)
+            raise
 
 
 class PublishFailed(Exception):

@@ -60,6 +60,7 @@ from ..core.dead_letters import DeadLetters
 from ..core.errors import ConfigError, DurableError
 from ..core.ids import IdFactory
 from ..core.settings import Settings
+from ..core.streams import STREAM_EXISTS_DIFFERENTLY, put_stream
 from ..core.subscription_config import StreamDecl, Subscription
 from ..core.tasks import TaskSet
 from ..core.wire import IDEMPOTENCY_HEADER, partition_of
@@ -81,7 +82,6 @@ TRANSIENT = frozenset({"not_owner", "unavailable", "timeout", "storage_unavailab
 #: errors that say the handler ran and failed (an attempt; retried, then parked)
 FAILED = frozenset({"message_failed", "object_reset", "remote", "internal"})
 #: JetStream: "stream name already in use with a different configuration"
-_STREAM_EXISTS_DIFFERENTLY = 10058
 
 
 def leader_partition(subscription: str, partitions: int) -> int:
@@ -418,7 +418,7 @@ class Subscriptions:
                 storage=StorageType.FILE, num_replicas=decl.replicas, max_age=decl.max_age or None,
                 description="durable: declared in durable.toml [[streams]]"))
         except BadRequestError as exc:
-            if exc.err_code == _STREAM_EXISTS_DIFFERENTLY:
+            if exc.err_code == STREAM_EXISTS_DIFFERENTLY:
                 return  # another worker created it meanwhile
             raise ConfigError(f"{self.config_path}: stream {decl.name!r}: JetStream refused to create it: "
                               f"{exc.description}") from None
@@ -430,12 +430,7 @@ class Subscriptions:
                               storage=StorageType.FILE, num_replicas=self.settings.dlq_replicas,
                               duplicate_window=120.0,
                               description="durable: parked stream messages, one subject per subscription")
-        try:
-            await self.js.add_stream(config)
-        except BadRequestError as exc:
-            if exc.err_code != _STREAM_EXISTS_DIFFERENTLY:
-                raise
-            await self.js.update_stream(config)
+        await put_stream(self.js, config)
 
     async def _ensure_consumer(self, sub: Subscription) -> None:
         where = f"{self.config_path}: subscription {sub.name!r}"
