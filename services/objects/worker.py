@@ -28,6 +28,7 @@ from ..core.ids import IdFactory, namespace_key
 from ..core.logs import ranges
 from ..core.metrics import CONTENT_TYPE, WorkerMetrics, render
 from ..core.settings import Settings
+from ..core.streams import when_jetstream_ready
 from . import observe
 from .alarm_stream import check_server
 from .alarms import Alarms
@@ -160,8 +161,11 @@ class Worker:
             check_server(self.nc)  # alarms need JetStream message schedules: refuse to start without
             self.subscriptions = Subscriptions(self.nc, self.client, self.config.subscriptions, self.ids,
                                                settings, lambda: self.parts, self.config.streams)
-            await self.subscriptions.check()  # a missing stream stops start-up, before any partition
-            await EventStream(self.nc, settings).ensure()  # events (ctx.emit) are published there
+            # a missing stream stops start-up, before any partition; a JetStream still forming
+            # (a cluster electing its meta leader) is waited for
+            await when_jetstream_ready(self.subscriptions.check, "the subscriptions' streams")
+            # events (ctx.emit) are published there
+            await when_jetstream_ready(EventStream(self.nc, settings).ensure, "the events stream")
         except BaseException:
             await close_nats(self.nc)
             raise
