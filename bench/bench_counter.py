@@ -41,10 +41,11 @@ from durable.core.settings import Settings  # noqa: E402
 PARTITIONS = 256
 
 
-async def measure(op: Callable[[int], Awaitable[object]], inflight: int, seconds: float) -> float:
-    """Requests/s with `inflight` workers each issuing requests back to back for `seconds`."""
+async def run_for(op: Callable[[int], Awaitable[object]], inflight: int, seconds: float) -> tuple[int, float]:
+    """(requests done, seconds taken) with ``inflight`` runners issuing requests back to back."""
     count = 0
-    stop_at = 0.0
+    start = time.perf_counter()
+    stop_at = start + seconds
 
     async def runner(i: int) -> None:
         nonlocal count
@@ -54,14 +55,15 @@ async def measure(op: Callable[[int], Awaitable[object]], inflight: int, seconds
             n += inflight
             count += 1
 
-    # warm-up
-    stop_at = time.perf_counter() + min(0.5, seconds / 4)
     await asyncio.gather(*(runner(i) for i in range(inflight)))
-    count = 0
-    start = time.perf_counter()
-    stop_at = start + seconds
-    await asyncio.gather(*(runner(i) for i in range(inflight)))
-    return count / (time.perf_counter() - start)
+    return count, time.perf_counter() - start
+
+
+async def measure(op: Callable[[int], Awaitable[object]], inflight: int, seconds: float) -> float:
+    """Requests/s with `inflight` workers each issuing requests back to back for `seconds`."""
+    await run_for(op, inflight, min(0.5, seconds / 4))  # warm-up
+    count, took = await run_for(op, inflight, seconds)
+    return count / took
 
 
 async def wait_balanced(database_url: str, workers: int, timeout: float = 60) -> None:

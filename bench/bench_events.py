@@ -44,26 +44,10 @@ from durable.core.config import load_config  # noqa: E402
 from durable.core.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from durable.core.settings import Settings  # noqa: E402
 
+from bench.bench_counter import run_for  # noqa: E402
+
 PARTITIONS = 256
 INFLIGHT = 64
-
-
-async def run_for(op: Callable[[int], Awaitable[object]], inflight: int, seconds: float) -> tuple[int, float]:
-    """(requests done, seconds taken) with ``inflight`` runners issuing requests back to back."""
-    count = 0
-    start = time.perf_counter()
-    stop_at = start + seconds
-
-    async def runner(i: int) -> None:
-        nonlocal count
-        n = i
-        while time.perf_counter() < stop_at:
-            await op(n)
-            n += inflight
-            count += 1
-
-    await asyncio.gather(*(runner(i) for i in range(inflight)))
-    return count, time.perf_counter() - start
 
 
 async def drained(conn: asyncpg.Connection, timeout: float = 300) -> float:
